@@ -1,0 +1,290 @@
+"""The toy world: review domains, a word vocabulary, gold rewards and preference data (METHOD.md §4).
+
+A text is a short review in (simple) English. A prompt x is a domain tag and the start of a review,
+always 6 tokens, e.g. ``<bos> <hotel> honestly the room was``; a response y is its continuation,
+e.g. ``spotless and very quiet , but the lobby was musty . <eos>``.
+
+Gold reward r*_d(x, y) of domain d (the hidden "human" preference) sums word polarities over the
+*distinct* words of y (a reader does not reward repetition):
+  * shared sentiment words, same sign everywhere:    great +1, nice +0.5, bad -0.5, awful -1, ...
+  * context-flip words, sign set per domain (weight 1.5): cold is +1.5 for <bar> (cold beer) but
+    -1.5 for <restaurant> (cold soup); quiet is +1.5 for <hotel> but -1.5 for <bar>, ... Each flip
+    word has a majority sign over the training domains (each training domain departs from it at
+    most twice); every dev and held-out domain departs from it for 3-4 of the 8 flip words.
+  * aspect words of the domain (its own adjectives): +1/-1 in their domain (<bakery>: flaky +1,
+    stale -1); another domain's aspect word is off-topic there and scores -0.5;
+  * a response cut off before <eos> scores -1.
+Worked example, d = bakery, y = "flaky and very cold , but the baker was great . <eos>":
+flaky +1, cold -1.5 (a cold pastry), great +1, all else 0  =>  r*_bakery(x, y) = +0.5.
+
+Why out-of-distribution preference learning is a real problem here, and still learnable:
+preference pairs exist only for the training domains; the held-out domains' aspect words never occur
+in those pairs nor in any training domain's text, and their flip-word signs often go against the
+training majority. The only route to either is the unlabelled SFT corpus (all domains, the new ones
+rarer: 250 reviews against 1200): inside a clause every adjective has the
+clause's polarity ("flaky and great", "stale and awful"), "and" joins clauses of the same polarity
+and "but" clauses of opposite polarity. pi_ref's trunk, trained to predict these texts, has to encode
+that "flaky" starts a positive clause exactly like "great" does; a reward model initialised from
+that trunk can carry the sign over, or not -- that is what the experiment measures.
+
+Preference pairs come from a *behaviour* distribution (other writers: more shared words, more
+intensifiers, neutral filler words, longer) that differs from the SFT corpus and so from pi_ref's
+samples; their labels are Bradley-Terry draws P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / tau).
+
+The world is frozen: every parameter is in WorldConfig (versioned) and the word tables below.
+"""
+import json
+import math
+import random
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+WORLD_VERSION = "1.0"
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+OPENERS = ["honestly", "overall", "frankly", "today"]        # prompt: <bos> <d> opener the NOUN was
+INTENSIFIERS = ["very", "really"]
+FILLERS = ["okay", "fine", "average"]                         # polarity 0, behaviour writers only
+SHARED = {"great": 1.0, "excellent": 1.0, "lovely": 1.0, "wonderful": 1.0, "good": 0.5, "nice": 0.5,
+          "awful": -1.0, "terrible": -1.0, "horrible": -1.0, "disappointing": -1.0, "bad": -0.5,
+          "poor": -0.5}
+FLIP = ["cold", "hot", "long", "quiet", "loud", "soft", "sweet", "busy"]
+OFF_TOPIC, UNFINISHED = -0.5, -1.0
+FLIP_WEIGHT = 1.5                                             # |r*| of a flip word
+
+# name: (aspect nouns, positive aspect words, negative aspect words, flip-word signs in FLIP order)
+DOMAINS = {
+    "restaurant": ("food waiter menu soup dessert", "tasty fresh crispy", "bland soggy greasy", "-+-+-++-"),
+    "hotel": ("room bed lobby staff view", "spotless spacious cozy", "musty cramped filthy", "---+-++-"),
+    "phone": ("screen battery speaker case charger", "snappy sleek sturdy", "laggy flimsy glitchy", "---++++-"),
+    "laptop": ("keyboard trackpad display fan hinge", "responsive lightweight crisp", "sluggish wobbly dim", "--++-++-"),
+    "bar": ("beer bartender music cocktail crowd", "lively refreshing chill", "flat watery sticky", "+----++-"),
+    "airline": ("flight seat crew boarding luggage", "punctual roomy smooth", "delayed bumpy lost", "---+-++-"),
+    "gym": ("equipment trainer locker class pool", "motivating energetic modern", "rusty crowded smelly", "---+--+-"),
+    "cinema": ("film popcorn usher trailer auditorium", "gripping thrilling immersive", "boring blurry predictable", "---+-+++"),
+    "spa": ("massage sauna therapist towel robe", "relaxing soothing fragrant", "rough rushed lukewarm", "--++-++-"),
+    "bookstore": ("shelf clerk novel cafe section", "charming curated inviting", "dusty disorganized overpriced", "---+-+--"),
+    "taxi": ("driver car ride fare route", "courteous prompt comfortable", "reckless late shabby", "+----+++"),
+    "pizzeria": ("crust slice cheese oven topping", "cheesy crunchy generous", "burnt doughy salty", "-+-+--++"),
+    "bakery": ("bread croissant baker pastry cake", "flaky buttery fluffy", "stale crumbly dry", "-+---+++"),
+    "dentist": ("dentist hygienist cleaning appointment clinic", "gentle painless thorough", "painful careless unhygienic", "-----+-+"),
+    "camera": ("lens shutter sensor autofocus grip", "sharp accurate compact", "noisy grainy fiddly", "--++---+"),
+    "concert": ("band singer venue setlist encore", "electric tight unforgettable", "muddy tuneless underwhelming", "-++-+++-"),
+}
+TRAIN_DOMAINS = ["restaurant", "hotel", "phone", "laptop", "bar", "airline", "gym", "cinema", "spa", "bookstore"]
+DEV_DOMAINS = ["taxi", "pizzeria"]            # training domains kept aside to choose hyperparameters
+TEST_DOMAINS = ["bakery", "dentist", "camera", "concert"]   # held out: no pairs, unseen aspect words
+
+
+@dataclass(frozen=True)
+class WorldConfig:
+    version: str = WORLD_VERSION
+    seed: int = 0
+    n_sft_per_domain: int = 1200       # unlabelled reviews per meta-training domain
+    n_sft_per_new_domain: int = 250    # ... per dev and held-out domain: new domains are rarer
+    n_pairs_per_domain: int = 1000     # labelled pairs per domain (train + dev; held-out: evaluation only)
+    label_temperature: float = 1.0     # tau of the Bradley-Terry annotators
+    # writers of the SFT corpus (what pi_ref imitates) vs the behaviour writers of the pairs
+    sft_mix: tuple = (0.35, 0.35, 0.30, 0.0)      # P(shared, aspect, flip, filler) per adjective
+    behaviour_mix: tuple = (0.35, 0.25, 0.30, 0.10)
+    sft_n_adjectives: tuple = (0.4, 0.4, 0.2)     # P(1, 2, 3 adjectives) per clause
+    behaviour_n_adjectives: tuple = (0.5, 0.35, 0.15)
+    sft_p_second_clause: float = 0.6
+    behaviour_p_second_clause: float = 0.8
+    sft_p_contrast: float = 0.3        # P(the second clause has the opposite polarity: 'but')
+    behaviour_p_contrast: float = 0.5
+    sft_p_intensifier: float = 0.15
+    behaviour_p_intensifier: float = 0.4
+
+
+@dataclass
+class Pair:
+    """One preference pair: token ids of the prompt and of both responses (each ending in <eos>)."""
+    prompt: list
+    chosen: list
+    rejected: list
+    domain: str
+
+
+def _words(s):
+    return s.split()
+
+
+class World:
+    """The vocabulary, gold rewards and every dataset of the toy world, generated from a seed.
+
+    Attributes:
+        vocab, stoi: token list and its inverse (PAD=0, BOS=1, EOS=2).
+        sft: list of token-id lists (full reviews, <bos> ... <eos>), all domains, unlabelled.
+        pairs: domain -> list[Pair] for every domain; held-out domains' pairs are for evaluation only.
+        prompts: domain -> list of prompt token-id lists F_d (every distinct prompt of the domain).
+    """
+
+    def __init__(self, cfg: WorldConfig = WorldConfig()):
+        self.cfg = cfg
+        words = [PAD, BOS, EOS] + [f"<{d}>" for d in DOMAINS]
+        words += OPENERS + ["the", "was", "and", "but", ",", "."] + INTENSIFIERS + FILLERS
+        words += list(SHARED) + FLIP
+        self.aspect_of = {}                                   # aspect word -> its domain
+        self.polarity = {}                                    # domain -> {word: r*}
+        for d, (nouns, pos, neg, signs) in DOMAINS.items():
+            words += _words(nouns) + _words(pos) + _words(neg)
+            for w in _words(nouns) + _words(pos) + _words(neg):
+                assert w not in self.aspect_of, f"aspect word {w!r} used twice"
+                self.aspect_of[w] = d
+            pol = dict(SHARED)
+            pol.update({w: FLIP_WEIGHT if s == "+" else -FLIP_WEIGHT for w, s in zip(FLIP, signs)})
+            pol.update({w: 1.0 for w in _words(pos)})
+            pol.update({w: -1.0 for w in _words(neg)})
+            self.polarity[d] = pol
+        assert len(set(words)) == len(words), "vocabulary words must be distinct"
+        self.vocab = words
+        self.stoi = {w: i for i, w in enumerate(words)}
+        rng = random.Random(cfg.seed)
+        self.prompts = {d: [self.encode(f"{BOS} <{d}> {o} the {n} was") for o in OPENERS
+                            for n in _words(DOMAINS[d][0])] for d in DOMAINS}
+        n_sft = {d: cfg.n_sft_per_domain if d in TRAIN_DOMAINS else cfg.n_sft_per_new_domain for d in DOMAINS}
+        self.sft = [self.encode(self._review(d, rng, "sft")) for d in DOMAINS for _ in range(n_sft[d])]
+        rng.shuffle(self.sft)
+        self.pairs = {d: [self._pair(d, rng) for _ in range(cfg.n_pairs_per_domain)] for d in DOMAINS}
+
+    # ---- tokenizer -------------------------------------------------------------------------
+    def encode(self, text: str) -> list:
+        """Space-separated words (punctuation is its own word) -> token ids; unknown words raise."""
+        try:
+            return [self.stoi[w] for w in text.split()]
+        except KeyError as e:
+            raise ValueError(f"word {e.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, ids) -> str:
+        """Token ids -> text, stopping at <pad>."""
+        out = []
+        for i in ids:
+            if int(i) == 0:
+                break
+            out.append(self.vocab[int(i)])
+        return " ".join(out)
+
+    # ---- gold reward -------------------------------------------------------------------------
+    def gold_reward(self, domain: str, response) -> float:
+        """r*_d(x, y): polarity sum over the distinct words of the response (see module docstring)."""
+        words = [self.vocab[int(i)] for i in response]
+        finished = EOS in words
+        if finished:
+            words = words[:words.index(EOS)]
+        r = 0.0 if finished else UNFINISHED
+        pol = self.polarity[domain]
+        for w in set(words):
+            if w in pol:
+                r += pol[w]
+            elif w in self.aspect_of and self.aspect_of[w] != domain:
+                r += OFF_TOPIC
+        return r
+
+    # ---- writers -----------------------------------------------------------------------------
+    def _adjective(self, d, sign, rng, mix):
+        """One adjective of the given sign (+1/-1) for domain d, from the writer's mixture."""
+        nouns, pos, neg, signs = DOMAINS[d]
+        kind = rng.choices(range(4), weights=mix)[0]
+        if kind == 0:
+            pool = [w for w, p in SHARED.items() if p * sign > 0]
+        elif kind == 1:
+            pool = _words(pos) if sign > 0 else _words(neg)
+        elif kind == 2:
+            pool = [w for w, s in zip(FLIP, signs) if (s == "+") == (sign > 0)]
+        else:
+            pool = FILLERS
+        return rng.choice(pool)
+
+    def _clause(self, d, sign, rng, kind):
+        """1-3 adjectives of one polarity joined by 'and', each maybe intensified."""
+        mix = self.cfg.sft_mix if kind == "sft" else self.cfg.behaviour_mix
+        p_int = self.cfg.sft_p_intensifier if kind == "sft" else self.cfg.behaviour_p_intensifier
+        n_weights = self.cfg.sft_n_adjectives if kind == "sft" else self.cfg.behaviour_n_adjectives
+        n = rng.choices([1, 2, 3], weights=n_weights)[0]
+        adjs = []
+        for _ in range(n):
+            a = self._adjective(d, sign, rng, mix)
+            adjs.append(f"{rng.choice(INTENSIFIERS)} {a}" if rng.random() < p_int else a)
+        return " and ".join(adjs)
+
+    def _response(self, d, rng, kind, noun):
+        """A review continuation: clause [, and|but the NOUN2 was clause] . <eos>"""
+        p2 = self.cfg.sft_p_second_clause if kind == "sft" else self.cfg.behaviour_p_second_clause
+        p_contrast = self.cfg.sft_p_contrast if kind == "sft" else self.cfg.behaviour_p_contrast
+        sign = rng.choice([1, -1])
+        text = self._clause(d, sign, rng, kind)
+        if rng.random() < p2:
+            sign2 = -sign if rng.random() < p_contrast else sign
+            noun2 = rng.choice([n for n in _words(DOMAINS[d][0]) if n != noun])
+            conj = "and" if sign2 == sign else "but"
+            text += f" , {conj} the {noun2} was {self._clause(d, sign2, rng, kind)}"
+        return text + f" . {EOS}"
+
+    def _review(self, d, rng, kind):
+        noun = rng.choice(_words(DOMAINS[d][0]))
+        return f"{BOS} <{d}> {rng.choice(OPENERS)} the {noun} was {self._response(d, rng, kind, noun)}"
+
+    def _pair(self, d, rng):
+        """Two behaviour responses to one prompt, labelled by a Bradley-Terry draw from r*_d."""
+        noun = rng.choice(_words(DOMAINS[d][0]))
+        prompt = self.encode(f"{BOS} <{d}> {rng.choice(OPENERS)} the {noun} was")
+        y1, y2 = (self.encode(self._response(d, rng, "behaviour", noun)) for _ in range(2))
+        margin = (self.gold_reward(d, y1) - self.gold_reward(d, y2)) / self.cfg.label_temperature
+        if rng.random() < 1.0 / (1.0 + math.exp(-margin)):
+            return Pair(prompt, y1, y2, d)
+        return Pair(prompt, y2, y1, d)
+
+    def pooled_pairs(self, domains) -> list:
+        """The union of the pairs of the given domains (in domain order)."""
+        return [p for d in domains for p in self.pairs[d]]
+
+    def config_dict(self) -> dict:
+        return asdict(self.cfg)
+
+
+# ---- JSONL (the prompt / chosen / rejected / domain convention of the common RLHF libraries) ------
+def save_pairs_jsonl(world: World, pairs, path) -> None:
+    """Write pairs as JSONL text records, atomically (a temporary file renamed into place)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for p in pairs:
+            rec = {"prompt": world.decode(p.prompt), "chosen": world.decode(p.chosen),
+                   "rejected": world.decode(p.rejected), "domain": p.domain}
+            f.write(json.dumps(rec) + "\n")
+    tmp.replace(path)
+
+
+def load_pairs_jsonl(world: World, path) -> list:
+    """Read pairs written by save_pairs_jsonl; a malformed line raises ValueError naming file:line."""
+    pairs = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                if not isinstance(rec, dict):
+                    raise ValueError("a record must be a JSON object")
+                missing = [k for k in ("prompt", "chosen", "rejected", "domain") if not isinstance(rec.get(k), str)]
+                if missing:
+                    raise ValueError(f"missing or non-string fields {missing}")
+                if rec["domain"] not in DOMAINS:
+                    raise ValueError(f"unknown domain {rec['domain']!r}")
+                pairs.append(Pair(world.encode(rec["prompt"]), world.encode(rec["chosen"]),
+                                  world.encode(rec["rejected"]), rec["domain"]))
+            except ValueError as e:       # json.JSONDecodeError is a ValueError
+                raise ValueError(f"{path}:{lineno}: malformed pair: {e}") from None
+    return pairs
+
+
+if __name__ == "__main__":
+    import time
+    t0 = time.time()
+    w = World()
+    n_pairs = sum(len(v) for v in w.pairs.values())
+    print(f"world v{WORLD_VERSION}: {len(DOMAINS)} domains, vocab {len(w.vocab)}, {len(w.sft)} SFT reviews, "
+          f"{n_pairs} pairs, generated in {time.time() - t0:.2f}s")
+    for d in ["bar", "bakery"]:
+        print(w.decode(w.pairs[d][0].prompt), "|", w.decode(w.pairs[d][0].chosen), "| >", w.decode(w.pairs[d][0].rejected))
