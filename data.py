@@ -42,6 +42,7 @@ from pathlib import Path
 WORLD_VERSION = "1.0"
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+PROMPT_LEN = 6                                                # <bos> <d> opener the NOUN was
 OPENERS = ["honestly", "overall", "frankly", "today"]        # prompt: <bos> <d> opener the NOUN was
 INTENSIFIERS = ["very", "really"]
 FILLERS = ["okay", "fine", "average"]                         # polarity 0, behaviour writers only
@@ -82,7 +83,8 @@ class WorldConfig:
     seed: int = 0
     n_sft_per_domain: int = 1200       # unlabelled reviews per meta-training domain
     n_sft_per_new_domain: int = 250    # ... per dev and held-out domain: new domains are rarer
-    n_pairs_per_domain: int = 1000     # labelled pairs per domain (train + dev; held-out: evaluation only)
+    n_pairs_per_domain: int = 1000     # labelled training pairs per training and dev domain
+    n_eval_pairs_per_domain: int = 400 # labelled pairs per domain for evaluation only (held-out: only these)
     label_temperature: float = 1.0     # tau of the Bradley-Terry annotators
     # writers of the SFT corpus (what pi_ref imitates) vs the behaviour writers of the pairs
     sft_mix: tuple = (0.35, 0.35, 0.30, 0.0)      # P(shared, aspect, flip, filler) per adjective
@@ -116,7 +118,8 @@ class World:
     Attributes:
         vocab, stoi: token list and its inverse (PAD=0, BOS=1, EOS=2).
         sft: list of token-id lists (full reviews, <bos> ... <eos>), all domains, unlabelled.
-        pairs: domain -> list[Pair] for every domain; held-out domains' pairs are for evaluation only.
+        pairs: domain -> list[Pair], training data, for the training and dev domains only.
+        eval_pairs: domain -> list[Pair], every domain, for evaluation only (RM accuracy).
         prompts: domain -> list of prompt token-id lists F_d (every distinct prompt of the domain).
     """
 
@@ -146,7 +149,9 @@ class World:
         n_sft = {d: cfg.n_sft_per_domain if d in TRAIN_DOMAINS else cfg.n_sft_per_new_domain for d in DOMAINS}
         self.sft = [self.encode(self._review(d, rng, "sft")) for d in DOMAINS for _ in range(n_sft[d])]
         rng.shuffle(self.sft)
-        self.pairs = {d: [self._pair(d, rng) for _ in range(cfg.n_pairs_per_domain)] for d in DOMAINS}
+        self.pairs = {d: [self._pair(d, rng) for _ in range(cfg.n_pairs_per_domain)]
+                      for d in TRAIN_DOMAINS + DEV_DOMAINS}
+        self.eval_pairs = {d: [self._pair(d, rng) for _ in range(cfg.n_eval_pairs_per_domain)] for d in DOMAINS}
 
     # ---- tokenizer -------------------------------------------------------------------------
     def encode(self, text: str) -> list:
@@ -180,6 +185,10 @@ class World:
             elif w in self.aspect_of and self.aspect_of[w] != domain:
                 r += OFF_TOPIC
         return r
+
+    def gold_rewards(self, seqs) -> list:
+        """r*_d(x, y) of full sequences [x | y | pad]; d is read from x's domain tag, y follows x."""
+        return [self.gold_reward(self.vocab[int(s[1])][1:-1], s[PROMPT_LEN:]) for s in seqs]
 
     # ---- writers -----------------------------------------------------------------------------
     def _adjective(self, d, sign, rng, mix):
@@ -283,8 +292,9 @@ if __name__ == "__main__":
     import time
     t0 = time.time()
     w = World()
-    n_pairs = sum(len(v) for v in w.pairs.values())
+    n_pairs = sum(len(v) for v in w.pairs.values()) + sum(len(v) for v in w.eval_pairs.values())
     print(f"world v{WORLD_VERSION}: {len(DOMAINS)} domains, vocab {len(w.vocab)}, {len(w.sft)} SFT reviews, "
           f"{n_pairs} pairs, generated in {time.time() - t0:.2f}s")
     for d in ["bar", "bakery"]:
-        print(w.decode(w.pairs[d][0].prompt), "|", w.decode(w.pairs[d][0].chosen), "| >", w.decode(w.pairs[d][0].rejected))
+        p = w.eval_pairs[d][0]
+        print(w.decode(p.prompt), "|", w.decode(p.chosen), "| >", w.decode(p.rejected))

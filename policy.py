@@ -120,12 +120,13 @@ def head_logits(params: dict, h):
 
 def make_reward_model(policy: GPT, generator: torch.Generator) -> GPT:
     """r_phi: a GPT with pi_ref's trunk (copied) and a fresh scalar head."""
-    rm = GPT(policy.cfg, n_out=1).to(policy.head.weight.device)
+    w = policy.head.weight
+    rm = GPT(policy.cfg, n_out=1).to(device=w.device, dtype=w.dtype)
     trunk = {k: v for k, v in policy.state_dict().items() if not k.startswith("head.")}
     rm.load_state_dict(trunk, strict=False)
     with torch.no_grad():
         rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=generator,
-                                         device=generator.device) * 0.02)
+                                         device=generator.device, dtype=w.dtype) * 0.02)
         rm.head.bias.zero_()
     return rm
 
