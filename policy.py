@@ -131,6 +131,11 @@ def make_reward_model(policy: GPT, generator: torch.Generator) -> GPT:
     return rm
 
 
+def draw(n: int, size: int, generator: torch.Generator) -> list:
+    """`size` indices in [0, n), uniformly with replacement, from the generator (on any device)."""
+    return torch.randint(n, (size,), generator=generator, device=generator.device).tolist()
+
+
 # ---- log-probabilities and rewards ---------------------------------------------------------------
 def pad_batch(seqs, device="cpu"):
     """List of token-id lists -> LongTensor (B, T) right-padded with PAD_ID."""
@@ -250,7 +255,7 @@ def sft(model: GPT, corpus, steps: int, batch_size: int, lr: float, generator: t
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     losses = []
     for _ in tqdm(range(steps), desc="SFT pi_ref", disable=not progress, leave=False):
-        rows = torch.randint(len(corpus), (batch_size,), generator=generator).tolist()
+        rows = draw(len(corpus), batch_size, generator)
         loss = lm_loss(model, pad_batch([corpus[i] for i in rows], device))
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -1,0 +1,325 @@
+"""The experiment of METHOD.md §5: `python train.py`.
+
+SFT pi_ref on the unlabelled corpus -> reward models / policies of the six methods (SFT, vanilla RM,
+DPO, MetaRM, bilevel meta-RM, gold-reward oracle) -> meta-test adaptation (3) with the same budget
+on every held-out domain -> evaluation, for several seeds; then the one-seed sweeps behind the
+figures. Writes results.json / results.md / samples.jsonl / timings.json / datasets / PNGs into
+--out, replacing an earlier run only once the new one is complete.
+"""
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data
+import metarm
+import policy as P
+
+METHODS = ("sft", "vanilla_rm", "dpo", "metarm", "bilevel", "oracle")
+RM_METHODS = ("vanilla_rm", "metarm", "bilevel")
+METRICS = ("gold_reward", "win_rate", "rm_accuracy", "kl")
+
+
+@dataclass
+class Config:
+    seeds: int = 3                  # number of seeds, 0 .. seeds-1 (the main table)
+    out: str = "runs/latest"        # output folder (replaced only when the run is complete)
+    device: str = "auto"            # auto | cpu | cuda
+    beta: float = 0.5               # KL coefficient of adaptation (3) and of the lower level (5)
+    quick: bool = False             # one seed, small budgets, no sweeps: a smoke run of about a minute
+    methods: str = ",".join(METHODS)  # comma-separated subset of the six methods
+    domains: str = "test"           # test: the held-out domains | dev: the dev domains (tuning)
+    figures: bool = True            # run the one-seed sweeps behind the figures
+    sft_steps: int = 1000           # SFT of pi_ref (once; shared by all seeds)
+    rm_steps: int = 400             # vanilla RM: Bradley-Terry steps of 32 pairs
+    rm_lr: float = 1.5e-3
+    adapt_steps: int = 60           # meta-test adaptation (3): RLOO steps of 16 prompts x 4 samples
+    adapt_lr: float = 1e-2
+    dpo_lr: float = 1e-2            # DPO takes as many steps as adaptation, 64 pairs each
+    beta_dpo: float = 0.1           # DPO temperature (2), also in the upper level (7)
+    metarm_steps: int = 40          # MetaRM (9)-(11) steps from the vanilla RM, per held-out domain
+    eta: float = 0.1                # MetaRM ascent step (10)
+    metarm_k: int = 4               # MetaRM responses per shifted prompt (pi_ref, temperature 1)
+    second_order: bool = True       # MetaRM: exact gradient through (10) (False: the first-order update)
+    bilevel_steps: int = 60         # outer steps (Adam on phi) from the vanilla RM
+    lam: float = 1.0                # weight of L_BT in the upper level (7)
+    K: int = 4                      # lower level: candidates per prompt
+    T: int = 20                     # lower level: inner gradient steps (6)
+    solver: str = "cg"              # hypergradient: cg | neumann | unrolled
+    eval_samples: int = 16          # evaluation samples per prompt (20 prompts per domain)
+    threads: int = 0                # torch CPU threads (0: torch's default)
+
+
+QUICK = dict(seeds=1, sft_steps=300, rm_steps=60, adapt_steps=15, metarm_steps=5, bilevel_steps=5,
+             eval_samples=4, figures=False)
+MAX_NEW = 24
+
+
+class BadInput(Exception):
+    """A command-line value that is not allowed."""
+
+
+def parse_config(argv) -> Config:
+    """The CLI is derived from Config; every value is checked before anything runs."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    as_bool = lambda s: {"true": True, "1": True, "false": False, "0": False}[s.lower()]
+    for f in fields(Config):
+        kind = as_bool if f.type is bool else f.type
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                            nargs="?" if f.type is bool else None, const=True if f.type is bool else None)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    cfg = Config(**({**QUICK, **given} if given.get("quick") else given))
+    checks = [(cfg.seeds >= 1, "--seeds must be >= 1"), (cfg.beta > 0, "--beta must be > 0"),
+              (cfg.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+              (cfg.domains in ("test", "dev"), "--domains must be test or dev"),
+              (cfg.solver in ("cg", "neumann", "unrolled"), "--solver must be cg, neumann or unrolled"),
+              (set(cfg.methods.split(",")) <= set(METHODS), f"--methods must be a comma-separated subset of {','.join(METHODS)}"),
+              (min(cfg.sft_steps, cfg.rm_steps, cfg.adapt_steps, cfg.eval_samples, cfg.K, cfg.T) >= 1,
+               "step counts, --eval-samples, --K and --T must be >= 1"),
+              (cfg.metarm_k >= 2, "--metarm-k must be >= 2"), (cfg.lam >= 0, "--lam must be >= 0"),
+              (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but no GPU is visible")]
+    for ok, message in checks:
+        if not ok:
+            raise BadInput(message)
+    return cfg
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+def gold_fn(world, device):
+    """r*_d of full sequences as a tensor (the domain is read from each prompt's tag)."""
+    return lambda idx: torch.tensor(world.gold_rewards(idx.tolist()), dtype=torch.float32, device=device)
+
+
+def evaluate(policy, theta, prompts, baseline, gold, gen, n: int):
+    """Gold reward, win rate against pi_ref's samples `baseline` of the same prompts (judged by the
+    gold reward, ties 1/2) and KL(pi_theta || pi_ref) (k1 on the policy's samples)."""
+    idx, mask = P.sample(policy, theta, prompts.repeat(n, 1), MAX_NEW, gen)
+    logp, logp_ref = P.logprob_and_ref(policy, theta, idx, mask)
+    g, g_ref = gold(idx), gold(baseline)
+    win = ((g > g_ref).float() + 0.5 * (g == g_ref).float()).mean()
+    return {"gold_reward": g.mean().item(), "win_rate": win.item(), "kl": (logp - logp_ref).mean().item()}, idx, g
+
+
+@torch.no_grad()
+def rm_accuracy(rm, phi, pairs, world) -> float:
+    """Accuracy on labelled pairs against the noise-free gold ordering (gold ties excluded, RM ties 1/2)."""
+    (c, _), (r, _) = metarm.pair_tensors(pairs, next(iter(phi.values())).device)
+    d = (P.reward(rm, phi, c) - P.reward(rm, phi, r)).cpu()
+    gd = torch.tensor([world.gold_reward(p.domain, p.chosen) - world.gold_reward(p.domain, p.rejected) for p in pairs])
+    keep = gd != 0
+    return ((d * gd > 0).float() + 0.5 * (d == 0).float())[keep].mean().item()
+
+
+def copy_params(phi):
+    return {n: p.detach().clone().requires_grad_(True) for n, p in phi.items()}
+
+
+def bilevel_problems(world, policy, theta_ref, cfg, gen, device, n_pairs=64):
+    """Fixed candidates (every prompt x K from pi_ref) and n_pairs pairs per training domain."""
+    problems = {}
+    for d in data.TRAIN_DOMAINS:
+        prompts = torch.tensor(world.prompts[d], device=device).repeat_interleave(cfg.K, 0)
+        idx, mask = P.sample(policy, {}, prompts, MAX_NEW, gen)
+        problems[d] = metarm.domain_problem(policy, theta_ref, metarm.prepare(policy, idx, mask, theta_ref),
+                                            world.pairs[d][:n_pairs])
+    return problems
+
+
+def bilevel_config(cfg, **over):
+    return metarm.BilevelConfig(**{**dict(beta=cfg.beta, beta_dpo=cfg.beta_dpo, lam=cfg.lam, K=cfg.K, T=cfg.T,
+                                          solver=cfg.solver, outer_steps=cfg.bilevel_steps), **over})
+
+
+def calibrate(policy, rm, phi, problems, bcfg, theta_ref):
+    """rho and the inner step from the measured curvature (§2.1), worst case over the domains."""
+    curv = [metarm.curvature(policy, theta_ref, metarm.candidate_rewards(rm, phi, p["cand"], bcfg.K).detach(),
+                             p["cand"], bcfg) for p in problems.values()]
+    bcfg.rho, bcfg.inner_lr = max(c["rho"] for c in curv), min(c["inner_lr"] for c in curv)
+    return {k: (min if "min" in k else max)(c[k] for c in curv) for k in curv[0]}
+
+
+# ---- one seed of the main table -------------------------------------------------------------------
+def run_seed(seed, cfg, world, policy, device, timings, keep):
+    """All methods on every evaluation domain for one seed: (metrics[method][domain], samples, logs)."""
+    tick = lambda: time.perf_counter()
+    gen = torch.Generator(device).manual_seed(seed)
+    methods = cfg.methods.split(",")
+    domains = data.TEST_DOMAINS if cfg.domains == "test" else data.DEV_DOMAINS
+    train_pairs = world.pooled_pairs(data.TRAIN_DOMAINS)
+    theta_ref = {n: p.detach() for n, p in P.adapted_params(policy, "head").items()}
+    gold = gold_fn(world, device)
+    prompts = {d: torch.tensor(world.prompts[d], device=device) for d in domains}
+    baseline = {d: P.sample(policy, {}, prompts[d].repeat(cfg.eval_samples, 1), MAX_NEW, gen)[0] for d in domains}
+    acfg = metarm.AdaptConfig(beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=MAX_NEW)
+    rcfg = metarm.RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr, eta=cfg.eta, k=cfg.metarm_k,
+                           second_order=cfg.second_order)
+    logs, rewards = {}, {}                              # rewards[method][domain] = (rm, phi) or "gold"
+    t = tick()
+    rm = P.make_reward_model(policy, gen)
+    phi_vanilla = P.adapted_params(rm, "all")
+    if set(methods) & set(RM_METHODS):
+        logs["vanilla_rm"] = metarm.train_reward_model(rm, phi_vanilla, train_pairs, rcfg, gen)
+    rewards["vanilla_rm"] = {d: phi_vanilla for d in domains}
+    timings["vanilla_rm"] = timings.get("vanilla_rm", 0) + tick() - t
+    if "metarm" in methods:
+        t, rewards["metarm"], logs["metarm"] = tick(), {}, {}
+        for d in domains:                              # X_s: pi_ref's samples of d's prompts, no labels
+            x_s, _ = P.sample(policy, {}, prompts[d].repeat_interleave(cfg.metarm_k, 0), MAX_NEW, gen)
+            phi = copy_params(phi_vanilla)
+            logs["metarm"][d] = metarm.train_reward_model(rm, phi, train_pairs, rcfg, gen, steps=cfg.metarm_steps,
+                                                          meta_set=(x_s, metarm.distinct_pairs(x_s, cfg.metarm_k)))
+            rewards["metarm"][d] = phi
+        timings["metarm"] = timings.get("metarm", 0) + tick() - t
+    if "bilevel" in methods:
+        t = tick()
+        problems = bilevel_problems(world, policy, theta_ref, cfg, gen, device)
+        bcfg = bilevel_config(cfg)
+        phi = copy_params(phi_vanilla)
+        logs["curvature"] = calibrate(policy, rm, phi, problems, bcfg, theta_ref)
+        logs["bilevel"] = metarm.train_bilevel(policy, rm, phi, problems, train_pairs, bcfg, theta_ref, gen)
+        rewards["bilevel"] = {d: phi for d in domains}
+        timings["bilevel"] = timings.get("bilevel", 0) + tick() - t
+        keep.update(problems=problems, bcfg=bcfg, phi_bilevel=phi)
+    if "dpo" in methods:
+        t = tick()
+        theta_dpo = metarm.train_dpo(policy, train_pairs, cfg.adapt_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen)
+        timings["dpo"] = timings.get("dpo", 0) + tick() - t
+    rewards["oracle"] = {d: "gold" for d in domains}
+    keep.update(rm=rm, rewards=rewards, prompts=prompts, baseline=baseline, acfg=acfg, phi_vanilla=phi_vanilla)
+    metrics, samples = {m: {} for m in methods}, []
+    for m in methods:
+        for d in domains:
+            t = tick()
+            if m == "sft":
+                theta = theta_ref
+            elif m == "dpo":
+                theta = theta_dpo
+            else:
+                theta = adapt_with(policy, m, d, keep, cfg.beta, gen, gold)
+            timings["adaptation"] = timings.get("adaptation", 0) + tick() - t
+            t = tick()
+            res, idx, g = evaluate(policy, theta, prompts[d], baseline[d], gold, gen, cfg.eval_samples)
+            res["rm_accuracy"] = rm_accuracy(rm, rewards[m][d], world.eval_pairs[d], world) if m in RM_METHODS else None
+            metrics[m][d] = res
+            for row, gr in list(zip(idx.tolist(), g.tolist()))[:32]:
+                samples.append({"method": m, "domain": d, "seed": seed, "prompt": world.decode(row[:data.PROMPT_LEN]),
+                                "response": world.decode(row[data.PROMPT_LEN:]), "gold_reward": gr})
+            timings["evaluation"] = timings.get("evaluation", 0) + tick() - t
+    return metrics, samples, logs
+
+
+def adapt_with(policy, method, d, keep, beta, gen, gold, steps=None):
+    """Meta-test adaptation (3) on domain d with the method's reward, standardised on pi_ref's samples."""
+    r = keep["rewards"][method][d]
+    reward_fn = gold if r == "gold" else (lambda idx, phi=r: P.reward(keep["rm"], phi, idx))
+    acfg = metarm.AdaptConfig(**{**asdict(keep["acfg"]), "beta": beta, **({"steps": steps} if steps else {})})
+    theta, _ = metarm.adapt(policy, keep["prompts"][d], metarm.standardised(reward_fn, keep["baseline"][d]), acfg, gen)
+    return theta
+
+
+# ---- aggregation and output -----------------------------------------------------------------------
+def aggregate(per_seed, methods):
+    """methods -> metric -> {mean, std, per_seed, per_domain}, a seed's value being its domain mean."""
+    out = {}
+    for m in methods:
+        out[m] = {}
+        for k in METRICS:
+            doms = list(per_seed[0][m])
+            if per_seed[0][m][doms[0]][k] is None:
+                out[m][k] = None
+                continue
+            seeds = [sum(s[m][d][k] for d in doms) / len(doms) for s in per_seed]
+            mean = sum(seeds) / len(seeds)
+            std = math.sqrt(sum((x - mean) ** 2 for x in seeds) / (len(seeds) - 1)) if len(seeds) > 1 else None
+            out[m][k] = {"mean": mean, "std": std, "per_seed": seeds,
+                         "per_domain": {d: sum(s[m][d][k] for s in per_seed) / len(per_seed) for d in doms}}
+    return out
+
+
+def fmt(v):
+    if v is None:
+        return "n/a"
+    return f"{v['mean']:.3f}" + ("" if v["std"] is None else f" ± {v['std']:.3f}")
+
+
+def results_table(results) -> str:
+    lines = ["| method | gold reward | win rate vs π_ref | RM accuracy (held-out pairs) | KL(π‖π_ref) |",
+             "|---|---|---|---|---|"]
+    for m, r in results["methods"].items():
+        lines.append(f"| {m} | " + " | ".join(fmt(r[k]) for k in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_config(argv)
+    except BadInput as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    out = Path(cfg.out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    print("config:", json.dumps(asdict(cfg)))
+    timings, t0 = {}, time.perf_counter()
+    world = data.World()
+    data.save_pairs_jsonl(world, world.pooled_pairs(data.TRAIN_DOMAINS), tmp / "train_pairs.jsonl")
+    data.save_pairs_jsonl(world, world.pooled_pairs(data.DEV_DOMAINS), tmp / "dev_pairs.jsonl")
+    data.save_pairs_jsonl(world, [p for d in data.DOMAINS for p in world.eval_pairs[d]], tmp / "eval_pairs.jsonl")
+    torch.manual_seed(0)
+    policy = P.GPT(P.GPTConfig(vocab_size=len(world.vocab)), len(world.vocab)).to(device)
+    sft_losses = P.sft(policy, world.sft[1000:], cfg.sft_steps, 64, 1.5e-3, torch.Generator(device).manual_seed(0), device)
+    policy.requires_grad_(False)
+    ppl = P.perplexity(policy, world.sft[:1000], device)
+    timings["sft"] = time.perf_counter() - t0
+    print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
+    per_seed, samples, keep, seed_logs = [], [], {}, []
+    for seed in tqdm(range(cfg.seeds), desc="seeds"):
+        keep_s = {}
+        metrics, smp, logs = run_seed(seed, cfg, world, policy, device, timings, keep_s)
+        per_seed.append(metrics)
+        samples += smp
+        seed_logs.append(logs)
+        if seed == 0:
+            keep = keep_s
+    methods = cfg.methods.split(",")
+    results = {"config": asdict(cfg), "world_version": data.WORLD_VERSION, "sft_val_perplexity": ppl,
+               "methods": aggregate(per_seed, methods),
+               "per_seed": per_seed,
+               "curvature": [l.get("curvature") for l in seed_logs]}
+    results["config"].pop("out")
+    write_json(tmp / "results.json", results)
+    (tmp / "results.md").write_text(f"# metarm results ({cfg.domains} domains, {cfg.seeds} seed(s), β = {cfg.beta})\n\n"
+                                    + results_table(results) + "\n")
+    with open(tmp / "samples.jsonl", "w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+    timings["total"] = time.perf_counter() - t0
+    write_json(tmp / "timings.json", timings)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)            # the earlier run stays whole until the new one is in place
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    print(results_table(results))
+    print(f"wrote {out}/ in {timings['total']:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
