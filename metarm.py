@@ -14,6 +14,7 @@ Symbols -> names:
     eta, k      MetaRM's ascent step (10) and responses per shifted prompt (9)
     r           rewards, Delta = log pi_theta - log pi_ref (the policy's implicit reward, up to beta)
 """
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,12 @@ import torch.nn.functional as F
 
 import bilevel
 import policy as P
+
+
+def check_finite(value, what: str, step: int):
+    """Stop a training loop at the first non-finite loss or gradient, naming it and the step."""
+    if not torch.isfinite(torch.as_tensor(value)).all():
+        raise FloatingPointError(f"non-finite {what} at step {step}")
 
 
 # ---- Eq. (1) and Eq. (2): the baseline losses ------------------------------------------------------
@@ -99,6 +106,7 @@ def adapt(policy, prompts, reward_fn, cfg: AdaptConfig, generator, gold_fn=None,
             baseline = (R.sum(1, keepdim=True) - R) / (cfg.k - 1)              # leave-one-out
             A = (R - baseline).view(-1)
         loss = -(A * logp).mean()
+        check_finite(loss.detach(), "adaptation loss (3)", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -185,7 +193,7 @@ def train_reward_model(rm, phi, pairs, cfg: RMConfig, generator, steps=None, met
     opt = torch.optim.Adam(phi.values(), lr=cfg.lr)
     device = next(iter(phi.values())).device
     log = []
-    for _ in range(cfg.steps if steps is None else steps):
+    for step in range(cfg.steps if steps is None else steps):
         rows = P.draw(len(pairs), cfg.batch_size, generator)
         (chosen, _), (rejected, _) = pair_tensors([pairs[i] for i in rows], device)
         if meta_set is None:
@@ -198,6 +206,7 @@ def train_reward_model(rm, phi, pairs, cfg: RMConfig, generator, steps=None, met
             g, loss, J = metarm_grad(rm, phi, chosen, rejected, x_s, distinct[m], cfg.k, cfg.eta,
                                      cfg.second_order)
             grads, acc, J = list(g.values()), torch.tensor(float("nan")), J.item()
+        check_finite(loss.detach(), "reward-model loss", step)
         for p, gr in zip(phi.values(), grads):
             p.grad = gr
         opt.step()
@@ -271,7 +280,7 @@ class BilevelConfig:
     rho: float = 0.0           # 0: chosen from lambda_min of H at theta* (2x its negative part, >= 1e-3)
     solver: str = "cg"         # cg | neumann | unrolled
     cg_iters: int = 10
-    cg_tol: float = 1e-4
+    cg_tol: float = 1e-3       # relative residual; CG's hypergradient error is then ~1e-5 (README, figure 3)
     outer_steps: int = 100
     domains_per_step: int = 2
     pairs_per_domain: int = 32
@@ -292,6 +301,14 @@ def candidate_rewards(rm, phi, cand, K: int):
     return ((r - r.mean()) / r.std()).view(-1, K)
 
 
+def level_functions(policy, prob, cfg: BilevelConfig, theta_ref):
+    """One domain's lower and upper losses as functions (theta, {"r": rewards}) -> scalar, the form
+    bilevel.py works with: g = Eq. (5), f = that domain's L_DPO term of Eq. (7)."""
+    g = lambda th, up: inner_loss(policy, th, up["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
+    f = lambda th, up: outer_dpo(policy, th, prob["chosen"], prob["rejected"], cfg.beta_dpo)
+    return g, f
+
+
 def hypergradient(policy, rm, phi, prob, cfg: BilevelConfig, theta_ref, solver=None, iters=None,
                   newton_tol=None):
     """Eq. (8) for one domain: (dF_d/dr (B, K), the candidates' rewards r (B, K) with graph to phi, info).
@@ -305,8 +322,7 @@ def hypergradient(policy, rm, phi, prob, cfg: BilevelConfig, theta_ref, solver=N
     solver = solver or cfg.solver
     r = candidate_rewards(rm, phi, prob["cand"], cfg.K)
     upper = {"r": r.detach()}
-    g = lambda th, up: inner_loss(policy, th, up["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
-    f = lambda th, up: outer_dpo(policy, th, prob["chosen"], prob["rejected"], cfg.beta_dpo)
+    g, f = level_functions(policy, prob, cfg, theta_ref)
     if solver == "unrolled":
         grad, info = bilevel.hypergrad_unrolled(f, g, theta_ref, upper, iters or cfg.T, cfg.inner_lr)
         theta_star = info["theta"]
@@ -347,12 +363,13 @@ def outer_gradient(policy, rm, phi, problems: dict, pairs, cfg: BilevelConfig, t
 
     Returns: (gradient list in phi's order, F, info with the HVPs used and per-domain DPO losses).
     """
-    surrogate, F, info = 0.0, 0.0, {"hvps": 0, "dpo": {}}
+    surrogate, F, info = 0.0, 0.0, {"hvps": 0, "dpo": {}, "unconverged": 0}
     for d, prob in problems.items():
         dF_dr, r, h_info = hypergradient(policy, rm, phi, prob, cfg, theta_ref, **hyper_kw)
         surrogate = surrogate + scale * (r * dF_dr).sum()    # its phi-gradient is (dr/dphi)^T dF/dr
         F += scale * h_info["F"]
         info["hvps"] += h_info["hvps"]
+        info["unconverged"] += h_info.get("converged") is False
         info["dpo"][d] = h_info["F"]
     if cfg.lam > 0:
         (chosen, _), (rejected, _) = pair_tensors(pairs, r.device)
@@ -368,24 +385,37 @@ def train_bilevel(policy, rm, phi, problems: dict, pairs, cfg: BilevelConfig, th
     Each outer step draws cfg.domains_per_step training domains (the sum over D_train estimated
     without bias) and cfg.pairs_per_domain pooled pairs for the lam term.
     steps defaults to cfg.outer_steps; opt (to continue a run in chunks) to a new Adam.
-    Returns: a list of per-step dicts (F, grad_norm, hvps, dpo of the drawn domains).
+    A linear solve that stops at cfg.cg_iters before cfg.cg_tol is counted ("unconverged") and
+    reported in one warning at the end instead of one per solve.
+    Returns: a list of per-step dicts (F, grad_norm, hvps, unconverged, dpo of the drawn domains).
     """
     opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
     domains = list(problems)
     log = []
     for step in range(cfg.outer_steps if steps is None else steps):
-        picks = torch.randperm(len(domains), generator=generator, device=generator.device)[:cfg.domains_per_step].tolist()
-        rows = P.draw(len(pairs), cfg.pairs_per_domain, generator)
-        grads, F, info = outer_gradient(policy, rm, phi, {domains[i]: problems[domains[i]] for i in picks},
-                                        [pairs[i] for i in rows], cfg, theta_ref, scale=len(domains) / len(picks))
-        for p, gr in zip(phi.values(), grads):
-            p.grad = gr
-        opt.step()
-        log.append({"step": step, "F": F, "grad_norm": torch.sqrt(sum((gr ** 2).sum() for gr in grads)).item(),
-                    **info})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="cg did not converge")
+            log.append(_outer_step(policy, rm, phi, problems, domains, pairs, cfg, theta_ref, generator, opt, step))
         if progress is not None:
             progress.update(1)
+    missed = sum(entry["unconverged"] for entry in log)
+    if missed:
+        warnings.warn(f"bilevel: {missed} of {len(log) * cfg.domains_per_step} linear solves stopped at "
+                      f"cg_iters={cfg.cg_iters} above cg_tol={cfg.cg_tol} (counted per step in the log)")
     return log
+
+
+def _outer_step(policy, rm, phi, problems, domains, pairs, cfg, theta_ref, generator, opt, step):
+    """One Adam step of train_bilevel on cfg.domains_per_step drawn domains."""
+    picks = torch.randperm(len(domains), generator=generator, device=generator.device)[:cfg.domains_per_step].tolist()
+    rows = P.draw(len(pairs), cfg.pairs_per_domain, generator)
+    grads, F, info = outer_gradient(policy, rm, phi, {domains[i]: problems[domains[i]] for i in picks},
+                                    [pairs[i] for i in rows], cfg, theta_ref, scale=len(domains) / len(picks))
+    check_finite(torch.tensor([F] + [gr.norm() for gr in grads]), "bilevel F or hypergradient", step)
+    for p, gr in zip(phi.values(), grads):
+        p.grad = gr
+    opt.step()
+    return {"step": step, "F": F, "grad_norm": torch.sqrt(sum((gr ** 2).sum() for gr in grads)).item(), **info}
 
 
 # ---- baselines and iterative RLHF -----------------------------------------------------------------
@@ -395,11 +425,12 @@ def train_dpo(policy, pairs, steps: int, batch_size: int, lr: float, beta_dpo: f
     theta = P.adapted_params(policy, adapt_params)
     opt = torch.optim.Adam(theta.values(), lr=lr)
     device = next(iter(theta.values())).device
-    for _ in range(steps):
+    for step in range(steps):
         rows = P.draw(len(pairs), batch_size, generator)
         chosen, rejected = pair_tensors([pairs[i] for i in rows], device)
         loss = outer_dpo(policy, theta, prepare(policy, *chosen, theta), prepare(policy, *rejected, theta),
                          beta_dpo)
+        check_finite(loss.detach(), "DPO loss (2)", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

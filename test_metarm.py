@@ -763,3 +763,88 @@ def test_metarm_second_order_minus_first_order_is_eta_hessian_term(tiny_rm):
     for order in (True, False):
         torch.testing.assert_close(flat(metarm.metarm_grad(rm, phi, chosen, rejected, meta, distinct, 3, 0.0, order)[0]),
                                    plain, rtol=1e-12, atol=1e-14)
+
+
+# ---- train.py: the pipeline at a tiny scale, bad input, non-finite values -------------------------
+import train  # noqa: E402
+
+TINY_RUN = ["--quick", "--domains", "dev", "--sft-steps", "100", "--rm-steps", "20", "--adapt-steps", "12",
+            "--adapt-lr", "0.03", "--metarm-steps", "2", "--bilevel-steps", "2", "--T", "5", "--eval-samples", "4",
+            "--threads", "2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """Two tiny runs of the whole pipeline with the same seed, into two folders."""
+    outs = [tmp_path_factory.mktemp("run") / "out" for _ in range(2)]
+    for out in outs:
+        assert train.main(TINY_RUN + ["--out", str(out)]) == 0
+    return outs
+
+
+def test_pipeline_writes_every_output_with_the_documented_schema(tiny_run):
+    out = tiny_run[0]
+    for name in ("results.json", "results.md", "samples.jsonl", "timings.json", "train_pairs.jsonl",
+                 "dev_pairs.jsonl", "eval_pairs.jsonl", "gold_reward.png"):
+        assert (out / name).is_file(), name
+    assert not out.with_name("out.partial").exists() and not out.with_name("out.old").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["methods"]) == set(train.METHODS) and "out" not in results["config"]
+    for m, metrics in results["methods"].items():
+        assert set(metrics) == set(train.METRICS)
+        for k, v in metrics.items():
+            if k == "rm_accuracy" and m not in train.RM_METHODS:
+                assert v is None
+                continue
+            assert v["std"] is None and len(v["per_seed"]) == 1 and v["mean"] == v["per_seed"][0]
+            assert set(v["per_domain"]) == set(data.DEV_DOMAINS) and all(map(math.isfinite, v["per_domain"].values()))
+    assert results["methods"]["sft"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == len(train.METHODS) * len(data.DEV_DOMAINS) * 32
+    assert set(samples[0]) == {"method", "domain", "seed", "prompt", "response", "gold_reward"}
+    world = data.World()
+    for s in samples[:40]:                                   # gold rewards recomputed from the decoded text
+        assert s["gold_reward"] == pytest.approx(world.gold_reward(s["domain"], world.encode(s["response"])))
+    assert len(data.load_pairs_jsonl(world, out / "dev_pairs.jsonl")) == sum(len(world.pairs[d]) for d in data.DEV_DOMAINS)
+    assert "| oracle |" in (out / "results.md").read_text()
+
+
+def test_pipeline_oracle_beats_sft_in_gold_reward(tiny_run):
+    methods = json.loads((tiny_run[0] / "results.json").read_text())["methods"]
+    assert methods["oracle"]["gold_reward"]["mean"] > methods["sft"]["gold_reward"]["mean"] + 0.2
+
+
+def test_same_seed_gives_the_same_results_json(tiny_run):
+    assert (tiny_run[0] / "results.json").read_bytes() == (tiny_run[1] / "results.json").read_bytes()
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--seeds", "0"], "--seeds"), (["--seeds", "1.5"], "--seeds"), (["--beta", "-1"], "--beta"),
+    (["--beta", "nan"], "--beta"), (["--device", "tpu"], "--device"), (["--methods", "sft,ppo"], "--methods"),
+    (["--figures", "maybe"], "--figures"), (["--no-such-flag"], "unrecognized")])
+def test_bad_input_exits_2_with_one_line_and_keeps_earlier_results(tmp_path, capsys, args, words):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("earlier run")
+    assert train.main(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
+    assert (out / "results.json").read_text() == "earlier run" and not (tmp_path / "out.partial").exists()
+
+
+def test_unwritable_out_is_bad_input(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert train.main(["--out", str(blocker / "sub" / "out")]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
+def test_non_finite_loss_stops_with_method_seed_and_step(world, tiny_gpt):
+    rm = P.make_reward_model(tiny_gpt, torch.Generator().manual_seed(0))
+    phi = P.adapted_params(rm, "all")
+    with torch.no_grad():
+        next(iter(phi.values())).fill_(float("nan"))
+    cfg = metarm.RMConfig(steps=3, batch_size=4)
+    with pytest.raises(FloatingPointError, match=r"vanilla_rm, seed 7: non-finite reward-model loss at step 0"):
+        with train.stage("vanilla_rm", 7):
+            metarm.train_reward_model(rm, phi, world.pooled_pairs(data.TRAIN_DOMAINS), cfg, torch.Generator().manual_seed(0))
