@@ -409,8 +409,11 @@ def _outer_step(policy, rm, phi, problems, domains, pairs, cfg, theta_ref, gener
     """One Adam step of train_bilevel on cfg.domains_per_step drawn domains."""
     picks = torch.randperm(len(domains), generator=generator, device=generator.device)[:cfg.domains_per_step].tolist()
     rows = P.draw(len(pairs), cfg.pairs_per_domain, generator)
-    grads, F, info = outer_gradient(policy, rm, phi, {domains[i]: problems[domains[i]] for i in picks},
-                                    [pairs[i] for i in rows], cfg, theta_ref, scale=len(domains) / len(picks))
+    try:
+        grads, F, info = outer_gradient(policy, rm, phi, {domains[i]: problems[domains[i]] for i in picks},
+                                        [pairs[i] for i in rows], cfg, theta_ref, scale=len(domains) / len(picks))
+    except FloatingPointError as e:                          # a solve that diverged: name the step
+        raise FloatingPointError(f"{e} at step {step}") from None
     check_finite(torch.tensor([F] + [gr.norm() for gr in grads]), "bilevel F or hypergradient", step)
     for p, gr in zip(phi.values(), grads):
         p.grad = gr

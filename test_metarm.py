@@ -848,3 +848,40 @@ def test_non_finite_loss_stops_with_method_seed_and_step(world, tiny_gpt):
     with pytest.raises(FloatingPointError, match=r"vanilla_rm, seed 7: non-finite reward-model loss at step 0"):
         with train.stage("vanilla_rm", 7):
             metarm.train_reward_model(rm, phi, world.pooled_pairs(data.TRAIN_DOMAINS), cfg, torch.Generator().manual_seed(0))
+
+
+def test_non_finite_hypergradient_stops_with_method_seed_and_step(tiny_gpt, bilevel_setup):
+    """A reward model gone NaN: the first outer step stops, whichever check sees it first."""
+    rm, phi, theta_ref, problems, pairs, cfg, _ = bilevel_setup
+    bad = {n: p.clone().requires_grad_(True) for n, p in phi.items()}
+    with torch.no_grad():
+        bad["head.weight"].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"^bilevel, seed 3: .*finite.* at step 0$"):
+        with train.stage("bilevel", 3):
+            metarm.train_bilevel(tiny_gpt, rm, bad, problems, pairs, cfg, theta_ref,
+                                 torch.Generator().manual_seed(0), steps=2)
+
+
+def test_interrupted_run_leaves_earlier_results_and_no_partial_folder(tmp_path, capsys, monkeypatch):
+    """Ctrl-C after the run has started writing: exit 130, the earlier results.json untouched."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("earlier run")
+
+    def interrupt(*args, **kwargs):
+        assert (tmp_path / "out.partial" / "train_pairs.jsonl").is_file()   # the new run had begun writing
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train.P, "sft", interrupt)
+    assert train.main(["--quick", "--out", str(out)]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert (out / "results.json").read_text() == "earlier run"
+    assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.old").exists()
+
+
+@pytest.mark.parametrize("args", [["--device", "tpu"], ["--repeats", "-1"], ["--quick", "sometimes"]])
+def test_bench_bad_input_exits_2_with_one_line(tmp_path, capsys, args):
+    import bench
+    assert bench.main(args + ["--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("bench.py: error:") and "Traceback" not in err
+    assert not (tmp_path / "b").exists()

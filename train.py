@@ -469,9 +469,11 @@ def main(argv=None) -> int:
         return 2
     try:
         run(cfg, out, tmp)
-    except FloatingPointError as e:
-        print(f"train.py: error: {e}; the previous results in {out} are untouched", file=sys.stderr)
-        return 1
+    except (FloatingPointError, KeyboardInterrupt) as e:     # nothing half-written is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
+        print(f"train.py: error: {what}; the previous results in {out} are untouched", file=sys.stderr)
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
     return 0
 
 
