@@ -11,6 +11,7 @@ Measures, in one run, on this machine:
 and the same HVP ratios on cuda when a GPU is visible. Prints a table, writes DIR/bench.json.
 """
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -86,10 +87,37 @@ def hypergrad_rows(policy, world, quick: bool) -> list:
     bcfg = train.bilevel_config(cfg)
     train.calibrate(policy, rm, phi, problems, bcfg, theta_ref)
     keep = {"rm": rm, "phi_bilevel": phi, "theta_ref": theta_ref, "problems": problems, "bcfg": bcfg}
-    res = train.hypergradient_error(policy, keep, world, ns=(1, 4, 16) if quick else (1, 2, 4, 8, 16, 32),
+    res = train.hypergradient_error(policy, keep, world, ns=(1, 4, 8) if quick else (1, 2, 4, 8, 16, 32),
                                     timed=True)
     return [{"method": m, **row} for m, rows in res["curves"].items() for row in rows] + \
-        [{"method": "reference_vs_fd", "error": res["fd_check_rel_error"]}]
+        [{"method": f"training_setting (T={res['training_setting']['T']}, then cg)",
+          **{k: res["training_setting"][k] for k in ("hvps", "error")}, "iters": res["training_setting"]["cg_iters"]},
+         {"method": "reference_vs_fd", "error": res["fd_check_rel_error"]}]
+
+
+class QuickRunFailed(Exception):
+    """train.py --quick stopped (it has said why); its exit code is passed on."""
+
+
+def measure(cfg: Config) -> dict:
+    """Every measurement of the module docstring, as the dict written to bench.json."""
+    world = data.World()
+    torch.manual_seed(0)
+    policy = P.GPT(P.GPTConfig(vocab_size=len(world.vocab)), len(world.vocab))
+    P.sft(policy, world.sft[1000:], 50 if cfg.quick else 1000, 64, 1.5e-3, torch.Generator().manual_seed(0))
+    policy.requires_grad_(False)
+    result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpu": hvp_ratios(policy, world, "cpu", cfg.repeats)}
+    if cfg.device != "cpu" and torch.cuda.is_available():
+        result["cuda"] = hvp_ratios(policy, world, "cuda", cfg.repeats)
+        result["gpu"] = torch.cuda.get_device_name()
+    result["hypergrad"] = hypergrad_rows(policy, world, cfg.quick)
+    with tempfile.TemporaryDirectory() as tmp:
+        rc = train.main(["--quick", "--out", str(Path(tmp) / "q"), "--device", cfg.device])
+        if rc != 0:
+            raise QuickRunFailed(rc)
+        result["phases"] = json.loads((Path(tmp) / "q" / "timings.json").read_text())
+    return result
 
 
 def main(argv=None) -> int:
@@ -100,33 +128,29 @@ def main(argv=None) -> int:
         cfg.repeats = cfg.repeats or (10 if cfg.quick else 30)
         if cfg.device == "cuda" and not torch.cuda.is_available():
             raise train.BadInput("--device cuda asked for, but no GPU is visible")
-        out = train.prepare_out(Path(cfg.out))
+        out = Path(cfg.out).resolve()
+        tmp = train.prepare_out(out, marker="bench.json")
     except train.BadInput as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 2
-    world = data.World()
-    torch.manual_seed(0)
-    policy = P.GPT(P.GPTConfig(vocab_size=len(world.vocab)), len(world.vocab))
-    P.sft(policy, world.sft[1000:], 100 if cfg.quick else 1000, 64, 1.5e-3, torch.Generator().manual_seed(0))
-    policy.requires_grad_(False)
-    result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpu": hvp_ratios(policy, world, "cpu", cfg.repeats)}
-    if cfg.device != "cpu" and torch.cuda.is_available():
-        result["cuda"] = hvp_ratios(policy, world, "cuda", cfg.repeats)
-        result["gpu"] = torch.cuda.get_device_name()
-    result["hypergrad"] = hypergrad_rows(policy, world, cfg.quick)
-    with tempfile.TemporaryDirectory() as tmp:
-        train.main(["--quick", "--out", str(Path(tmp) / "q"), "--device", cfg.device])
-        result["phases"] = json.loads((Path(tmp) / "q" / "timings.json").read_text())
-    (out / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
-    train.publish(out, Path(cfg.out))
+    try:
+        result = measure(cfg)
+        (tmp / "bench.json").write_text(json.dumps(result, indent=1) + "\n")
+        train.publish(tmp, out)
+    except QuickRunFailed as e:
+        return e.args[0]
+    except KeyboardInterrupt:
+        print(f"bench.py: error: interrupted; the previous results in {out} are untouched", file=sys.stderr)
+        return 130
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)               # (after publish, tmp no longer exists)
     for dev in ("cpu", "cuda"):
         if dev in result:
             print(f"{dev}: " + ", ".join(f"{k} {v:.3g}" for k, v in result[dev].items()))
     print("| method | iterations | HVPs | seconds | relative error |\n|---|---|---|---|---|")
     for row in result["hypergrad"]:
-        print(f"| {row['method']} | {row.get('iters', '')} | {row.get('hvps', '')} | "
-              f"{row.get('seconds', 0):.3f} | {row['error']:.2e} |")
+        seconds = f"{row['seconds']:.3f}" if "seconds" in row else ""
+        print(f"| {row['method']} | {row.get('iters', '')} | {row.get('hvps', '')} | {seconds} | {row['error']:.2e} |")
     print("phases (s): " + ", ".join(f"{k} {v:.1f}" for k, v in result["phases"].items()))
     return 0
 

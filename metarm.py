@@ -54,11 +54,11 @@ def dpo_loss(delta_chosen, delta_rejected, beta_dpo: float = 0.1):
 # ---- Eq. (3): KL-regularised policy optimisation (the meta-test procedure) -------------------------
 @dataclass
 class AdaptConfig:
-    beta: float = 0.1          # KL coefficient of Eq. (3)
+    beta: float = 0.5          # KL coefficient of Eq. (3) (defaults here = train.Config's)
     steps: int = 60            # policy-gradient steps
     prompts_per_step: int = 16
     k: int = 4                 # samples per prompt (RLOO needs k >= 2)
-    lr: float = 3e-2           # Adam on theta
+    lr: float = 1e-2           # Adam on theta
     max_new_tokens: int = 24
 
 
@@ -176,7 +176,7 @@ class RMConfig:
     steps: int = 400
     batch_size: int = 32       # pairs per step
     lr: float = 1.5e-3         # Adam on phi
-    eta: float = 0.05          # MetaRM ascent step (10)
+    eta: float = 0.03          # MetaRM ascent step (10)
     k: int = 4                 # MetaRM responses per shifted prompt
     meta_prompts: int = 8      # MetaRM shifted prompts per step
     second_order: bool = True
@@ -247,6 +247,8 @@ def lower_objective(delta, r, K: int, beta: float):
     """Eq. (5) without its proximal term: E_x[-sum_k w_k r_k + beta sum_k w_k log(K w_k)], w = Eq. (4).
 
     Over free weights its minimiser is w* = softmax_k(r_k / beta). Args: delta (B K,), r (B, K).
+    A weight that underflows to 0 (a log-ratio gap of ~100 nats in float32) makes w log(K w) NaN;
+    the training loops then stop with a named error (check_finite) instead of carrying it on.
     """
     w = importance_weights(delta, K)
     kl = (w * torch.log(K * w)).sum(-1)                        # KL(w || uniform) <= log K
@@ -273,14 +275,14 @@ def outer_dpo(policy, theta, chosen, rejected, beta_dpo: float):
 class BilevelConfig:
     beta: float = 0.5          # KL coefficient of the lower level (5), as at meta-test
     beta_dpo: float = 0.1      # DPO temperature of the upper level (7)
-    lam: float = 1.0           # weight of L_BT in (7)
+    lam: float = 0.3           # weight of L_BT in (7)
     K: int = 4                 # candidates per prompt
     T: int = 20                # inner gradient steps (6)
-    inner_lr: float = 0.0      # 0: 1 / lambda_max(H) measured at theta_ref
-    rho: float = 0.0           # 0: chosen from lambda_min of H at theta* (2x its negative part, >= 1e-3)
+    inner_lr: float = 0.0      # must be set: train.calibrate sets it and rho from `curvature` (§2.1)
+    rho: float = 0.0           # proximal weight of (5); 0 only where g_d is known to be convex
     solver: str = "cg"         # cg | neumann | unrolled
     cg_iters: int = 10
-    cg_tol: float = 1e-3       # relative residual; CG's hypergradient error is then ~1e-5 (README, figure 3)
+    cg_tol: float = 1e-3       # relative residual (README, figure 3: error ~1e-3 with T = 20)
     outer_steps: int = 100
     domains_per_step: int = 2
     pairs_per_domain: int = 32
@@ -298,7 +300,7 @@ def candidate_rewards(rm, phi, cand, K: int):
     """r_phi(x, y_k) of the candidates, (B, K), standardised over them as rewards are at meta-test
     (§1, 'Reward scale'), so that beta means the same in (5) as in (3); the graph to phi is kept."""
     r = P.reward(rm, phi, cand["idx"])
-    return ((r - r.mean()) / r.std()).view(-1, K)
+    return ((r - r.mean()) / r.std().clamp_min(1e-8)).view(-1, K)
 
 
 def level_functions(policy, prob, cfg: BilevelConfig, theta_ref):
@@ -330,10 +332,12 @@ def hypergradient(policy, rm, phi, prob, cfg: BilevelConfig, theta_ref, solver=N
         if newton_tol:
             theta_star, _ = bilevel.newton_solve(g, theta_ref, upper, tol=newton_tol)
         else:
-            theta_star, _ = bilevel.inner_solve(g, theta_ref, upper, cfg.T, cfg.inner_lr)
+            theta_star, inner = bilevel.inner_solve(g, theta_ref, upper, cfg.T, cfg.inner_lr)
         kw = dict(max_iter=iters or cfg.cg_iters, tol=cfg.cg_tol) if solver == "cg" else \
             dict(alpha=cfg.inner_lr, J=iters or cfg.cg_iters)
         grad, info = bilevel.hypergrad_implicit(f, g, theta_star, upper, solver=solver, **kw)
+        if not newton_tol:
+            info["inner_grad_norm"] = inner["grad_norm"]        # how far theta_T is from theta*
     info["F"] = f(theta_star, upper).item()
     return grad["r"], r, info
 
@@ -389,6 +393,8 @@ def train_bilevel(policy, rm, phi, problems: dict, pairs, cfg: BilevelConfig, th
     reported in one warning at the end instead of one per solve.
     Returns: a list of per-step dicts (F, grad_norm, hvps, unconverged, dpo of the drawn domains).
     """
+    if cfg.inner_lr <= 0:
+        raise ValueError("BilevelConfig.inner_lr must be > 0: set it, or rho and it by train.calibrate (§2.1)")
     opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
     domains = list(problems)
     log = []

@@ -64,11 +64,15 @@ def hypergradient_error(fig_data, path):
     fig, ax = plt.subplots(figsize=(5, 4))
     for name, pts in fig_data["curves"].items():
         ax.loglog([p["hvps"] for p in pts], [p["error"] for p in pts], "o-", color=COLORS[name], label=name)
+    if "training_setting" in fig_data:                 # the setting training uses: T inner steps, then CG
+        t = fig_data["training_setting"]
+        ax.loglog([t["hvps"]], [t["error"]], "*", ms=12, color="k",
+                  label=f"training (T={t['T']}, CG≤{t['cg_iters']})")
     ax.set_xlabel("Hessian-vector products")
     ax.set_ylabel("relative error of dF/dr")
     ax.set_title(f"hypergradient error ({fig_data['domain']}; reference vs FD: "
                  f"{fig_data['fd_check_rel_error']:.1e})", fontsize=9)
-    ax.legend()
+    ax.legend(fontsize=7, loc="lower left")
     save(fig, path)
 
 

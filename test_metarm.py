@@ -546,11 +546,33 @@ def candidates(world, tiny_gpt):
     return theta_ref, metarm.prepare(tiny_gpt, idx, mask, theta_ref)
 
 
-def test_weights_are_uniform_at_theta_ref(tiny_gpt, candidates):
-    """Eq. (4): w = 1/K at theta = theta_ref."""
+def test_importance_weights_uniform_at_theta_ref_and_softmax_of_log_ratios_elsewhere(tiny_gpt, candidates):
+    """Eq. (4): w = 1/K at theta = theta_ref; at another theta, w = softmax_k of log pi_theta -
+    log pi_ref computed by a full forward pass of the model (not from the cached trunk features)."""
     theta_ref, cand = candidates
     w = metarm.importance_weights(metarm.implicit_reward(tiny_gpt, theta_ref, cand), 4)
     torch.testing.assert_close(w, torch.full_like(w, 0.25), rtol=0, atol=1e-12)
+    gen = torch.Generator().manual_seed(1)
+    theta = {n: p + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in theta_ref.items()}
+    w = metarm.importance_weights(metarm.implicit_reward(tiny_gpt, theta, cand), 4)
+    logp, logp_ref = P.logprob_and_ref(tiny_gpt, theta, cand["idx"], cand["mask"])
+    torch.testing.assert_close(w, torch.softmax((logp - logp_ref).view(-1, 4), -1), rtol=1e-9, atol=1e-12)
+    assert (w - 0.25).abs().max() > 1e-3                       # theta really moved the weights
+
+
+def test_reward_spread_and_standardised_by_hand():
+    """§3's spread: two prompts, k = 2, r = (0, 1 | 0, 3): differences -1, -3 (std sqrt 2), reward
+    std sqrt 2, spread 1; unchanged by r -> 5 r and by a constant per prompt in the numerator.
+    §1's scale: standardised rewards have mean 0 and std 1 on the reference samples."""
+    r = torch.tensor([0.0, 1.0, 0.0, 3.0])
+    assert metarm.reward_spread(r, 2) == pytest.approx(1.0)
+    assert metarm.reward_spread(5 * r, 2) == pytest.approx(1.0)
+    shifted = r + torch.tensor([2.0, 2.0, -1.0, -1.0])
+    assert metarm.reward_spread(shifted, 2) * shifted.std().item() == pytest.approx(math.sqrt(2))
+    ref = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    f = metarm.standardised(lambda x: 2 * x + 1, ref)
+    assert f(ref).mean().item() == pytest.approx(0.0, abs=1e-6) and f(ref).std().item() == pytest.approx(1.0)
+    assert f(torch.tensor([4.0])).item() == pytest.approx((9.0 - 7.0) / (2 * ref.std().item()))
 
 
 def test_lower_level_minimiser_over_free_weights_is_softmax_r_over_beta():
@@ -640,14 +662,18 @@ def test_rho_is_above_minus_lambda_min(tiny_gpt, bilevel_setup):
         v = {n: top * v[n] - Hv[n] for n in v}
         nrm = math.sqrt(sum((t ** 2).sum().item() for t in v.values()))
         v = {n: t / nrm for n, t in v.items()}
-    lam_min = sum((v[n] * H(v)[n]).sum().item() for n in v)
-    assert lam_min > 0
+    Hv = H(v)
+    lam_min = sum((v[n] * Hv[n]).sum().item() for n in v)
+    residual = math.sqrt(sum(((Hv[n] - lam_min * v[n]) ** 2).sum().item() for n in v))
+    assert residual < 1e-3 * top                # v is an eigenvector, so lam_min is an eigenvalue ...
+    assert lam_min > 0                          # ... the lowest one, and it is positive
 
 
 def test_hypergradient_matches_finite_differences(tiny_gpt, bilevel_setup):
     """THE key test. Eq. (8) by IFT + CG (lower levels solved by Newton to 1e-10, damping 0) agrees
     with central finite differences of F along random directions to 1e-4 relative; the unrolled
-    hypergradient's error at T = 400 is far below its error at T = 5."""
+    hypergradient's error at T = 400 is far below its error at T = 5, and so is the error of the
+    path training takes (IFT + CG at theta_T, T inner gradient steps instead of Newton)."""
     rm, phi, theta_ref, problems, pairs, cfg, _ = bilevel_setup
     phi_leaf = {n: p.clone().requires_grad_(True) for n, p in phi.items()}
     grads, F, _ = metarm.outer_gradient(tiny_gpt, rm, phi_leaf, problems, pairs, cfg, theta_ref, newton_tol=1e-10)
@@ -668,6 +694,11 @@ def test_hypergradient_matches_finite_differences(tiny_gpt, bilevel_setup):
         unrolled = metarm.outer_gradient(tiny_gpt, rm, phi_leaf, problems, pairs, cfg_no_bt, theta_ref,
                                          solver="unrolled", iters=T)[0]
         err[T] = (torch.cat([g.flatten() for g in unrolled]) - exact).norm().item() / exact.norm().item()
+    assert err[400] < 0.05 * err[5]
+    for T in (5, 400):
+        cfg_T = metarm.BilevelConfig(**{**cfg_no_bt.__dict__, "T": T})
+        at_theta_T = metarm.outer_gradient(tiny_gpt, rm, phi_leaf, problems, pairs, cfg_T, theta_ref)[0]
+        err[T] = (torch.cat([g.flatten() for g in at_theta_T]) - exact).norm().item() / exact.norm().item()
     assert err[400] < 0.05 * err[5]
 
 
@@ -830,6 +861,15 @@ def test_bad_input_exits_2_with_one_line_and_keeps_earlier_results(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
     assert (out / "results.json").read_text() == "earlier run" and not (tmp_path / "out.partial").exists()
+
+
+def test_out_that_is_not_an_earlier_run_is_refused(tmp_path, capsys, monkeypatch):
+    """`--out .` in a folder with other files must not swap that folder away."""
+    (tmp_path / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--out", "."]) == 2
+    assert "not an earlier run" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path.parent / (tmp_path.name + ".partial")).exists()
 
 
 def test_unwritable_out_is_bad_input(tmp_path, capsys):

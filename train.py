@@ -38,7 +38,7 @@ class Config:
     out: str = "runs/latest"        # output folder (replaced only when the run is complete)
     device: str = "auto"            # auto | cpu | cuda
     beta: float = 0.5               # KL coefficient of adaptation (3) and of the lower level (5)
-    quick: bool = False             # one seed, small budgets, no sweeps: a smoke run of about a minute
+    quick: bool = False             # one seed, small budgets, no sweeps: a smoke run of about 35 s
     methods: str = ",".join(METHODS)  # comma-separated subset of the six methods
     domains: str = "test"           # test: the held-out domains | dev: the dev domains (tuning)
     figures: bool = True            # run the one-seed sweeps behind the figures
@@ -123,9 +123,14 @@ def parse_config(argv) -> Config:
     return cfg
 
 
-def prepare_out(out: Path) -> Path:
+def prepare_out(out: Path, marker: str = "results.json") -> Path:
     """The folder the run writes into (<out>.partial), created now so that an --out that cannot be
-    written fails before any work starts."""
+    written fails before any work starts. out must be absolute (resolved). An existing out is
+    replaced at the end, so it must be empty or an earlier run (holding marker): `--out .` or
+    `--out ~` is refused rather than swapped away."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise BadInput(f"--out {out} exists and is not an earlier run (no {marker} in it); "
+                       "give a new folder or an earlier run's")
     tmp = out.with_name(out.name + ".partial")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,7 +203,8 @@ def calibrate(policy, rm, phi, problems, bcfg, theta_ref):
     curv = [metarm.curvature(policy, theta_ref, metarm.candidate_rewards(rm, phi, p["cand"], bcfg.K).detach(),
                              p["cand"], bcfg) for p in problems.values()]
     bcfg.rho, bcfg.inner_lr = max(c["rho"] for c in curv), min(c["inner_lr"] for c in curv)
-    return {k: (min if "min" in k else max)(c[k] for c in curv) for k in curv[0]}
+    pick = {"rho": max, "inner_lr": min}             # the values used; eigenvalues: the extremes
+    return {k: pick.get(k, min if "min" in k else max)(c[k] for c in curv) for k in curv[0]}
 
 
 @contextmanager
@@ -364,6 +370,8 @@ def hypergradient_error(policy, keep, world, domain="restaurant", ns=(1, 2, 4, 8
     copies). CG and Neumann solve at theta* (Newton, |grad g| <= 1e-9); unrolled runs its own 4n
     inner steps from theta_ref. Reference: CG at theta* to a relative residual of 1e-12, itself
     checked against a central finite difference of F along a random direction of r.
+    training_setting: the error of the hypergradient as training computes it -- theta* replaced by
+    T inner steps from theta_ref, then CG with cg_iters / cg_tol -- so both of its errors at once.
     timed: add each row's seconds (bench.py; kept out of results.json, which must not hold timings)."""
     pol = copy.deepcopy(policy).double()
     rm = copy.deepcopy(keep["rm"]).double()
@@ -395,7 +403,12 @@ def hypergradient_error(policy, keep, world, domain="restaurant", ns=(1, 2, 4, 8
                 row = {"iters": n if name == "cg" else 4 * n, "hvps": info["hvps"],
                        "error": bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)}
                 curves[name].append({**row, "seconds": time.perf_counter() - t} if timed else row)
-    return {"domain": domain, "fd_check_rel_error": abs(fd - bilevel.dot(ref, u).item()) / abs(fd), "curves": curves}
+        theta_T, inner = bilevel.inner_solve(g, theta_ref, upper, bcfg.T, bcfg.inner_lr)   # as in training:
+        gr, info = bilevel.hypergrad_implicit(f, g, theta_T, upper, "cg", max_iter=bcfg.cg_iters, tol=bcfg.cg_tol)
+    training = {"T": bcfg.T, "cg_iters": bcfg.cg_iters, "cg_tol": bcfg.cg_tol, "hvps": info["hvps"],
+                "inner_grad_norm": inner["grad_norm"], "error": bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)}
+    return {"domain": domain, "fd_check_rel_error": abs(fd - bilevel.dot(ref, u).item()) / abs(fd), "curves": curves,
+            "training_setting": training}
 
 
 def outer_convergence(cfg, world, policy, keep, gen, steps=30, every=10, n_domains=4):
@@ -462,18 +475,19 @@ def write_json(path, obj):
 def main(argv=None) -> int:
     try:
         cfg = parse_config(argv)
-        out = Path(cfg.out)
+        out = Path(cfg.out).resolve()
         tmp = prepare_out(out)
     except BadInput as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     try:
         run(cfg, out, tmp)
-    except (FloatingPointError, KeyboardInterrupt) as e:     # nothing half-written is left behind
-        shutil.rmtree(tmp, ignore_errors=True)
+    except (FloatingPointError, KeyboardInterrupt) as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
         print(f"train.py: error: {what}; the previous results in {out} are untouched", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
+    finally:                                                 # whatever stopped it, nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)               # (after publish, tmp no longer exists)
     return 0
 
 
