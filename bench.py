@@ -63,8 +63,8 @@ def hvp_ratios(policy, world, device: str, repeats: int) -> dict:
         cand = metarm.prepare(policy, idx, mask, theta)
         g = lambda th: metarm.inner_loss(policy, th, r, cand, 4, 0.5, 1.0, theta)
         v = {n: torch.randn(p.shape, generator=gen, device=device) for n, p in theta.items()}
-        leaves = lambda: {n: p.clone().requires_grad_(True) for n, p in theta.items()}
-        t_grad = median_seconds(lambda: torch.autograd.grad(g(th := leaves()), list(th.values())), repeats, device)
+        t_grad = median_seconds(lambda: torch.autograd.grad(g(th := P.copy_params(theta)), list(th.values())),
+                                repeats, device)
         t_rev = median_seconds(lambda: bilevel.hvp(g, theta, v, "rev"), repeats, device)
         t_fwd = median_seconds(lambda: bilevel.hvp(g, theta, v, "fwd"), repeats, device)
         suffix = "" if which == "head" else "_all"

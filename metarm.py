@@ -90,8 +90,7 @@ def adapt(policy, prompts, reward_fn, cfg: AdaptConfig, generator, gold_fn=None,
     theta0 (optional) continues from an earlier theta instead of theta_ref.
     Returns: (theta, log) with log a list of dicts (step, reward, gold, kl_k1, kl_k3).
     """
-    theta = P.adapted_params(policy, adapt_params) if theta0 is None else \
-        {n: p.detach().clone().requires_grad_(True) for n, p in theta0.items()}
+    theta = P.adapted_params(policy, adapt_params) if theta0 is None else P.copy_params(theta0)
     opt = torch.optim.Adam(theta.values(), lr=cfg.lr)
     log = []
     for step in range(cfg.steps):
@@ -332,12 +331,10 @@ def hypergradient(policy, rm, phi, prob, cfg: BilevelConfig, theta_ref, solver=N
         if newton_tol:
             theta_star, _ = bilevel.newton_solve(g, theta_ref, upper, tol=newton_tol)
         else:
-            theta_star, inner = bilevel.inner_solve(g, theta_ref, upper, cfg.T, cfg.inner_lr)
+            theta_star, _ = bilevel.inner_solve(g, theta_ref, upper, cfg.T, cfg.inner_lr)
         kw = dict(max_iter=iters or cfg.cg_iters, tol=cfg.cg_tol) if solver == "cg" else \
             dict(alpha=cfg.inner_lr, J=iters or cfg.cg_iters)
         grad, info = bilevel.hypergrad_implicit(f, g, theta_star, upper, solver=solver, **kw)
-        if not newton_tol:
-            info["inner_grad_norm"] = inner["grad_norm"]        # how far theta_T is from theta*
     info["F"] = f(theta_star, upper).item()
     return grad["r"], r, info
 

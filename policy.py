@@ -103,8 +103,12 @@ def adapted_params(model: GPT, adapt: str = "head") -> dict:
     """
     if adapt not in ("head", "all"):
         raise ValueError(f"adapt must be 'head' or 'all', got {adapt!r}")
-    return {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()
-            if adapt == "all" or n.startswith("head.")}
+    return copy_params({n: p for n, p in model.named_parameters() if adapt == "all" or n.startswith("head.")})
+
+
+def copy_params(params: dict) -> dict:
+    """A detached, trainable copy of a parameter dict (its own storage: training it leaves params be)."""
+    return {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
 
 
 def never_special(logits):

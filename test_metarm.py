@@ -636,11 +636,11 @@ def F_by_newton(tiny_gpt, rm, phi, theta_ref, problems, pairs, cfg):
     """F(phi) of Eq. (7), each lower level solved by Newton to |grad g| <= 1e-10."""
     F = 0.0
     for prob in problems.values():
-        r = metarm.candidate_rewards(rm, phi, prob["cand"], cfg.K).detach()
-        g = lambda th, up: metarm.inner_loss(tiny_gpt, th, up["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
-        theta, info = bilevel.newton_solve(g, theta_ref, {"r": r}, tol=1e-10)
+        upper = {"r": metarm.candidate_rewards(rm, phi, prob["cand"], cfg.K).detach()}
+        g, f = metarm.level_functions(tiny_gpt, prob, cfg, theta_ref)
+        theta, info = bilevel.newton_solve(g, theta_ref, upper, tol=1e-10)
         assert info["converged"]
-        F += metarm.outer_dpo(tiny_gpt, theta, prob["chosen"], prob["rejected"], cfg.beta_dpo).item()
+        F += f(theta, upper).item()
     (c, _), (rj, _) = metarm.pair_tensors(pairs)
     return F + cfg.lam * metarm.rm_bt_loss(rm, phi, c, rj)[0].item()
 
@@ -651,20 +651,18 @@ def test_rho_is_above_minus_lambda_min(tiny_gpt, bilevel_setup):
     rm, phi, theta_ref, problems, _, cfg, curv = bilevel_setup
     assert min(c["lambda_min_ref"] for c in curv) < 0
     prob = problems["bar"]
-    r = metarm.candidate_rewards(rm, phi, prob["cand"], cfg.K).detach()
-    g = lambda th, up: metarm.inner_loss(tiny_gpt, th, up["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
-    theta, _ = bilevel.newton_solve(g, theta_ref, {"r": r}, tol=1e-10)
-    H = lambda v: bilevel.hvp(lambda th: g(th, {"r": r}), theta, v)
+    upper = {"r": metarm.candidate_rewards(rm, phi, prob["cand"], cfg.K).detach()}
+    g, _ = metarm.level_functions(tiny_gpt, prob, cfg, theta_ref)
+    theta, _ = bilevel.newton_solve(g, theta_ref, upper, tol=1e-10)
+    H = lambda v: bilevel.hvp(lambda th: g(th, upper), theta, v)
     top = max(c["lambda_max_star"] for c in curv) + cfg.rho + 1.0
     v = {n: torch.ones_like(p) for n, p in theta.items()}
     for _ in range(2000):                       # power iteration on top I - H -> top - lambda_min(H)
-        Hv = H(v)
-        v = {n: top * v[n] - Hv[n] for n in v}
-        nrm = math.sqrt(sum((t ** 2).sum().item() for t in v.values()))
-        v = {n: t / nrm for n, t in v.items()}
+        v = bilevel.add(bilevel.scale(top, v), H(v), -1.0)
+        v = bilevel.scale(1 / bilevel.norm(v), v)
     Hv = H(v)
-    lam_min = sum((v[n] * Hv[n]).sum().item() for n in v)
-    residual = math.sqrt(sum(((Hv[n] - lam_min * v[n]) ** 2).sum().item() for n in v))
+    lam_min = bilevel.dot(v, Hv).item()
+    residual = bilevel.norm(bilevel.add(Hv, v, -lam_min))
     assert residual < 1e-3 * top                # v is an eigenvector, so lam_min is an eigenvalue ...
     assert lam_min > 0                          # ... the lowest one, and it is positive
 
@@ -675,7 +673,7 @@ def test_hypergradient_matches_finite_differences(tiny_gpt, bilevel_setup):
     hypergradient's error at T = 400 is far below its error at T = 5, and so is the error of the
     path training takes (IFT + CG at theta_T, T inner gradient steps instead of Newton)."""
     rm, phi, theta_ref, problems, pairs, cfg, _ = bilevel_setup
-    phi_leaf = {n: p.clone().requires_grad_(True) for n, p in phi.items()}
+    phi_leaf = P.copy_params(phi)
     grads, F, _ = metarm.outer_gradient(tiny_gpt, rm, phi_leaf, problems, pairs, cfg, theta_ref, newton_tol=1e-10)
     assert F == pytest.approx(F_by_newton(tiny_gpt, rm, phi, theta_ref, problems, pairs, cfg), rel=1e-10)
     gen = torch.Generator().manual_seed(5)
@@ -687,19 +685,16 @@ def test_hypergradient_matches_finite_differences(tiny_gpt, bilevel_setup):
               - F_by_newton(tiny_gpt, rm, {n: phi[n] - eps * u[n] for n in phi}, theta_ref, problems, pairs, cfg)) / (2 * eps)
         assert abs(ifd - fd) <= 1e-4 * abs(fd)
     cfg_no_bt = metarm.BilevelConfig(**{**cfg.__dict__, "lam": 0.0})
-    exact = torch.cat([g.flatten() for g in metarm.outer_gradient(
-        tiny_gpt, rm, phi_leaf, problems, pairs, cfg_no_bt, theta_ref, newton_tol=1e-10)[0]])
-    err = {}
-    for T in (5, 400):
-        unrolled = metarm.outer_gradient(tiny_gpt, rm, phi_leaf, problems, pairs, cfg_no_bt, theta_ref,
-                                         solver="unrolled", iters=T)[0]
-        err[T] = (torch.cat([g.flatten() for g in unrolled]) - exact).norm().item() / exact.norm().item()
-    assert err[400] < 0.05 * err[5]
-    for T in (5, 400):
-        cfg_T = metarm.BilevelConfig(**{**cfg_no_bt.__dict__, "T": T})
-        at_theta_T = metarm.outer_gradient(tiny_gpt, rm, phi_leaf, problems, pairs, cfg_T, theta_ref)[0]
-        err[T] = (torch.cat([g.flatten() for g in at_theta_T]) - exact).norm().item() / exact.norm().item()
-    assert err[400] < 0.05 * err[5]
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])
+    exact = flat(metarm.outer_gradient(tiny_gpt, rm, phi_leaf, problems, pairs, cfg_no_bt, theta_ref, newton_tol=1e-10)[0])
+    error = lambda grads: (flat(grads) - exact).norm().item() / exact.norm().item()
+    unrolled = {T: metarm.outer_gradient(tiny_gpt, rm, phi_leaf, problems, pairs, cfg_no_bt, theta_ref,
+                                         solver="unrolled", iters=T)[0] for T in (5, 400)}
+    assert error(unrolled[400]) < 0.05 * error(unrolled[5])
+    at_theta_T = {T: metarm.outer_gradient(tiny_gpt, rm, phi_leaf, problems, pairs,
+                                           metarm.BilevelConfig(**{**cfg_no_bt.__dict__, "T": T}), theta_ref)[0]
+                  for T in (5, 400)}
+    assert error(at_theta_T[400]) < 0.05 * error(at_theta_T[5])
 
 
 def test_reduction_to_rescaled_bradley_terry():
@@ -849,17 +844,28 @@ def test_same_seed_gives_the_same_results_json(tiny_run):
     assert (tiny_run[0] / "results.json").read_bytes() == (tiny_run[1] / "results.json").read_bytes()
 
 
+def earlier_run(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("earlier run")
+    return out
+
+
+def one_line_error(capsys) -> str:
+    """The stderr of a refused command: one line, no traceback."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    return err
+
+
 @pytest.mark.parametrize("args, words", [
     (["--seeds", "0"], "--seeds"), (["--seeds", "1.5"], "--seeds"), (["--beta", "-1"], "--beta"),
     (["--beta", "nan"], "--beta"), (["--device", "tpu"], "--device"), (["--methods", "sft,ppo"], "--methods"),
     (["--figures", "maybe"], "--figures"), (["--no-such-flag"], "unrecognized")])
 def test_bad_input_exits_2_with_one_line_and_keeps_earlier_results(tmp_path, capsys, args, words):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "results.json").write_text("earlier run")
+    out = earlier_run(tmp_path)
     assert train.main(args + ["--out", str(out)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and words in err and "Traceback" not in err
+    assert words in one_line_error(capsys)
     assert (out / "results.json").read_text() == "earlier run" and not (tmp_path / "out.partial").exists()
 
 
@@ -868,7 +874,7 @@ def test_out_that_is_not_an_earlier_run_is_refused(tmp_path, capsys, monkeypatch
     (tmp_path / "notes.txt").write_text("mine")
     monkeypatch.chdir(tmp_path)
     assert train.main(["--out", "."]) == 2
-    assert "not an earlier run" in capsys.readouterr().err
+    assert "not an earlier run" in one_line_error(capsys)
     assert (tmp_path / "notes.txt").read_text() == "mine" and not (tmp_path.parent / (tmp_path.name + ".partial")).exists()
 
 
@@ -876,7 +882,7 @@ def test_unwritable_out_is_bad_input(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert train.main(["--out", str(blocker / "sub" / "out")]) == 2
-    assert "cannot be written" in capsys.readouterr().err
+    assert "cannot be written" in one_line_error(capsys)
 
 
 def test_non_finite_loss_stops_with_method_seed_and_step(world, tiny_gpt):
@@ -893,7 +899,7 @@ def test_non_finite_loss_stops_with_method_seed_and_step(world, tiny_gpt):
 def test_non_finite_hypergradient_stops_with_method_seed_and_step(tiny_gpt, bilevel_setup):
     """A reward model gone NaN: the first outer step stops, whichever check sees it first."""
     rm, phi, theta_ref, problems, pairs, cfg, _ = bilevel_setup
-    bad = {n: p.clone().requires_grad_(True) for n, p in phi.items()}
+    bad = P.copy_params(phi)
     with torch.no_grad():
         bad["head.weight"].fill_(float("nan"))
     with pytest.raises(FloatingPointError, match=r"^bilevel, seed 3: .*finite.* at step 0$"):
@@ -904,9 +910,7 @@ def test_non_finite_hypergradient_stops_with_method_seed_and_step(tiny_gpt, bile
 
 def test_interrupted_run_leaves_earlier_results_and_no_partial_folder(tmp_path, capsys, monkeypatch):
     """Ctrl-C after the run has started writing: exit 130, the earlier results.json untouched."""
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "results.json").write_text("earlier run")
+    out = earlier_run(tmp_path)
 
     def interrupt(*args, **kwargs):
         assert (tmp_path / "out.partial" / "train_pairs.jsonl").is_file()   # the new run had begun writing
@@ -922,6 +926,5 @@ def test_interrupted_run_leaves_earlier_results_and_no_partial_folder(tmp_path, 
 def test_bench_bad_input_exits_2_with_one_line(tmp_path, capsys, args):
     import bench
     assert bench.main(args + ["--out", str(tmp_path / "b")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("bench.py: error:") and "Traceback" not in err
+    assert one_line_error(capsys).startswith("bench.py: error:")
     assert not (tmp_path / "b").exists()

@@ -178,10 +178,6 @@ def rm_accuracy(rm, phi, pairs, world) -> float:
     return ((d * gd > 0).float() + 0.5 * (d == 0).float())[keep].mean().item()
 
 
-def copy_params(phi):
-    return {n: p.detach().clone().requires_grad_(True) for n, p in phi.items()}
-
-
 def bilevel_problems(world, policy, theta_ref, cfg, gen, device, n_pairs=64):
     """Fixed candidates (every prompt x K from pi_ref) and n_pairs pairs per training domain."""
     problems = {}
@@ -216,6 +212,14 @@ def stage(method: str, seed: int):
         raise FloatingPointError(f"{method}, seed {seed}: {e}") from None
 
 
+@contextmanager
+def clock(timings: dict, key: str):
+    """Add the block's wall time to timings[key] (seconds, summed over seeds)."""
+    t = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0) + time.perf_counter() - t
+
+
 def bar(desc: str, total: int):
     return tqdm(total=total, desc=desc, leave=False)
 
@@ -223,7 +227,6 @@ def bar(desc: str, total: int):
 # ---- one seed of the main table -------------------------------------------------------------------
 def run_seed(seed, cfg, world, policy, device, timings, keep):
     """All methods on every evaluation domain for one seed: (metrics[method][domain], samples, logs)."""
-    tick = lambda: time.perf_counter()
     gen = torch.Generator(device).manual_seed(seed)
     methods = cfg.methods.split(",")
     domains = data.TEST_DOMAINS if cfg.domains == "test" else data.DEV_DOMAINS
@@ -236,65 +239,55 @@ def run_seed(seed, cfg, world, policy, device, timings, keep):
     rcfg = metarm.RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr, eta=cfg.eta, k=cfg.metarm_k,
                            second_order=cfg.second_order)
     logs, rewards = {}, {}                              # rewards[method][domain] = (rm, phi) or "gold"
-    t = tick()
-    rm = P.make_reward_model(policy, gen)
-    phi_vanilla = P.adapted_params(rm, "all")
-    if set(methods) & set(RM_METHODS):
-        with stage("vanilla_rm", seed):
+    with clock(timings, "vanilla_rm"), stage("vanilla_rm", seed):
+        rm = P.make_reward_model(policy, gen)
+        phi_vanilla = P.adapted_params(rm, "all")
+        if set(methods) & set(RM_METHODS):
             logs["vanilla_rm"] = metarm.train_reward_model(rm, phi_vanilla, train_pairs, rcfg, gen,
                                                            progress=bar("vanilla RM (1)", cfg.rm_steps))
     rewards["vanilla_rm"] = {d: phi_vanilla for d in domains}
-    timings["vanilla_rm"] = timings.get("vanilla_rm", 0) + tick() - t
     if "metarm" in methods:
-        t, rewards["metarm"], logs["metarm"] = tick(), {}, {}
-        for d in domains:                              # X_s: pi_ref's samples of d's prompts, no labels
-            x_s, _ = P.sample(policy, {}, prompts[d].repeat_interleave(cfg.metarm_k, 0), MAX_NEW, gen)
-            phi = copy_params(phi_vanilla)
-            with stage("metarm", seed):
+        rewards["metarm"], logs["metarm"] = {}, {}
+        with clock(timings, "metarm"), stage("metarm", seed):
+            for d in domains:                          # X_s: pi_ref's samples of d's prompts, no labels
+                x_s, _ = P.sample(policy, {}, prompts[d].repeat_interleave(cfg.metarm_k, 0), MAX_NEW, gen)
+                phi = P.copy_params(phi_vanilla)
                 logs["metarm"][d] = metarm.train_reward_model(
                     rm, phi, train_pairs, rcfg, gen, steps=cfg.metarm_steps, progress=bar(f"MetaRM {d}", cfg.metarm_steps),
                     meta_set=(x_s, metarm.distinct_pairs(x_s, cfg.metarm_k)))
-            rewards["metarm"][d] = phi
-        timings["metarm"] = timings.get("metarm", 0) + tick() - t
+                rewards["metarm"][d] = phi
     if "bilevel" in methods:
-        t = tick()
-        problems = bilevel_problems(world, policy, theta_ref, cfg, gen, device)
-        bcfg = bilevel_config(cfg)
-        phi = copy_params(phi_vanilla)
-        with stage("bilevel", seed):
+        with clock(timings, "bilevel"), stage("bilevel", seed):
+            problems = bilevel_problems(world, policy, theta_ref, cfg, gen, device)
+            bcfg = bilevel_config(cfg)
+            phi = P.copy_params(phi_vanilla)
             logs["curvature"] = calibrate(policy, rm, phi, problems, bcfg, theta_ref)
             logs["bilevel"] = metarm.train_bilevel(policy, rm, phi, problems, train_pairs, bcfg, theta_ref, gen,
                                                    progress=bar("bilevel (7)(8)", cfg.bilevel_steps))
         rewards["bilevel"] = {d: phi for d in domains}
-        timings["bilevel"] = timings.get("bilevel", 0) + tick() - t
         keep.update(problems=problems, bcfg=bcfg, phi_bilevel=phi)
     if "dpo" in methods:
-        t = tick()
-        with stage("dpo", seed):
+        with clock(timings, "dpo"), stage("dpo", seed):
             theta_dpo = metarm.train_dpo(policy, train_pairs, cfg.adapt_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen)
-        timings["dpo"] = timings.get("dpo", 0) + tick() - t
     rewards["oracle"] = {d: "gold" for d in domains}
     keep.update(rm=rm, rewards=rewards, prompts=prompts, baseline=baseline, acfg=acfg, phi_vanilla=phi_vanilla,
                 theta_ref=theta_ref)
     metrics, samples = {m: {} for m in methods}, []
     for m, d in tqdm([(m, d) for m in methods for d in domains], desc="adaptation (3) + evaluation", leave=False):
-        t = tick()
-        if m == "sft":
-            theta = theta_ref
-        elif m == "dpo":
-            theta = theta_dpo
-        else:
-            with stage(m, seed):
+        with clock(timings, "adaptation"), stage(m, seed):
+            if m == "sft":
+                theta = theta_ref
+            elif m == "dpo":
+                theta = theta_dpo
+            else:
                 theta = adapt_with(policy, m, d, keep, cfg.beta, gen, gold)
-        timings["adaptation"] = timings.get("adaptation", 0) + tick() - t
-        t = tick()
-        res, idx, g = evaluate(policy, theta, prompts[d], baseline[d], gold, gen, cfg.eval_samples)
-        res["rm_accuracy"] = rm_accuracy(rm, rewards[m][d], world.eval_pairs[d], world) if m in RM_METHODS else None
-        metrics[m][d] = res
-        for row, gr in list(zip(idx.tolist(), g.tolist()))[:32]:
-            samples.append({"method": m, "domain": d, "seed": seed, "prompt": world.decode(row[:data.PROMPT_LEN]),
-                            "response": world.decode(row[data.PROMPT_LEN:]), "gold_reward": gr})
-        timings["evaluation"] = timings.get("evaluation", 0) + tick() - t
+        with clock(timings, "evaluation"):
+            res, idx, g = evaluate(policy, theta, prompts[d], baseline[d], gold, gen, cfg.eval_samples)
+            res["rm_accuracy"] = rm_accuracy(rm, rewards[m][d], world.eval_pairs[d], world) if m in RM_METHODS else None
+            metrics[m][d] = res
+            for row, gr in list(zip(idx.tolist(), g.tolist()))[:32]:
+                samples.append({"method": m, "domain": d, "seed": seed, "prompt": world.decode(row[:data.PROMPT_LEN]),
+                                "response": world.decode(row[data.PROMPT_LEN:]), "gold_reward": gr})
     return metrics, samples, logs
 
 
@@ -315,47 +308,41 @@ def sweeps(cfg, world, policy, device, keep, logs, main_metrics, timings) -> dic
     methods, out = cfg.methods.split(","), {}
     gen = torch.Generator(device).manual_seed(10_000)
     gold, domains = gold_fn(world, device), list(keep["prompts"])
-    t = time.perf_counter()
-    frontier = {m: [] for m in ("vanilla_rm", "metarm", "bilevel", "oracle") if m in methods}
-    for beta in (0.25, 0.5, 1.0, 2.0):                # on the first two evaluation domains
-        for m in frontier:
-            if beta == cfg.beta:                       # seed 0's main-table runs are this point
-                res = [main_metrics[m][d] for d in domains[:2]]
-            else:
-                res = [evaluate(policy, adapt_with(policy, m, d, keep, beta, gen, gold), keep["prompts"][d],
-                                keep["baseline"][d], gold, gen, cfg.eval_samples)[0] for d in domains[:2]]
-            frontier[m].append({"beta": beta, **{k: sum(r[k] for r in res) / len(res) for k in ("kl", "gold_reward")}})
-    out["frontier"] = {"domains": domains[:2], "points": frontier}
-    timings["sweep_frontier"] = time.perf_counter() - t
+    adapt_and_evaluate = lambda m, d, beta: evaluate(policy, adapt_with(policy, m, d, keep, beta, gen, gold),
+                                                     keep["prompts"][d], keep["baseline"][d], gold, gen,
+                                                     cfg.eval_samples)[0]
+    with clock(timings, "sweep_frontier"):
+        frontier = {m: [] for m in ("vanilla_rm", "metarm", "bilevel", "oracle") if m in methods}
+        for beta in (0.25, 0.5, 1.0, 2.0):            # on the first two evaluation domains
+            for m in frontier:
+                res = [main_metrics[m][d] if beta == cfg.beta else adapt_and_evaluate(m, d, beta)
+                       for d in domains[:2]]           # seed 0's main-table runs are the point at cfg.beta
+                frontier[m].append({"beta": beta, **{k: sum(r[k] for r in res) / len(res) for k in ("kl", "gold_reward")}})
+        out["frontier"] = {"domains": domains[:2], "points": frontier}
     if "bilevel" in methods:
-        t = time.perf_counter()
-        out["hypergradient_error"] = hypergradient_error(policy, keep, world)
-        timings["sweep_hypergradient_error"] = time.perf_counter() - t
-        t = time.perf_counter()
-        out["outer_convergence"] = outer_convergence(cfg, world, policy, keep, gen)
-        timings["sweep_outer_convergence"] = time.perf_counter() - t
-        t = time.perf_counter()
-        phi = copy_params(keep["phi_vanilla"])         # lambda = 0: the pure bilevel objective
-        bcfg = metarm.BilevelConfig(**{**asdict(keep["bcfg"]), "lam": 0.0})
-        metarm.train_bilevel(policy, keep["rm"], phi, keep["problems"], world.pooled_pairs(data.TRAIN_DOMAINS),
-                             bcfg, keep["theta_ref"], gen)
-        keep["rewards"]["bilevel_lam0"] = {d: phi for d in domains}
-        res = [evaluate(policy, adapt_with(policy, "bilevel_lam0", d, keep, cfg.beta, gen, gold), keep["prompts"][d],
-                        keep["baseline"][d], gold, gen, cfg.eval_samples)[0] for d in domains]
-        out["lambda_ablation"] = {"lam": 0.0, "gold_reward": sum(r["gold_reward"] for r in res) / len(res),
-                                  "rm_accuracy": sum(rm_accuracy(keep["rm"], phi, world.eval_pairs[d], world)
-                                                     for d in domains) / len(domains)}
-        timings["sweep_lambda"] = time.perf_counter() - t
+        with clock(timings, "sweep_hypergradient_error"):
+            out["hypergradient_error"] = hypergradient_error(policy, keep, world)
+        with clock(timings, "sweep_outer_convergence"):
+            out["outer_convergence"] = outer_convergence(cfg, world, policy, keep, gen)
+        with clock(timings, "sweep_lambda"):
+            phi = P.copy_params(keep["phi_vanilla"])   # lambda = 0: the pure bilevel objective
+            bcfg = metarm.BilevelConfig(**{**asdict(keep["bcfg"]), "lam": 0.0})
+            metarm.train_bilevel(policy, keep["rm"], phi, keep["problems"], world.pooled_pairs(data.TRAIN_DOMAINS),
+                                 bcfg, keep["theta_ref"], gen)
+            keep["rewards"]["bilevel_lam0"] = {d: phi for d in domains}
+            res = [adapt_and_evaluate("bilevel_lam0", d, cfg.beta) for d in domains]
+            out["lambda_ablation"] = {"lam": 0.0, "gold_reward": sum(r["gold_reward"] for r in res) / len(res),
+                                      "rm_accuracy": sum(rm_accuracy(keep["rm"], phi, world.eval_pairs[d], world)
+                                                         for d in domains) / len(domains)}
     if "metarm" in methods:
-        t = time.perf_counter()
-        prompts = torch.tensor([x for d in data.TRAIN_DOMAINS for x in world.prompts[d]], device=device)
-        rcfg = metarm.RMConfig(lr=cfg.rm_lr, eta=cfg.eta, k=cfg.metarm_k, second_order=cfg.second_order)
-        out["rlhf_rounds"] = {
-            name: metarm.rlhf_rounds(policy, keep["rm"], copy_params(keep["phi_vanilla"]),
-                                     world.pooled_pairs(data.TRAIN_DOMAINS), prompts, 4, keep["acfg"], rcfg,
-                                     cfg.metarm_steps, gen, gold, use_metarm=(name == "metarm"))
-            for name in ("vanilla_rm", "metarm")}
-        timings["sweep_rlhf_rounds"] = time.perf_counter() - t
+        with clock(timings, "sweep_rlhf_rounds"):
+            prompts = torch.tensor([x for d in data.TRAIN_DOMAINS for x in world.prompts[d]], device=device)
+            rcfg = metarm.RMConfig(lr=cfg.rm_lr, eta=cfg.eta, k=cfg.metarm_k, second_order=cfg.second_order)
+            out["rlhf_rounds"] = {
+                name: metarm.rlhf_rounds(policy, keep["rm"], P.copy_params(keep["phi_vanilla"]),
+                                         world.pooled_pairs(data.TRAIN_DOMAINS), prompts, 4, keep["acfg"], rcfg,
+                                         cfg.metarm_steps, gen, gold, use_metarm=(name == "metarm"))
+                for name in ("vanilla_rm", "metarm")}
     every = lambda xs, n=10: [x for i, x in enumerate(xs) if i % n == 0]
     out["training_curves"] = {
         "sft_loss": every(keep["sft_losses"]), "vanilla_rm_loss": every([l["loss"] for l in logs.get("vanilla_rm", [])]),
@@ -393,6 +380,7 @@ def hypergradient_error(policy, keep, world, domain="restaurant", ns=(1, 2, 4, 8
                "neumann": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, upper, "neumann",
                                                                alpha=bcfg.inner_lr, J=4 * n),
                "unrolled": lambda n: bilevel.hypergrad_unrolled(f, g, theta_ref, upper, 4 * n, bcfg.inner_lr)}
+    error = lambda gr: bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)
     curves = {name: [] for name in solvers}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")                # truncated solves warn by design
@@ -400,13 +388,12 @@ def hypergradient_error(policy, keep, world, domain="restaurant", ns=(1, 2, 4, 8
             for n in ns:
                 t = time.perf_counter()
                 gr, info = solve(n)
-                row = {"iters": n if name == "cg" else 4 * n, "hvps": info["hvps"],
-                       "error": bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)}
+                row = {"iters": n if name == "cg" else 4 * n, "hvps": info["hvps"], "error": error(gr)}
                 curves[name].append({**row, "seconds": time.perf_counter() - t} if timed else row)
         theta_T, inner = bilevel.inner_solve(g, theta_ref, upper, bcfg.T, bcfg.inner_lr)   # as in training:
         gr, info = bilevel.hypergrad_implicit(f, g, theta_T, upper, "cg", max_iter=bcfg.cg_iters, tol=bcfg.cg_tol)
     training = {"T": bcfg.T, "cg_iters": bcfg.cg_iters, "cg_tol": bcfg.cg_tol, "hvps": info["hvps"],
-                "inner_grad_norm": inner["grad_norm"], "error": bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)}
+                "inner_grad_norm": inner["grad_norm"], "error": error(gr)}
     return {"domain": domain, "fd_check_rel_error": abs(fd - bilevel.dot(ref, u).item()) / abs(fd), "curves": curves,
             "training_setting": training}
 
@@ -420,7 +407,7 @@ def outer_convergence(cfg, world, policy, keep, gen, steps=30, every=10, n_domai
     problems = {d: keep["problems"][d] for d in data.TRAIN_DOMAINS[:n_domains]}
     for beta in (0.25, 0.5, 1.0):
         bcfg = bilevel_config(cfg, beta=beta)
-        phi = copy_params(keep["phi_vanilla"])
+        phi = P.copy_params(keep["phi_vanilla"])
         calibrate(policy, keep["rm"], phi, problems, bcfg, keep["theta_ref"])
         opt, norms = torch.optim.Adam(phi.values(), lr=bcfg.lr), []
         for k in range(0, steps + 1, every):
@@ -469,7 +456,7 @@ def results_table(results) -> str:
 
 
 def write_json(path, obj):
-    path.write_text(json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    path.write_text(json.dumps(obj, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
@@ -510,14 +497,11 @@ def run(cfg: Config, out: Path, tmp: Path):
     timings["sft"] = time.perf_counter() - t0
     print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
     per_seed, samples, keep, seed_logs = [], [], {}, []
-    for seed in tqdm(range(cfg.seeds), desc="seeds"):
-        keep_s = {}
-        metrics, smp, logs = run_seed(seed, cfg, world, policy, device, timings, keep_s)
+    for seed in tqdm(range(cfg.seeds), desc="seeds"):          # keep: seed 0's objects, for the sweeps
+        metrics, smp, logs = run_seed(seed, cfg, world, policy, device, timings, keep if seed == 0 else {})
         per_seed.append(metrics)
         samples += smp
         seed_logs.append(logs)
-        if seed == 0:
-            keep = keep_s
     methods = cfg.methods.split(",")
     results = {"config": asdict(cfg), "world_version": data.WORLD_VERSION, "sft_val_perplexity": ppl,
                "methods": aggregate(per_seed, methods),
