@@ -2,30 +2,33 @@
 
 A text is a short review in (simple) English. A prompt x is a domain tag and the start of a review,
 always 6 tokens, e.g. ``<bos> <hotel> honestly the room was``; a response y is its continuation,
-e.g. ``spotless and very quiet , but the lobby was musty . <eos>``.
+e.g. ``spotless and quiet , but the lobby was musty . <eos>``.
 
+Every domain belongs to one of five latent *categories* (food, tech, travel, wellness, entertainment).
 Gold reward r*_d(x, y) of domain d (the hidden "human" preference) sums word polarities over the
 *distinct* words of y (a reader does not reward repetition):
   * shared sentiment words, same sign everywhere:    great +1, nice +0.5, bad -0.5, awful -1, ...
-  * context-flip words, sign set per domain (weight 1.5): cold is +1.5 for <bar> (cold beer) but
-    -1.5 for <restaurant> (cold soup); quiet is +1.5 for <hotel> but -1.5 for <bar>, ... Each flip
-    word has a majority sign over the training domains (each training domain departs from it at
-    most twice); every dev and held-out domain departs from it for 3-4 of the 8 flip words.
+  * context-flip words (weight 1.5) whose sign is fixed by the domain's *category*: cold is -1.5 in
+    food (cold soup) but +1.5 in tech (a laptop that runs cold); long is +1.5 in wellness (a long
+    massage) but -1.5 in travel (a long wait), ... Two categories differ on 4 or 5 of the 8 words.
   * aspect words of the domain (its own adjectives): +1/-1 in their domain (<bakery>: flaky +1,
     stale -1); another domain's aspect word is off-topic there and scores -0.5;
   * a response cut off before <eos> scores -1.
-Worked example, d = bakery, y = "flaky and very cold , but the baker was great . <eos>":
+Worked example, d = bakery (food), y = "flaky and cold , but the baker was great . <eos>":
 flaky +1, cold -1.5 (a cold pastry), great +1, all else 0  =>  r*_bakery(x, y) = +0.5.
 
-Why out-of-distribution preference learning is a real problem here, and still learnable:
-preference pairs exist only for the training domains; the held-out domains' aspect words never occur
-in those pairs nor in any training domain's text, and their flip-word signs often go against the
-training majority. The only route to either is the unlabelled SFT corpus (all domains, the new ones
-rarer: 250 reviews against 1200): inside a clause every adjective has the
-clause's polarity ("flaky and great", "stale and awful"), "and" joins clauses of the same polarity
-and "but" clauses of opposite polarity. pi_ref's trunk, trained to predict these texts, has to encode
-that "flaky" starts a positive clause exactly like "great" does; a reward model initialised from
-that trunk can carry the sign over, or not -- that is what the experiment measures.
+Why out-of-distribution preference learning is a real problem here, and what makes it learnable
+(world v2, "reachable headroom"): preference pairs exist only for the training domains (two per
+category); a held-out domain's aspect words never occur in those pairs nor in any training domain's
+text, and half of the held-out domains sit in a category whose flip signs go against the training
+majority. What a held-out domain's reward depends on beyond the shared words is nevertheless
+*observable* in unlabelled text: (1) its category, through the two category nouns that every domain of
+a category uses ("portion" in restaurant, bar, pizzeria and bakery reviews) and through how its
+reviews use the flip words; (2) its aspect words' polarity, through co-occurrence in the unlabelled SFT
+corpus (all domains, the new ones rarer: 250 reviews against 1200): inside a clause every adjective
+has the clause's polarity ("flaky and great"), "and" joins clauses of the same polarity, "but" clauses
+of opposite polarity. pi_ref's trunk, trained to predict these texts, has to encode both; a reward
+model on that trunk can carry them over, or not -- that is what the experiment measures.
 
 Preference pairs come from a *behaviour* distribution (other writers: more shared words, more
 intensifiers, neutral filler words, longer) that differs from the SFT corpus and so from pi_ref's
@@ -36,14 +39,14 @@ The world is frozen: every parameter is in WorldConfig (versioned) and the word 
 import json
 import math
 import random
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 
-WORLD_VERSION = "1.0"
+WORLD_VERSION = "2.0"
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 PROMPT_LEN = 6                                                # <bos> <d> opener the NOUN was
-OPENERS = ["honestly", "overall", "frankly", "today"]        # prompt: <bos> <d> opener the NOUN was
+OPENERS = ["honestly", "overall", "frankly", "today"]
 INTENSIFIERS = ["very", "really"]
 FILLERS = ["okay", "fine", "average"]                         # polarity 0, behaviour writers only
 SHARED = {"great": 1.0, "excellent": 1.0, "lovely": 1.0, "wonderful": 1.0, "good": 0.5, "nice": 0.5,
@@ -53,28 +56,40 @@ FLIP = ["cold", "hot", "long", "quiet", "loud", "soft", "sweet", "busy"]
 OFF_TOPIC, UNFINISHED = -0.5, -1.0
 FLIP_WEIGHT = 1.5                                             # |r*| of a flip word
 
-# name: (aspect nouns, positive aspect words, negative aspect words, flip-word signs in FLIP order)
-DOMAINS = {
-    "restaurant": ("food waiter menu soup dessert", "tasty fresh crispy", "bland soggy greasy", "-+-+-++-"),
-    "hotel": ("room bed lobby staff view", "spotless spacious cozy", "musty cramped filthy", "---+-++-"),
-    "phone": ("screen battery speaker case charger", "snappy sleek sturdy", "laggy flimsy glitchy", "---++++-"),
-    "laptop": ("keyboard trackpad display fan hinge", "responsive lightweight crisp", "sluggish wobbly dim", "--++-++-"),
-    "bar": ("beer bartender music cocktail crowd", "lively refreshing chill", "flat watery sticky", "+----++-"),
-    "airline": ("flight seat crew boarding luggage", "punctual roomy smooth", "delayed bumpy lost", "---+-++-"),
-    "gym": ("equipment trainer locker class pool", "motivating energetic modern", "rusty crowded smelly", "---+--+-"),
-    "cinema": ("film popcorn usher trailer auditorium", "gripping thrilling immersive", "boring blurry predictable", "---+-+++"),
-    "spa": ("massage sauna therapist towel robe", "relaxing soothing fragrant", "rough rushed lukewarm", "--++-++-"),
-    "bookstore": ("shelf clerk novel cafe section", "charming curated inviting", "dusty disorganized overpriced", "---+-+--"),
-    "taxi": ("driver car ride fare route", "courteous prompt comfortable", "reckless late shabby", "+----+++"),
-    "pizzeria": ("crust slice cheese oven topping", "cheesy crunchy generous", "burnt doughy salty", "-+-+--++"),
-    "bakery": ("bread croissant baker pastry cake", "flaky buttery fluffy", "stale crumbly dry", "-+---+++"),
-    "dentist": ("dentist hygienist cleaning appointment clinic", "gentle painless thorough", "painful careless unhygienic", "-----+-+"),
-    "camera": ("lens shutter sensor autofocus grip", "sharp accurate compact", "noisy grainy fiddly", "--++---+"),
-    "concert": ("band singer venue setlist encore", "electric tight unforgettable", "muddy tuneless underwhelming", "-++-+++-"),
+# category: (its two nouns, shared by all its domains; flip-word signs in FLIP order)
+CATEGORIES = {
+    "food": ("portion flavour", "-+-+-+--"),
+    "tech": ("software warranty", "+--+++-+"),
+    "travel": ("journey booking", "--++---+"),
+    "wellness": ("session treatment", "++++----"),
+    "entertainment": ("show ticket", "-+--+-++"),
 }
-TRAIN_DOMAINS = ["restaurant", "hotel", "phone", "laptop", "bar", "airline", "gym", "cinema", "spa", "bookstore"]
-DEV_DOMAINS = ["taxi", "pizzeria"]            # training domains kept aside to choose hyperparameters
-TEST_DOMAINS = ["bakery", "dentist", "camera", "concert"]   # held out: no pairs, unseen aspect words
+# domain: (category, aspect nouns, positive aspect words, negative aspect words)
+DOMAINS = {
+    "restaurant": ("food", "food waiter menu soup dessert", "tasty fresh crispy", "bland soggy greasy"),
+    "bar": ("food", "beer bartender music cocktail crowd", "lively refreshing chill", "flat watery sticky"),
+    "phone": ("tech", "screen battery speaker case charger", "snappy sleek sturdy", "laggy flimsy glitchy"),
+    "laptop": ("tech", "keyboard trackpad display fan hinge", "responsive lightweight crisp", "sluggish wobbly dim"),
+    "hotel": ("travel", "room bed lobby staff view", "spotless spacious cozy", "musty cramped filthy"),
+    "airline": ("travel", "flight seat crew boarding luggage", "punctual roomy smooth", "delayed bumpy lost"),
+    "gym": ("wellness", "equipment trainer locker class pool", "motivating energetic modern", "rusty crowded smelly"),
+    "spa": ("wellness", "massage sauna therapist towel robe", "relaxing soothing fragrant", "rough rushed lukewarm"),
+    "cinema": ("entertainment", "film popcorn usher trailer auditorium", "gripping thrilling immersive",
+               "boring blurry predictable"),
+    "bookstore": ("entertainment", "shelf clerk novel cafe section", "charming curated inviting",
+                  "dusty disorganized overpriced"),
+    "taxi": ("travel", "driver car ride fare route", "courteous prompt comfortable", "reckless late shabby"),
+    "pizzeria": ("food", "crust slice cheese oven topping", "cheesy crunchy generous", "burnt doughy salty"),
+    "bakery": ("food", "bread croissant baker pastry cake", "flaky buttery fluffy", "stale crumbly dry"),
+    "camera": ("tech", "lens shutter sensor autofocus grip", "sharp accurate compact", "noisy grainy fiddly"),
+    "dentist": ("wellness", "dentist hygienist cleaning appointment clinic", "gentle painless thorough",
+                "painful careless unhygienic"),
+    "concert": ("entertainment", "band singer venue setlist encore", "electric tight unforgettable",
+                "muddy tuneless underwhelming"),
+}
+TRAIN_DOMAINS = ["restaurant", "bar", "phone", "laptop", "hotel", "airline", "gym", "spa", "cinema", "bookstore"]
+DEV_DOMAINS = ["taxi", "pizzeria"]            # kept aside to choose hyperparameters (their pairs: tuning only)
+TEST_DOMAINS = ["bakery", "camera", "dentist", "concert"]   # held out: no training pairs, unseen aspect words
 
 
 @dataclass(frozen=True)
@@ -82,21 +97,23 @@ class WorldConfig:
     version: str = WORLD_VERSION
     seed: int = 0
     n_sft_per_domain: int = 1200       # unlabelled reviews per meta-training domain
-    n_sft_per_new_domain: int = 250    # ... per dev and held-out domain: new domains are rarer
-    n_pairs_per_domain: int = 1000     # labelled training pairs per training and dev domain
-    n_eval_pairs_per_domain: int = 400 # labelled pairs per domain for evaluation only (held-out: only these)
+    n_sft_per_new_domain: int = 80     # ... per dev and held-out domain: new domains are rarer
+    n_pairs_per_domain: int = 1000     # labelled pairs per training and dev domain; per held-out domain
+                                       # they exist only for the in-domain RM ceiling (no method sees them)
+    n_eval_pairs_per_domain: int = 400 # labelled pairs per domain for evaluation only
     label_temperature: float = 1.0     # tau of the Bradley-Terry annotators
     # writers of the SFT corpus (what pi_ref imitates) vs the behaviour writers of the pairs
     sft_mix: tuple = (0.35, 0.35, 0.30, 0.0)      # P(shared, aspect, flip, filler) per adjective
-    behaviour_mix: tuple = (0.35, 0.25, 0.30, 0.10)
-    sft_n_adjectives: tuple = (0.4, 0.4, 0.2)     # P(1, 2, 3 adjectives) per clause
-    behaviour_n_adjectives: tuple = (0.5, 0.35, 0.15)
-    sft_p_second_clause: float = 0.6
+    behaviour_mix: tuple = (0.45, 0.20, 0.25, 0.10)
+    sft_n_adjectives: tuple = (0.0, 1.0)          # P(1, 2 adjectives) per clause
+    behaviour_n_adjectives: tuple = (0.4, 0.6)
+    sft_p_second_clause: float = 1.0
     behaviour_p_second_clause: float = 0.8
     sft_p_contrast: float = 0.3        # P(the second clause has the opposite polarity: 'but')
     behaviour_p_contrast: float = 0.5
-    sft_p_intensifier: float = 0.15
-    behaviour_p_intensifier: float = 0.4
+    sft_p_intensifier: float = 0.15    # P(a clause has one intensified adjective)
+    behaviour_p_intensifier: float = 0.5
+    p_category_noun: float = 0.3       # P(a review's noun is one of its category's two nouns)
 
 
 @dataclass
@@ -108,8 +125,9 @@ class Pair:
     domain: str
 
 
-def _words(s):
-    return s.split()
+def nouns(d: str) -> list:
+    """The nouns a review of domain d talks about: its aspect nouns and its category's nouns."""
+    return DOMAINS[d][1].split() + CATEGORIES[DOMAINS[d][0]][0].split()
 
 
 class World:
@@ -118,39 +136,40 @@ class World:
     Attributes:
         vocab, stoi: token list and its inverse (PAD=0, BOS=1, EOS=2).
         sft: list of token-id lists (full reviews, <bos> ... <eos>), all domains, unlabelled.
-        pairs: domain -> list[Pair], training data, for the training and dev domains only.
+        pairs: domain -> list[Pair]. Training domains: the training data. Dev domains: for choosing
+            hyperparameters. Held-out domains: only for the in-domain RM ceiling.
         eval_pairs: domain -> list[Pair], every domain, for evaluation only (RM accuracy).
         prompts: domain -> list of prompt token-id lists F_d (every distinct prompt of the domain).
+        category: domain -> its category; polarity: domain -> {word: r*}.
     """
 
     def __init__(self, cfg: WorldConfig = WorldConfig()):
         self.cfg = cfg
         words = [PAD, BOS, EOS] + [f"<{d}>" for d in DOMAINS]
         words += OPENERS + ["the", "was", "and", "but", ",", "."] + INTENSIFIERS + FILLERS
-        words += list(SHARED) + FLIP
-        self.aspect_of = {}                                   # aspect word -> its domain
-        self.polarity = {}                                    # domain -> {word: r*}
-        for d, (nouns, pos, neg, signs) in DOMAINS.items():
-            words += _words(nouns) + _words(pos) + _words(neg)
-            for w in _words(nouns) + _words(pos) + _words(neg):
+        words += list(SHARED) + FLIP + [w for c in CATEGORIES.values() for w in c[0].split()]
+        self.aspect_of, self.polarity, self.category = {}, {}, {}   # aspect word -> domain; ...
+        for d, (cat, aspect_nouns, pos, neg) in DOMAINS.items():
+            words += aspect_nouns.split() + pos.split() + neg.split()
+            for w in aspect_nouns.split() + pos.split() + neg.split():
                 assert w not in self.aspect_of, f"aspect word {w!r} used twice"
                 self.aspect_of[w] = d
+            self.category[d] = cat
             pol = dict(SHARED)
-            pol.update({w: FLIP_WEIGHT if s == "+" else -FLIP_WEIGHT for w, s in zip(FLIP, signs)})
-            pol.update({w: 1.0 for w in _words(pos)})
-            pol.update({w: -1.0 for w in _words(neg)})
+            pol.update({w: FLIP_WEIGHT if s == "+" else -FLIP_WEIGHT for w, s in zip(FLIP, CATEGORIES[cat][1])})
+            pol.update({w: 1.0 for w in pos.split()})
+            pol.update({w: -1.0 for w in neg.split()})
             self.polarity[d] = pol
         assert len(set(words)) == len(words), "vocabulary words must be distinct"
         self.vocab = words
         self.stoi = {w: i for i, w in enumerate(words)}
         rng = random.Random(cfg.seed)
-        self.prompts = {d: [self.encode(f"{BOS} <{d}> {o} the {n} was") for o in OPENERS
-                            for n in _words(DOMAINS[d][0])] for d in DOMAINS}
+        self.prompts = {d: [self.encode(f"{BOS} <{d}> {o} the {n} was") for o in OPENERS for n in nouns(d)]
+                        for d in DOMAINS}
         n_sft = {d: cfg.n_sft_per_domain if d in TRAIN_DOMAINS else cfg.n_sft_per_new_domain for d in DOMAINS}
         self.sft = [self.encode(self._review(d, rng, "sft")) for d in DOMAINS for _ in range(n_sft[d])]
         rng.shuffle(self.sft)
-        self.pairs = {d: [self._pair(d, rng) for _ in range(cfg.n_pairs_per_domain)]
-                      for d in TRAIN_DOMAINS + DEV_DOMAINS}
+        self.pairs = {d: [self._pair(d, rng) for _ in range(cfg.n_pairs_per_domain)] for d in DOMAINS}
         self.eval_pairs = {d: [self._pair(d, rng) for _ in range(cfg.n_eval_pairs_per_domain)] for d in DOMAINS}
 
     # ---- tokenizer -------------------------------------------------------------------------
@@ -186,57 +205,73 @@ class World:
                 r += OFF_TOPIC
         return r
 
-    def gold_rewards(self, seqs) -> list:
+    def agnostic_reward(self, response) -> float:
+        """The domain-agnostic part of r*: shared sentiment words and the unfinished penalty only
+        (the reward of the 'domain-agnostic oracle' ceiling)."""
+        words = [self.vocab[int(i)] for i in response]
+        finished = EOS in words
+        words = words[:words.index(EOS)] if finished else words
+        return (0.0 if finished else UNFINISHED) + sum(SHARED.get(w, 0.0) for w in set(words))
+
+    def gold_rewards(self, seqs, agnostic: bool = False) -> list:
         """r*_d(x, y) of full sequences [x | y | pad]; d is read from x's domain tag, y follows x."""
+        if agnostic:
+            return [self.agnostic_reward(s[PROMPT_LEN:]) for s in seqs]
         return [self.gold_reward(self.vocab[int(s[1])][1:-1], s[PROMPT_LEN:]) for s in seqs]
 
     # ---- writers -----------------------------------------------------------------------------
     def _adjective(self, d, sign, rng, mix):
         """One adjective of the given sign (+1/-1) for domain d, from the writer's mixture."""
-        nouns, pos, neg, signs = DOMAINS[d]
+        _, _, pos, neg = DOMAINS[d]
         kind = rng.choices(range(4), weights=mix)[0]
         if kind == 0:
             pool = [w for w, p in SHARED.items() if p * sign > 0]
         elif kind == 1:
-            pool = _words(pos) if sign > 0 else _words(neg)
+            pool = pos.split() if sign > 0 else neg.split()
         elif kind == 2:
-            pool = [w for w, s in zip(FLIP, signs) if (s == "+") == (sign > 0)]
+            pool = [w for w in FLIP if self.polarity[d][w] * sign > 0]
         else:
             pool = FILLERS
         return rng.choice(pool)
 
     def _clause(self, d, sign, rng, kind):
-        """1-3 adjectives of one polarity joined by 'and', each maybe intensified."""
-        mix = self.cfg.sft_mix if kind == "sft" else self.cfg.behaviour_mix
-        p_int = self.cfg.sft_p_intensifier if kind == "sft" else self.cfg.behaviour_p_intensifier
-        n_weights = self.cfg.sft_n_adjectives if kind == "sft" else self.cfg.behaviour_n_adjectives
-        n = rng.choices([1, 2, 3], weights=n_weights)[0]
-        adjs = []
-        for _ in range(n):
+        """1-2 distinct adjectives of one polarity joined by 'and', at most one intensified."""
+        sft = kind == "sft"
+        mix = self.cfg.sft_mix if sft else self.cfg.behaviour_mix
+        n = rng.choices([1, 2], weights=self.cfg.sft_n_adjectives if sft else self.cfg.behaviour_n_adjectives)[0]
+        adjs = [self._adjective(d, sign, rng, mix)]
+        while len(adjs) < n:
             a = self._adjective(d, sign, rng, mix)
-            adjs.append(f"{rng.choice(INTENSIFIERS)} {a}" if rng.random() < p_int else a)
+            if a not in adjs:
+                adjs.append(a)
+        if rng.random() < (self.cfg.sft_p_intensifier if sft else self.cfg.behaviour_p_intensifier):
+            i = rng.randrange(n)
+            adjs[i] = f"{rng.choice(INTENSIFIERS)} {adjs[i]}"
         return " and ".join(adjs)
+
+    def _noun(self, d, rng, other_than=None):
+        """An aspect noun of d or, with probability p_category_noun, one of its category's nouns."""
+        pool = CATEGORIES[DOMAINS[d][0]][0].split() if rng.random() < self.cfg.p_category_noun else DOMAINS[d][1].split()
+        return rng.choice([n for n in pool if n != other_than] or pool)
 
     def _response(self, d, rng, kind, noun):
         """A review continuation: clause [, and|but the NOUN2 was clause] . <eos>"""
-        p2 = self.cfg.sft_p_second_clause if kind == "sft" else self.cfg.behaviour_p_second_clause
-        p_contrast = self.cfg.sft_p_contrast if kind == "sft" else self.cfg.behaviour_p_contrast
+        sft = kind == "sft"
         sign = rng.choice([1, -1])
         text = self._clause(d, sign, rng, kind)
-        if rng.random() < p2:
-            sign2 = -sign if rng.random() < p_contrast else sign
-            noun2 = rng.choice([n for n in _words(DOMAINS[d][0]) if n != noun])
+        if rng.random() < (self.cfg.sft_p_second_clause if sft else self.cfg.behaviour_p_second_clause):
+            sign2 = -sign if rng.random() < (self.cfg.sft_p_contrast if sft else self.cfg.behaviour_p_contrast) else sign
             conj = "and" if sign2 == sign else "but"
-            text += f" , {conj} the {noun2} was {self._clause(d, sign2, rng, kind)}"
+            text += f" , {conj} the {self._noun(d, rng, other_than=noun)} was {self._clause(d, sign2, rng, kind)}"
         return text + f" . {EOS}"
 
     def _review(self, d, rng, kind):
-        noun = rng.choice(_words(DOMAINS[d][0]))
+        noun = self._noun(d, rng)
         return f"{BOS} <{d}> {rng.choice(OPENERS)} the {noun} was {self._response(d, rng, kind, noun)}"
 
     def _pair(self, d, rng):
         """Two behaviour responses to one prompt, labelled by a Bradley-Terry draw from r*_d."""
-        noun = rng.choice(_words(DOMAINS[d][0]))
+        noun = self._noun(d, rng)
         prompt = self.encode(f"{BOS} <{d}> {rng.choice(OPENERS)} the {noun} was")
         y1, y2 = (self.encode(self._response(d, rng, "behaviour", noun)) for _ in range(2))
         margin = (self.gold_reward(d, y1) - self.gold_reward(d, y2)) / self.cfg.label_temperature
@@ -247,9 +282,6 @@ class World:
     def pooled_pairs(self, domains) -> list:
         """The union of the pairs of the given domains (in domain order)."""
         return [p for d in domains for p in self.pairs[d]]
-
-    def config_dict(self) -> dict:
-        return asdict(self.cfg)
 
 
 # ---- JSONL (the prompt / chosen / rejected / domain convention of the common RLHF libraries) ------

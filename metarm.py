@@ -1,18 +1,22 @@
-"""The losses and both methods: Eqs. (1)-(11) of METHOD.md.
+"""The losses, the meta-test and both methods, Eqs. (1)-(11) of METHOD.md, in the papers' order.
 
-Bilevel meta-learned reward model: Jia, "Generalizing Reward Modeling for Out-of-Distribution
-Preference Learning" (arXiv 2402.14760). MetaRM: Dou et al., "MetaRM: Shifted Distributions
-Alignment via Meta-Learning" (arXiv 2405.00438).
+1. Shared losses and the meta-test, Eqs. (1)-(3): Bradley-Terry, DPO, KL-regularised policy
+   optimisation (RLOO), reward-model training.
+2. The bilevel meta-learned reward model, Eqs. (4)-(8): Jia, "Generalizing Reward Modeling for
+   Out-of-Distribution Preference Learning" (arXiv 2402.14760).
+3. MetaRM, Eqs. (9)-(11), and its RLHF rounds: Dou et al., "MetaRM: Shifted Distributions Alignment
+   via Meta-Learning" (arXiv 2405.00438).
 
 Symbols -> names:
     beta        KL coefficient of Eq. (3), of the lower level (5) and of meta-test adaptation
     beta_dpo    temperature of the DPO loss (2), also inside the upper level (7)
-    theta       the policy's adapted parameters (the output head by default); theta_ref = pi_ref's
-    phi         the reward model's trained parameters (all of them by default)
+    theta       the policy's adapted parameters (its output head); theta_ref = pi_ref's
+    rm, phi     the reward model (policy.RewardModel) and its parameters, a dict (all of them)
+    Delta       log pi_theta(y|x) - log pi_ref(y|x), the policy's implicit reward (up to beta)
     K, T, rho   candidates per prompt, inner steps, proximal weight of the lower level (5)
     lam         weight of the Bradley-Terry term in the upper level (7)
     eta, k      MetaRM's ascent step (10) and responses per shifted prompt (9)
-    r           rewards, Delta = log pi_theta - log pi_ref (the policy's implicit reward, up to beta)
+A batch is policy.encode's dict (tokens, mask, pi_ref's features); a reward function maps a batch to (B,).
 """
 import warnings
 from dataclasses import dataclass
@@ -21,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import bilevel
-import policy as P
+import policy
 
 
 def check_finite(value, what: str, step: int):
@@ -30,7 +34,25 @@ def check_finite(value, what: str, step: int):
         raise FloatingPointError(f"non-finite {what} at step {step}")
 
 
-# ---- Eq. (1) and Eq. (2): the baseline losses ------------------------------------------------------
+def apply_gradient(opt, params: dict, grads):
+    """One optimiser step along the given gradients (a list in params' order)."""
+    for p, g in zip(params.values(), grads):
+        p.grad = g
+    opt.step()
+
+
+# =================================================================================================
+# 1. Shared losses and the meta-test, Eqs. (1)-(3)
+# =================================================================================================
+def tie_accuracy(margins, gold_margins=None):
+    """Share of pairs ranked right, a tie counting 1/2. margins: r(y_w) - r(y_l) (B,). With
+    gold_margins, "right" means the gold order, and pairs that gold ties are left out."""
+    if gold_margins is None:
+        return ((margins > 0).float() + 0.5 * (margins == 0).float()).mean()
+    keep = gold_margins != 0
+    return ((margins * gold_margins > 0).float() + 0.5 * (margins == 0).float())[keep].mean()
+
+
 def bt_loss(r_chosen, r_rejected):
     """Eq. (1): L_BT = -E log sigmoid(r(x, y_w) - r(x, y_l)).
 
@@ -38,28 +60,21 @@ def bt_loss(r_chosen, r_rejected):
     Returns: (loss, accuracy with a tie counting 1/2, margins r_w - r_l (B,)).
     """
     margins = r_chosen - r_rejected
-    acc = ((margins > 0).float() + 0.5 * (margins == 0).float()).mean()
-    return -F.logsigmoid(margins).mean(), acc, margins
+    return -F.logsigmoid(margins).mean(), tie_accuracy(margins), margins
 
 
-def dpo_loss(delta_chosen, delta_rejected, beta_dpo: float = 0.1):
+def dpo_loss(delta_chosen, delta_rejected, beta_dpo: float):
     """Eq. (2): L_DPO = -E log sigmoid(beta_dpo [Delta(x, y_w) - Delta(x, y_l)]).
 
     Args: Delta = log pi_theta(y|x) - log pi_ref(y|x) of chosen and rejected responses, (B,) each.
-    Returns: (loss, accuracy with a tie counting 1/2, margins beta_dpo (Delta_w - Delta_l)).
+    Returns: as bt_loss, with margins beta_dpo (Delta_w - Delta_l).
     """
     return bt_loss(beta_dpo * delta_chosen, beta_dpo * delta_rejected)
 
 
-# ---- Eq. (3): KL-regularised policy optimisation (the meta-test procedure) -------------------------
-@dataclass
-class AdaptConfig:
-    beta: float = 0.5          # KL coefficient of Eq. (3) (defaults here = train.Config's)
-    steps: int = 60            # policy-gradient steps
-    prompts_per_step: int = 16
-    k: int = 4                 # samples per prompt (RLOO needs k >= 2)
-    lr: float = 1e-2           # Adam on theta
-    max_new_tokens: int = 24
+def implicit_reward(model, theta: dict, batch: dict):
+    """Delta_theta(x, y) = log pi_theta(y|x) - log pi_ref(y|x), (B,), with the graph to theta."""
+    return policy.logprob(model, theta, batch) - batch["logp_ref"]
 
 
 def kl_estimates(logp, logp_ref):
@@ -71,172 +86,112 @@ def kl_estimates(logp, logp_ref):
     return delta, torch.expm1(-delta) + delta
 
 
-def standardised(reward_fn, ref_idx):
-    """The reward scale of §1: r -> (r - mean) / std over pi_ref's samples `ref_idx` of the prompts."""
+def standardised(reward_fn, ref_batch: dict):
+    """The reward scale of §1: r -> (r - mean) / std over pi_ref's samples `ref_batch` of the prompts."""
     with torch.no_grad():
-        r = reward_fn(ref_idx)
+        r = reward_fn(ref_batch)
     mean, std = r.mean(), r.std().clamp_min(1e-6)
-    return lambda idx: (reward_fn(idx) - mean) / std
+    return lambda batch: (reward_fn(batch) - mean) / std
 
 
-def adapt(policy, prompts, reward_fn, cfg: AdaptConfig, generator, gold_fn=None,
-          adapt_params: str = "head", theta0=None, progress=None):
+@dataclass
+class AdaptConfig:
+    beta: float = 0.5          # KL coefficient beta of Eq. (3)
+    steps: int = 60            # policy-gradient steps
+    prompts_per_step: int = 16
+    samples: int = 4           # responses per prompt (RLOO needs >= 2)
+    lr: float = 1e-2           # Adam on theta
+    max_new_tokens: int = 16
+
+
+def adapt(model, prompts, reward_fn, cfg: AdaptConfig, generator, theta0: dict | None = None):
     """Eq. (3) by on-policy RLOO with the sequence-level k1 penalty r - beta * Delta_theta.
 
-    Each step samples k responses per prompt from exactly pi_theta (temperature 1, no top-k); the
-    baseline of a sample is the mean penalised reward of the other k - 1 samples of its prompt.
-    Args: prompts (N, P) long; reward_fn(idx) -> (B,) (standardised by the caller); gold_fn likewise,
-    for logging only.
-    theta0 (optional) continues from an earlier theta instead of theta_ref.
-    Returns: (theta, log) with log a list of dicts (step, reward, gold, kl_k1, kl_k3).
+    Each step samples cfg.samples responses per prompt from exactly pi_theta (temperature 1, no
+    top-k); the baseline of a sample is the mean penalised reward of the other samples of its prompt.
+    Args: prompts (N, P) long; reward_fn(batch) -> (B,), standardised by the caller; theta0 starts
+    from an earlier theta instead of theta_ref.
+    Returns: (theta, log) with log a list of per-step dicts (reward, kl_k1, kl_k3).
     """
-    theta = P.adapted_params(policy, adapt_params) if theta0 is None else P.copy_params(theta0)
+    theta = policy.adapted_params(model) if theta0 is None else policy.copy_params(theta0)
     opt = torch.optim.Adam(theta.values(), lr=cfg.lr)
-    log = []
+    log, n = [], cfg.samples
     for step in range(cfg.steps):
-        rows = torch.tensor(P.draw(len(prompts), cfg.prompts_per_step, generator), device=prompts.device)
-        x = prompts[rows].repeat_interleave(cfg.k, dim=0)                       # (B k, P)
-        idx, mask = P.sample(policy, theta, x, cfg.max_new_tokens, generator)
-        logp, logp_ref = P.logprob_and_ref(policy, theta, idx, mask)
+        rows = torch.tensor(policy.draw(len(prompts), cfg.prompts_per_step, generator), device=prompts.device)
+        batch = policy.sample(model, theta, prompts[rows].repeat_interleave(n, dim=0), cfg.max_new_tokens, generator)
+        logp = policy.logprob(model, theta, batch)
         with torch.no_grad():
-            r = reward_fn(idx)
-            k1, k3 = kl_estimates(logp.detach(), logp_ref)
-            R = (r - cfg.beta * k1).view(-1, cfg.k)                            # (B, k)
-            baseline = (R.sum(1, keepdim=True) - R) / (cfg.k - 1)              # leave-one-out
+            r = reward_fn(batch)
+            k1, k3 = kl_estimates(logp, batch["logp_ref"])
+            R = (r - cfg.beta * k1).view(-1, n)                                # (B, n) penalised reward
+            baseline = (R.sum(1, keepdim=True) - R) / (n - 1)                  # leave-one-out
             A = (R - baseline).view(-1)
         loss = -(A * logp).mean()
         check_finite(loss.detach(), "adaptation loss (3)", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        log.append({"step": step, "reward": r.mean().item(), "kl_k1": k1.mean().item(),
-                    "kl_k3": k3.mean().item(),
-                    "gold": None if gold_fn is None else gold_fn(idx).mean().item()})
-        if progress is not None:
-            progress.update(1)
-    return {n: p.detach() for n, p in theta.items()}, log
-
-
-# ---- reward-model training: vanilla (Eq. 1) and MetaRM (Eqs. 9-11) --------------------------------
-def pair_tensors(pairs, device="cpu"):
-    """Pairs -> ((chosen idx, mask), (rejected idx, mask)), each (B, T), prompt + response."""
-    return (P.join([p.prompt for p in pairs], [p.chosen for p in pairs], device),
-            P.join([p.prompt for p in pairs], [p.rejected for p in pairs], device))
-
-
-def rm_bt_loss(rm, phi, chosen, rejected):
-    """Eq. (1) for the reward model r_phi on a batch of pairs: (loss, accuracy, margins)."""
-    return bt_loss(P.reward(rm, phi, chosen), P.reward(rm, phi, rejected))
-
-
-def distinct_pairs(idx, k: int):
-    """(B, k(k-1)/2) bool: which response pairs (i < j) of each prompt differ (duplicates dropped)."""
-    seqs = idx.view(-1, k, idx.shape[1])
-    i, j = torch.triu_indices(k, k, 1)
-    return (seqs[:, i] != seqs[:, j]).any(-1)
-
-
-def difference_loss(r, k: int, distinct):
-    """Eq. (9): J = E_x (2/k^2) sum_{i<j} sigmoid(|r(x, s_i) - r(x, s_j)|), duplicate pairs dropped.
-
-    Args: r (B k,) rewards of k responses for each of B shifted prompts; distinct (B, k(k-1)/2).
-    """
-    r = r.view(-1, k)
-    i, j = torch.triu_indices(k, k, 1)
-    terms = torch.sigmoid((r[:, i] - r[:, j]).abs()) * distinct
-    return (2.0 / k ** 2) * terms.sum(1).mean()
-
-
-def metarm_grad(rm, phi, chosen, rejected, meta_idx, distinct, k: int, eta: float,
-                second_order: bool = True):
-    """Eqs. (10)(11): the gradient of phi -> L_BT(phi'), phi' = phi + eta grad J(phi; X_s).
-
-    second_order=True: exact, (I + eta H_J(phi)) g with g = grad L_BT(phi') -- one HVP of J.
-    second_order=False: g itself, the gradient taken at phi' applied to phi (the authors' update).
-    Returns: (gradient dict, L_BT(phi'), J(phi)).
-    """
-    phi = {n: p.detach().requires_grad_(True) for n, p in phi.items()}
-    J_fn = lambda p: difference_loss(P.reward(rm, p, meta_idx), k, distinct)
-    J = J_fn(phi)
-    gJ = torch.autograd.grad(J, list(phi.values()))
-    # Eq. (10): gradient *ascent* on the difference loss
-    phi_prime = {n: (p + eta * gj).detach().requires_grad_(True) for (n, p), gj in zip(phi.items(), gJ)}
-    loss, _, _ = rm_bt_loss(rm, phi_prime, chosen, rejected)
-    g = dict(zip(phi, torch.autograd.grad(loss, list(phi_prime.values()))))
-    if second_order and eta != 0.0:
-        # Eq. (11): grad_phi L_BT(phi') = (I + eta grad^2 J(phi)) grad L_BT(phi')
-        Hg = bilevel.hvp(J_fn, phi, g)
-        g = {n: g[n] + eta * Hg[n] for n in g}
-    return g, loss.detach(), J.detach()
+        log.append({"reward": r.mean().item(), "kl_k1": k1.mean().item(), "kl_k3": k3.mean().item()})
+    return {n_: p.detach() for n_, p in theta.items()}, log
 
 
 @dataclass
 class RMConfig:
-    steps: int = 400
+    steps: int = 400           # Bradley-Terry steps of the vanilla RM
     batch_size: int = 32       # pairs per step
-    lr: float = 1.5e-3         # Adam on phi
-    eta: float = 0.03          # MetaRM ascent step (10)
-    k: int = 4                 # MetaRM responses per shifted prompt
-    meta_prompts: int = 8      # MetaRM shifted prompts per step
-    second_order: bool = True
+    lr: float = 1e-3           # Adam on phi
 
 
-def train_reward_model(rm, phi, pairs, cfg: RMConfig, generator, steps=None, meta_set=None,
-                       progress=None):
-    """Adam on phi with the Bradley-Terry loss (1), or with MetaRM's update (9)-(11) if meta_set.
+def rm_bt_loss(rm, phi: dict, chosen: dict, rejected: dict):
+    """Eq. (1) for the reward model r_phi on encoded pair batches: (loss, accuracy, margins)."""
+    return bt_loss(policy.reward(rm, phi, chosen), policy.reward(rm, phi, rejected))
 
-    meta_set: (idx (N k, T), distinct (N, k(k-1)/2)): k responses to each of N shifted prompts,
-    unlabelled; each step draws cfg.meta_prompts of them as X_s.
-    Returns: a list of per-step dicts (loss, accuracy, J).
+
+def train_reward_model(rm, phi: dict, pairs, cfg: RMConfig, generator, opt=None, steps: int | None = None):
+    """Adam on phi with the Bradley-Terry loss (1) on batches drawn from `pairs` = (chosen, rejected).
+
+    opt continues an earlier run with its optimiser state (vanilla_rm_long); steps defaults to cfg.steps.
+    Returns: (per-step log of loss and accuracy, the optimiser).
     """
-    opt = torch.optim.Adam(phi.values(), lr=cfg.lr)
-    device = next(iter(phi.values())).device
+    opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
+    chosen, rejected = pairs
     log = []
     for step in range(cfg.steps if steps is None else steps):
-        rows = P.draw(len(pairs), cfg.batch_size, generator)
-        (chosen, _), (rejected, _) = pair_tensors([pairs[i] for i in rows], device)
-        if meta_set is None:
-            loss, acc, _ = rm_bt_loss(rm, phi, chosen, rejected)
-            grads, J = torch.autograd.grad(loss, list(phi.values())), None
-        else:
-            meta_idx, distinct = meta_set
-            m = P.draw(len(distinct), cfg.meta_prompts, generator)
-            x_s = meta_idx.view(len(distinct), cfg.k, -1)[m].reshape(-1, meta_idx.shape[1])
-            g, loss, J = metarm_grad(rm, phi, chosen, rejected, x_s, distinct[m], cfg.k, cfg.eta,
-                                     cfg.second_order)
-            grads, acc, J = list(g.values()), torch.tensor(float("nan")), J.item()
-        check_finite(loss.detach(), "reward-model loss", step)
-        for p, gr in zip(phi.values(), grads):
-            p.grad = gr
+        rows = policy.draw(len(chosen["idx"]), cfg.batch_size, generator)
+        loss, acc, _ = rm_bt_loss(rm, phi, policy.rows_of(chosen, rows), policy.rows_of(rejected, rows))
+        check_finite(loss.detach(), "reward-model loss (1)", step)
+        apply_gradient(opt, phi, torch.autograd.grad(loss, list(phi.values())))
+        log.append({"loss": loss.item(), "acc": acc.item()})
+    return log, opt
+
+
+def continue_from(phi: dict, opt, lr: float):
+    """A copy of phi with a copy of its optimiser's state: training it leaves phi and opt be."""
+    phi2 = policy.copy_params(phi)
+    opt2 = torch.optim.Adam(phi2.values(), lr=lr)
+    opt2.load_state_dict(opt.state_dict())           # load_state_dict copies the state tensors
+    return phi2, opt2
+
+
+def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: float, generator):
+    """Eq. (2) on the pooled training pairs, Adam on the same theta as meta-test adaptation."""
+    theta = policy.adapted_params(model)
+    opt = torch.optim.Adam(theta.values(), lr=lr)
+    chosen, rejected = pairs
+    for step in range(steps):
+        rows = policy.draw(len(chosen["idx"]), batch_size, generator)
+        loss = dpo_loss(implicit_reward(model, theta, policy.rows_of(chosen, rows)),
+                        implicit_reward(model, theta, policy.rows_of(rejected, rows)), beta_dpo)[0]
+        check_finite(loss.detach(), "DPO loss (2)", step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
         opt.step()
-        log.append({"loss": loss.item(), "acc": acc.item(), "J": J})
-        if progress is not None:
-            progress.update(1)
-    return log
+    return {n: p.detach() for n, p in theta.items()}
 
 
-# ---- Eqs. (4)-(8): the bilevel meta-learned reward model -----------------------------------------
-def prepare(policy, idx, resp_mask, theta):
-    """A batch for implicit_reward: tokens, mask, log pi_ref and, when theta is the head alone, the
-    frozen trunk's features h (B, T, C), computed once."""
-    with torch.no_grad():
-        h, _ = policy(idx, head=False)
-        batch = {"idx": idx, "mask": resp_mask,
-                 "logp_ref": P.sequence_logprob(P.never_special(policy.head(h)), idx, resp_mask)[0]}
-    if all(n.startswith("head.") for n in theta):
-        batch["h"] = h
-    return batch
-
-
-def implicit_reward(policy, theta, batch):
-    """Delta_theta(x, y) = log pi_theta(y|x) - log pi_ref(y|x), (B,)."""
-    if "h" in batch:
-        logits = P.head_logits(theta, batch["h"])
-    else:
-        logits, _ = P.functional_call(policy, theta, (batch["idx"],))
-    return P.sequence_logprob(logits, batch["idx"], batch["mask"])[0] - batch["logp_ref"]
-
-
+# =================================================================================================
+# 2. The bilevel meta-learned reward model (Jia), Eqs. (4)-(8)
+# =================================================================================================
 def importance_weights(delta, K: int):
     """Eq. (4): w_k(theta; x) = softmax_k Delta_theta(x, y_k), (B, K); w = 1/K at theta = theta_ref."""
     return torch.softmax(delta.view(-1, K), dim=-1)
@@ -246,161 +201,207 @@ def lower_objective(delta, r, K: int, beta: float):
     """Eq. (5) without its proximal term: E_x[-sum_k w_k r_k + beta sum_k w_k log(K w_k)], w = Eq. (4).
 
     Over free weights its minimiser is w* = softmax_k(r_k / beta). Args: delta (B K,), r (B, K).
-    A weight that underflows to 0 (a log-ratio gap of ~100 nats in float32) makes w log(K w) NaN;
-    the training loops then stop with a named error (check_finite) instead of carrying it on.
+    log w is taken as log_softmax (finite even where a weight underflows to 0).
     """
-    w = importance_weights(delta, K)
-    kl = (w * torch.log(K * w)).sum(-1)                        # KL(w || uniform) <= log K
+    log_w = torch.log_softmax(delta.view(-1, K), dim=-1)
+    w = log_w.exp()
+    kl = (w * (log_w + torch.log(torch.tensor(float(K))))).sum(-1)     # KL(w || uniform) <= log K
     return (-(w * r).sum(-1) + beta * kl).mean()
 
 
-def inner_loss(policy, theta, r, cand, K: int, beta: float, rho: float, theta_ref):
+def inner_loss(model, theta, r, cand, K: int, beta: float, rho: float, theta_ref):
     """Eq. (5): g_d(theta, phi) = E_x[-sum_k w_k r_k + beta sum_k w_k log(K w_k)] + rho/2 |theta - theta_ref|^2.
 
     Args: r (B, K) rewards r_phi(x, y_k) of the candidates (phi enters g only through them);
-    cand: a `prepare`d batch of the B K candidates y_k ~ pi_ref(.|x), prompt-major.
+    cand: an encoded batch of the B K candidates y_k ~ pi_ref(.|x), prompt-major.
     """
     prox = sum(((theta[n] - theta_ref[n]) ** 2).sum() for n in theta)
-    return lower_objective(implicit_reward(policy, theta, cand), r, K, beta) + 0.5 * rho * prox
+    return lower_objective(implicit_reward(model, theta, cand), r, K, beta) + 0.5 * rho * prox
 
 
-def outer_dpo(policy, theta, chosen, rejected, beta_dpo: float):
-    """Eq. (7), one domain's term: L_DPO(theta; P_d) on `prepare`d chosen/rejected batches."""
-    return dpo_loss(implicit_reward(policy, theta, chosen), implicit_reward(policy, theta, rejected),
-                    beta_dpo)[0]
+def outer_dpo(model, theta, chosen: dict, rejected: dict, beta_dpo: float):
+    """Eq. (7), one domain's term: L_DPO(theta; P_d) on encoded chosen / rejected batches."""
+    return dpo_loss(implicit_reward(model, theta, chosen), implicit_reward(model, theta, rejected), beta_dpo)[0]
 
 
 @dataclass
 class BilevelConfig:
     beta: float = 0.5          # KL coefficient of the lower level (5), as at meta-test
-    beta_dpo: float = 0.1      # DPO temperature of the upper level (7)
+    beta_dpo: float = 0.5      # DPO temperature of the upper level (7): beta (see README)
     lam: float = 0.3           # weight of L_BT in (7)
     K: int = 4                 # candidates per prompt
-    T: int = 20                # inner gradient steps (6)
-    inner_lr: float = 0.0      # must be set: train.calibrate sets it and rho from `curvature` (§2.1)
-    rho: float = 0.0           # proximal weight of (5); 0 only where g_d is known to be convex
+    prompts_per_domain: int = 8   # prompts of a domain whose candidates are drawn at each outer step
+    T: int = 10                # inner gradient steps (6), warm-started from the domain's last theta*
+    inner_lr: float = 0.0      # set with rho by calibrate, from the curvature at theta* (§2.1)
+    rho: float = 0.0           # proximal weight of (5)
     solver: str = "cg"         # cg | neumann | unrolled
     cg_iters: int = 10
-    cg_tol: float = 1e-3       # relative residual (README, figure 3: error ~1e-3 with T = 20)
-    outer_steps: int = 100
+    cg_tol: float = 1e-3       # relative residual
+    outer_steps: int = 60
     domains_per_step: int = 2
     pairs_per_domain: int = 32
-    lr: float = 3e-4           # Adam on phi
+    lr: float = 1e-3           # Adam on phi
+    recalibrate_every: int = 20   # outer steps between curvature checks at theta* (0: never)
+    max_new_tokens: int = 16
 
 
-def domain_problem(policy, theta, cands, pairs):
-    """One domain's fixed data for the bilevel problem: prepared candidates and pair batches."""
-    chosen, rejected = pair_tensors(pairs, cands["idx"].device)
-    return {"cand": cands, "chosen": prepare(policy, *chosen, theta),
-            "rejected": prepare(policy, *rejected, theta)}
-
-
-def candidate_rewards(rm, phi, cand, K: int):
+def candidate_rewards(rm, phi: dict, cand: dict, K: int):
     """r_phi(x, y_k) of the candidates, (B, K), standardised over them as rewards are at meta-test
     (§1, 'Reward scale'), so that beta means the same in (5) as in (3); the graph to phi is kept."""
-    r = P.reward(rm, phi, cand["idx"])
+    r = policy.reward(rm, phi, cand)
     return ((r - r.mean()) / r.std().clamp_min(1e-8)).view(-1, K)
 
 
-def level_functions(policy, prob, cfg: BilevelConfig, theta_ref):
+def level_functions(model, prob: dict, cfg: BilevelConfig, theta_ref):
     """One domain's lower and upper losses as functions (theta, {"r": rewards}) -> scalar, the form
     bilevel.py works with: g = Eq. (5), f = that domain's L_DPO term of Eq. (7)."""
-    g = lambda th, up: inner_loss(policy, th, up["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
-    f = lambda th, up: outer_dpo(policy, th, prob["chosen"], prob["rejected"], cfg.beta_dpo)
+    g = lambda th, up: inner_loss(model, th, up["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
+    f = lambda th, up: outer_dpo(model, th, prob["chosen"], prob["rejected"], cfg.beta_dpo)
     return g, f
 
 
-def hypergradient(policy, rm, phi, prob, cfg: BilevelConfig, theta_ref, solver=None, iters=None,
-                  newton_tol=None):
+def hypergradient(model, rm, phi, prob: dict, cfg: BilevelConfig, theta_ref, theta0=None, solver=None,
+                  iters=None, newton_tol=None):
     """Eq. (8) for one domain: (dF_d/dr (B, K), the candidates' rewards r (B, K) with graph to phi, info).
 
     The lower level depends on phi only through the candidates' rewards r = r_phi(x, y_k), so the
     hypergradient is taken with respect to r by bilevel.py and carried to phi by one backward pass
     through the reward model (chain rule): grad_phi F_d = (dr/dphi)^T dF_d/dr.
-    solver: cg | neumann (iters = CG/Neumann iterations) | unrolled (iters = T). newton_tol: solve
-    the lower level by Newton to this gradient norm instead of T gradient steps (tests, references).
+    theta0: where the T inner steps start (a warm start; default theta_ref). solver: cg | neumann
+    (iters = CG/Neumann iterations) | unrolled (iters = T). newton_tol: solve the lower level by Newton
+    to this gradient norm instead of T gradient steps (tests, references). info["theta"] = theta*.
     """
     solver = solver or cfg.solver
     r = candidate_rewards(rm, phi, prob["cand"], cfg.K)
     upper = {"r": r.detach()}
-    g, f = level_functions(policy, prob, cfg, theta_ref)
+    g, f = level_functions(model, prob, cfg, theta_ref)
+    start = theta_ref if theta0 is None else theta0
     if solver == "unrolled":
-        grad, info = bilevel.hypergrad_unrolled(f, g, theta_ref, upper, iters or cfg.T, cfg.inner_lr)
-        theta_star = info["theta"]
+        grad, info = bilevel.hypergrad_unrolled(f, g, start, upper, iters or cfg.T, cfg.inner_lr)
     else:
         if newton_tol:
-            theta_star, _ = bilevel.newton_solve(g, theta_ref, upper, tol=newton_tol)
+            theta_star, _ = bilevel.newton_solve(g, start, upper, tol=newton_tol)
         else:
-            theta_star, _ = bilevel.inner_solve(g, theta_ref, upper, cfg.T, cfg.inner_lr)
+            theta_star, _ = bilevel.inner_solve(g, start, upper, cfg.T, cfg.inner_lr)
         kw = dict(max_iter=iters or cfg.cg_iters, tol=cfg.cg_tol) if solver == "cg" else \
             dict(alpha=cfg.inner_lr, J=iters or cfg.cg_iters)
         grad, info = bilevel.hypergrad_implicit(f, g, theta_star, upper, solver=solver, **kw)
-    info["F"] = f(theta_star, upper).item()
+        info["theta"] = theta_star
+    info["F"] = f(info["theta"], upper).item()
     return grad["r"], r, info
 
 
-def curvature(policy, theta_ref, r, cand, cfg: BilevelConfig, iters: int = 20):
-    """lambda_min and lambda_max of grad^2_theta g (rho = 0) at theta_ref and at theta*, by Lanczos
-    with HVPs, and the rho and inner step they give (§2.1): rho = max(2 (-lambda_min)_+, 0.01
-    lambda_max) -- above -lambda_min, and large enough that the condition number stays <= ~100 --
-    and inner_lr = 1 / (lambda_max + rho)."""
-    g0 = lambda th: inner_loss(policy, th, r, cand, cfg.K, cfg.beta, 0.0, theta_ref)
+def curvature(model, theta, r, cand, cfg: BilevelConfig, theta_ref, iters: int = 20):
+    """lambda_min and lambda_max of grad^2_theta g_d (rho = 0) at theta, by Lanczos with HVPs (§2.1)."""
+    g0 = lambda th: inner_loss(model, th, r, cand, cfg.K, cfg.beta, 0.0, theta_ref)
     v0 = {n: torch.randn(p.shape, generator=torch.Generator(p.device).manual_seed(0), device=p.device,
-                         dtype=p.dtype) for n, p in theta_ref.items()}
-    lo_ref, hi_ref, _ = bilevel.lanczos_eigs(lambda v: bilevel.hvp(g0, theta_ref, v), v0, iters)
-    rho = max(2 * max(0.0, -lo_ref), 0.01 * hi_ref)
-    lr = 1.0 / (hi_ref + rho)
-    g = lambda th, up: inner_loss(policy, th, up["r"], cand, cfg.K, cfg.beta, rho, theta_ref)
-    theta_star, _ = bilevel.inner_solve(g, theta_ref, {"r": r}, cfg.T, lr)
-    lo, hi, _ = bilevel.lanczos_eigs(lambda v: bilevel.hvp(g0, theta_star, v), v0, iters)
-    rho = max(rho, 2 * max(0.0, -lo), 0.01 * hi)
-    return {"lambda_min_ref": lo_ref, "lambda_max_ref": hi_ref, "lambda_min_star": lo,
-            "lambda_max_star": hi, "rho": rho, "inner_lr": 1.0 / (hi + rho)}
+                         dtype=p.dtype) for n, p in theta.items()}
+    lo, hi, _ = bilevel.lanczos_eigs(lambda v: bilevel.hvp(g0, theta, v), v0, iters)
+    return lo, hi
 
 
-def outer_gradient(policy, rm, phi, problems: dict, pairs, cfg: BilevelConfig, theta_ref,
-                   scale: float = 1.0, **hyper_kw):
+def rho_from(lam_min: float, lam_max: float) -> float:
+    """§2.1: rho = max(1.5 (-lambda_min)_+, 0.01 lambda_max): above -lambda_min, so that g_d is
+    locally strongly convex, and a condition number of at most ~100."""
+    return max(1.5 * max(0.0, -lam_min), 0.01 * lam_max)
+
+
+def calibrate(model, rm, phi, problems: dict, cfg: BilevelConfig, theta_ref, rounds: int = 3) -> dict:
+    """Set cfg.rho and cfg.inner_lr from the curvature at theta* (§2.1), worst case over `problems`.
+
+    A fixed point: start from the curvature at theta_ref, solve the lower levels with that rho, measure
+    lambda_min / lambda_max at their theta*, and repeat (rounds times). Returns the last measurement.
+    """
+    r = {d: candidate_rewards(rm, phi, p["cand"], cfg.K).detach() for d, p in problems.items()}
+    eigs = [curvature(model, theta_ref, r[d], p["cand"], cfg, theta_ref) for d, p in problems.items()]
+    at = "theta_ref"
+    for _ in range(rounds):
+        cfg.rho = max(rho_from(lo, hi) for lo, hi in eigs)
+        cfg.inner_lr = 1.0 / (max(hi for _, hi in eigs) + cfg.rho)
+        eigs = []
+        for d, p in problems.items():
+            g, _ = level_functions(model, p, cfg, theta_ref)
+            theta_star, _ = bilevel.inner_solve(g, theta_ref, {"r": r[d]}, 4 * cfg.T, cfg.inner_lr)
+            eigs.append(curvature(model, theta_star, r[d], p["cand"], cfg, theta_ref))
+        at = "theta*"
+    lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
+    return {"at": at, "lambda_min": lam_min, "lambda_max": lam_max, "rho": cfg.rho, "inner_lr": cfg.inner_lr,
+            "margin": lam_min + cfg.rho}
+
+
+def outer_gradient(model, rm, phi, problems: dict, pairs, cfg: BilevelConfig, theta_ref, scale: float = 1.0,
+                   warm: dict | None = None, **hyper_kw):
     """grad_phi F for F(phi) = scale sum_d L_DPO(theta*_d(phi); P_d) + lam L_BT(phi; pairs), Eqs. (7)(8).
 
+    scale = N / n when the problems are n domains drawn from N (the sum over D_train without bias).
+    warm: domain -> theta to start its inner solve from; updated in place with the new theta*.
     Returns: (gradient list in phi's order, F, info with the HVPs used and per-domain DPO losses).
     """
-    surrogate, F, info = 0.0, 0.0, {"hvps": 0, "dpo": {}, "unconverged": 0}
+    surrogate, F_value, info = 0.0, 0.0, {"hvps": 0, "dpo": {}, "unconverged": 0}
     for d, prob in problems.items():
-        dF_dr, r, h_info = hypergradient(policy, rm, phi, prob, cfg, theta_ref, **hyper_kw)
+        theta0 = None if warm is None else warm.get(d)
+        dF_dr, r, h_info = hypergradient(model, rm, phi, prob, cfg, theta_ref, theta0=theta0, **hyper_kw)
+        if warm is not None:
+            warm[d] = h_info["theta"]
         surrogate = surrogate + scale * (r * dF_dr).sum()    # its phi-gradient is (dr/dphi)^T dF/dr
-        F += scale * h_info["F"]
+        F_value += scale * h_info["F"]
         info["hvps"] += h_info["hvps"]
         info["unconverged"] += h_info.get("converged") is False
         info["dpo"][d] = h_info["F"]
     if cfg.lam > 0:
-        (chosen, _), (rejected, _) = pair_tensors(pairs, r.device)
-        bt = rm_bt_loss(rm, phi, chosen, rejected)[0]
-        surrogate, F = surrogate + cfg.lam * bt, F + cfg.lam * bt.item()
-    return list(torch.autograd.grad(surrogate, list(phi.values()))), F, info
+        bt = rm_bt_loss(rm, phi, *pairs)[0]
+        surrogate, F_value = surrogate + cfg.lam * bt, F_value + cfg.lam * bt.item()
+    return list(torch.autograd.grad(surrogate, list(phi.values()))), F_value, info
 
 
-def train_bilevel(policy, rm, phi, problems: dict, pairs, cfg: BilevelConfig, theta_ref, generator,
-                  steps=None, opt=None, progress=None):
+def draw_problem(model, prompts, pairs, cfg: BilevelConfig, generator) -> dict:
+    """One domain's data for one outer step (§2.1): cfg.prompts_per_domain prompts of F_d, K fresh
+    candidates each from pi_ref, and cfg.pairs_per_domain pairs drawn from all of P_d."""
+    rows = torch.tensor(policy.draw(len(prompts), cfg.prompts_per_domain, generator), device=prompts.device)
+    cand = policy.sample(model, {}, prompts[rows].repeat_interleave(cfg.K, dim=0), cfg.max_new_tokens, generator)
+    chosen, rejected = pairs
+    picks = policy.draw(len(chosen["idx"]), cfg.pairs_per_domain, generator)
+    return {"cand": cand, "chosen": policy.rows_of(chosen, picks), "rejected": policy.rows_of(rejected, picks)}
+
+
+def train_bilevel(model, rm, phi, domains: dict, bt_pairs, cfg: BilevelConfig, theta_ref, generator,
+                  bt_generator, steps: int | None = None, opt=None, dpo_term: bool = True):
     """Eqs. (6)-(8): Adam on phi along the hypergradient of F (see outer_gradient).
 
-    Each outer step draws cfg.domains_per_step training domains (the sum over D_train estimated
-    without bias) and cfg.pairs_per_domain pooled pairs for the lam term.
-    steps defaults to cfg.outer_steps; opt (to continue a run in chunks) to a new Adam.
-    A linear solve that stops at cfg.cg_iters before cfg.cg_tol is counted ("unconverged") and
-    reported in one warning at the end instead of one per solve.
-    Returns: a list of per-step dicts (F, grad_norm, hvps, unconverged, dpo of the drawn domains).
+    domains: d -> (prompts F_d (N_d, P), encoded pairs P_d). Each outer step draws
+    cfg.domains_per_step training domains, fresh candidates and pairs for each (draw_problem, from
+    `generator`), and cfg.pairs_per_domain pooled pairs `bt_pairs` for the lam term (from
+    `bt_generator`, so that a run with dpo_term=False -- the control bilevel_bt_only -- draws the same
+    lam batches). The inner solve of a domain warm-starts from its last theta*. Every
+    cfg.recalibrate_every steps lambda_min is re-measured at the drawn domains' theta*; rho is raised
+    if lambda_min + rho falls below 0.5 rho (logged as "margin").
+    Returns: a list of per-step dicts (F, grad_norm, hvps, unconverged, margin where measured).
     """
-    if cfg.inner_lr <= 0:
-        raise ValueError("BilevelConfig.inner_lr must be > 0: set it, or rho and it by train.calibrate (§2.1)")
+    if dpo_term and cfg.inner_lr <= 0:
+        raise ValueError("BilevelConfig.inner_lr must be > 0: set it (and rho) with metarm.calibrate (§2.1)")
     opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
-    domains = list(problems)
-    log = []
+    names, log, warm = list(domains), [], {}
+    chosen, rejected = bt_pairs
     for step in range(cfg.outer_steps if steps is None else steps):
+        rows = policy.draw(len(chosen["idx"]), cfg.pairs_per_domain, bt_generator)
+        lam_pairs = (policy.rows_of(chosen, rows), policy.rows_of(rejected, rows))
+        problems = {}
+        if dpo_term:
+            picks = torch.randperm(len(names), generator=generator, device=generator.device)[:cfg.domains_per_step]
+            problems = {names[i]: draw_problem(model, *domains[names[i]], cfg, generator) for i in picks.tolist()}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="cg did not converge")
-            log.append(_outer_step(policy, rm, phi, problems, domains, pairs, cfg, theta_ref, generator, opt, step))
-        if progress is not None:
-            progress.update(1)
+            try:
+                grads, F_value, info = outer_gradient(model, rm, phi, problems, lam_pairs, cfg, theta_ref,
+                                                      scale=len(names) / cfg.domains_per_step, warm=warm)
+            except FloatingPointError as e:                  # a solve that diverged: name the step
+                raise FloatingPointError(f"{e} at step {step}") from None
+        check_finite(torch.tensor([F_value] + [g.norm() for g in grads]), "bilevel F or hypergradient", step)
+        apply_gradient(opt, phi, grads)
+        entry = {"F": F_value, "grad_norm": torch.sqrt(sum((g ** 2).sum() for g in grads)).item(), **info}
+        if dpo_term and cfg.recalibrate_every and step % cfg.recalibrate_every == 0:
+            entry["margin"] = recheck_rho(model, rm, phi, problems, warm, cfg, theta_ref)
+        log.append(entry)
     missed = sum(entry["unconverged"] for entry in log)
     if missed:
         warnings.warn(f"bilevel: {missed} of {len(log) * cfg.domains_per_step} linear solves stopped at "
@@ -408,39 +409,93 @@ def train_bilevel(policy, rm, phi, problems: dict, pairs, cfg: BilevelConfig, th
     return log
 
 
-def _outer_step(policy, rm, phi, problems, domains, pairs, cfg, theta_ref, generator, opt, step):
-    """One Adam step of train_bilevel on cfg.domains_per_step drawn domains."""
-    picks = torch.randperm(len(domains), generator=generator, device=generator.device)[:cfg.domains_per_step].tolist()
-    rows = P.draw(len(pairs), cfg.pairs_per_domain, generator)
-    try:
-        grads, F, info = outer_gradient(policy, rm, phi, {domains[i]: problems[domains[i]] for i in picks},
-                                        [pairs[i] for i in rows], cfg, theta_ref, scale=len(domains) / len(picks))
-    except FloatingPointError as e:                          # a solve that diverged: name the step
-        raise FloatingPointError(f"{e} at step {step}") from None
-    check_finite(torch.tensor([F] + [gr.norm() for gr in grads]), "bilevel F or hypergradient", step)
-    for p, gr in zip(phi.values(), grads):
-        p.grad = gr
-    opt.step()
-    return {"step": step, "F": F, "grad_norm": torch.sqrt(sum((gr ** 2).sum() for gr in grads)).item(), **info}
+def recheck_rho(model, rm, phi, problems: dict, warm: dict, cfg: BilevelConfig, theta_ref) -> float:
+    """§2.1 during the run: lambda_min + rho at the drawn domains' current theta* (worst case). If it
+    is below 0.5 rho, rho is raised to rho_from(lambda_min, lambda_max) and the inner step follows."""
+    eigs = [curvature(model, warm[d], candidate_rewards(rm, phi, p["cand"], cfg.K).detach(), p["cand"], cfg, theta_ref)
+            for d, p in problems.items()]
+    lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
+    if lam_min + cfg.rho < 0.5 * cfg.rho:
+        cfg.rho = max(cfg.rho, rho_from(lam_min, lam_max))
+        cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
+    return lam_min + cfg.rho
 
 
-# ---- baselines and iterative RLHF -----------------------------------------------------------------
-def train_dpo(policy, pairs, steps: int, batch_size: int, lr: float, beta_dpo: float, generator,
-              adapt_params: str = "head"):
-    """Eq. (2) on the pooled training pairs, Adam on the same theta as meta-test adaptation."""
-    theta = P.adapted_params(policy, adapt_params)
-    opt = torch.optim.Adam(theta.values(), lr=lr)
-    device = next(iter(theta.values())).device
-    for step in range(steps):
-        rows = P.draw(len(pairs), batch_size, generator)
-        chosen, rejected = pair_tensors([pairs[i] for i in rows], device)
-        loss = outer_dpo(policy, theta, prepare(policy, *chosen, theta), prepare(policy, *rejected, theta),
-                         beta_dpo)
-        check_finite(loss.detach(), "DPO loss (2)", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return {n: p.detach() for n, p in theta.items()}
+# =================================================================================================
+# 3. MetaRM (Dou et al.), Eqs. (9)-(11), and RLHF rounds
+# =================================================================================================
+def distinct_pairs(idx, k: int):
+    """(B, k(k-1)/2) bool: which response pairs (i < j) of each prompt differ (duplicates dropped)."""
+    seqs = idx.view(-1, k, idx.shape[1])
+    i, j = torch.triu_indices(k, k, 1)
+    return (seqs[:, i] != seqs[:, j]).any(-1)
+
+
+def difference_loss(r, k: int, distinct):
+    """Eq. (9): J = E_x (2/k^2) sum_{i<j} sigmoid(|r(x, s_i) - r(x, s_j)|), duplicate pairs dropped;
+    the mean over the batch's prompts (a sum would rescale eta).
+
+    Args: r (B k,) rewards of k responses for each of B shifted prompts; distinct (B, k(k-1)/2).
+    """
+    r = r.view(-1, k)
+    i, j = torch.triu_indices(k, k, 1)
+    terms = torch.sigmoid((r[:, i] - r[:, j]).abs()) * distinct
+    return (2.0 / k ** 2) * terms.sum(1).mean()
+
+
+def metarm_grad(rm, phi, chosen, rejected, meta, distinct, k: int, eta: float, second_order: bool = False):
+    """Eqs. (10)(11): the gradient of phi -> L_BT(phi'), phi' = phi + eta grad J(phi; X_s).
+
+    second_order=False (default): the gradient taken at phi', applied to phi -- the authors' update.
+    second_order=True: exact, (I + eta grad^2 J(phi)) g with g = grad L_BT(phi') -- one HVP of J.
+    Args: chosen, rejected: encoded pair batches X_t; meta: encoded batch of k responses to each
+    shifted prompt X_s (prompt-major); distinct: distinct_pairs of meta.
+    Returns: (gradient dict, L_BT(phi'), J(phi)).
+    """
+    phi = {n: p.detach().requires_grad_(True) for n, p in phi.items()}
+    J_fn = lambda p: difference_loss(policy.reward(rm, p, meta), k, distinct)
+    J = J_fn(phi)
+    gJ = torch.autograd.grad(J, list(phi.values()))
+    # Eq. (10): gradient *ascent* on the difference loss
+    phi_prime = {n: (p + eta * gj).detach().requires_grad_(True) for (n, p), gj in zip(phi.items(), gJ)}
+    loss = rm_bt_loss(rm, phi_prime, chosen, rejected)[0]
+    g = dict(zip(phi, torch.autograd.grad(loss, list(phi_prime.values()))))
+    if second_order and eta != 0.0:
+        # Eq. (11): grad_phi L_BT(phi') = (I + eta grad^2 J(phi)) grad L_BT(phi')
+        Hg = bilevel.hvp(J_fn, phi, g)
+        g = {n: g[n] + eta * Hg[n] for n in g}
+    return g, loss.detach(), J.detach()
+
+
+@dataclass
+class MetaRMConfig:
+    eta: float = 0.1           # ascent step (10)
+    k: int = 5                 # responses per shifted prompt (the paper's k = 5)
+    meta_prompts: int = 8      # shifted prompts per step
+    temperature: float = 1.2   # sampling temperature of the shifted set ("a bit higher")
+    steps: int = 30            # RM updates per round
+    rounds: int = 2            # rounds of [adapt -> sample -> update]; the last round's policy counts
+    second_order: bool = False
+
+
+def train_metarm(rm, phi, opt, pairs, meta, cfg: MetaRMConfig, rm_cfg: RMConfig, generator, meta_generator):
+    """The authors' loop, Eqs. (9)-(11), cfg.steps times: draw pairs X_t (from `generator`) and shifted
+    prompts X_s (from `meta_generator`, so that eta = 0 draws the same X_t), ascend on J, take the
+    Bradley-Terry gradient at phi', step phi with it (opt: Adam, its state carried over from the
+    vanilla RM). meta: encoded batch of k responses to each shifted prompt. Returns per-step logs."""
+    chosen, rejected = pairs
+    distinct = distinct_pairs(meta["idx"], cfg.k)
+    n_prompts, log = len(distinct), []
+    for step in range(cfg.steps):
+        rows = policy.draw(len(chosen["idx"]), rm_cfg.batch_size, generator)
+        m = torch.tensor(policy.draw(n_prompts, cfg.meta_prompts, meta_generator), device=distinct.device)
+        meta_rows = (m[:, None] * cfg.k + torch.arange(cfg.k, device=m.device)).flatten()
+        g, loss, J = metarm_grad(rm, phi, policy.rows_of(chosen, rows), policy.rows_of(rejected, rows),
+                                 policy.rows_of(meta, meta_rows), distinct[m], cfg.k, cfg.eta, cfg.second_order)
+        check_finite(loss, "MetaRM loss (11)", step)
+        apply_gradient(opt, phi, list(g.values()))
+        log.append({"loss": loss.item(), "J": J.item()})
+    return log
 
 
 def reward_spread(r, k: int) -> float:
@@ -451,23 +506,51 @@ def reward_spread(r, k: int) -> float:
     return ((r[:, i] - r[:, j]).std() / r.std().clamp_min(1e-8)).item()
 
 
-def rlhf_rounds(policy, rm, phi, pairs, prompts, rounds: int, adapt_cfg: AdaptConfig, rm_cfg: RMConfig,
-                rm_steps: int, generator, gold_fn, use_metarm: bool):
-    """Iterative RLHF (§3): each round optimises the policy (3) with the current RM, samples it, and
-    updates the RM on the original pairs -- with MetaRM (9)-(11) on the policy's samples as X_s, or
-    with L_BT alone. Records, per round, the normalised reward-difference spread and gold reward of
-    the policy's samples under the RM that produced them.
+def metarm_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMConfig, rm_cfg: RMConfig,
+                  adapt_cfg: AdaptConfig, seeds, theta_first=None):
+    """MetaRM out of distribution (§3): cfg.rounds rounds on one domain of
+    [adapt (3) from theta_ref with the current RM -> sample the policy at cfg.temperature, k per
+    prompt -> MetaRM update (9)-(11) on the training pairs with those samples as X_s]; the last round
+    stops after its adaptation, whose policy is the result.
+
+    ref_batch: pi_ref's samples of the prompts (the reward scale, §1). phi, opt: the vanilla RM and its
+    optimiser, updated in place. seeds: (adaptation, sampling, pairs, shifted prompts) generator seeds,
+    the adaptation seed shared with the other methods (common random numbers). theta_first: round 1's
+    policy if it is already known (it is the vanilla RM's policy under the same seeds).
+    Returns: (theta of the last round, per-round log: spread of the RM on the policy's samples, J).
     """
-    k = rm_cfg.k
-    ref_idx, _ = P.sample(policy, {}, prompts.repeat_interleave(k, 0), adapt_cfg.max_new_tokens, generator)
+    gen = lambda s: torch.Generator(prompts.device).manual_seed(s)
+    adapt_seed, sample_seed, pair_seed, meta_seed = seeds
+    pair_gen, meta_gen, sample_gen = gen(pair_seed), gen(meta_seed), gen(sample_seed)
+    history = []
+    for t in range(cfg.rounds):
+        reward_fn = standardised(lambda b: policy.reward(rm, phi, b), ref_batch)
+        theta = theta_first if (t == 0 and theta_first is not None) else \
+            adapt(model, prompts, reward_fn, adapt_cfg, gen(adapt_seed))[0]
+        if t == cfg.rounds - 1:
+            return theta, history
+        meta = policy.sample(model, theta, prompts.repeat_interleave(cfg.k, dim=0), adapt_cfg.max_new_tokens,
+                             sample_gen, temperature=cfg.temperature)
+        with torch.no_grad():
+            spread = reward_spread(policy.reward(rm, phi, meta), cfg.k)
+        log = train_metarm(rm, phi, opt, pairs, meta, cfg, rm_cfg, pair_gen, meta_gen)
+        history.append({"round": t, "spread": spread, "J": sum(e["J"] for e in log) / len(log)})
+
+
+def rlhf_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMConfig, rm_cfg: RMConfig,
+                adapt_cfg: AdaptConfig, rounds: int, gold, generator, meta_generator):
+    """Iterative RLHF (§3, the paper's main setting): each round continues the policy with (3) under
+    the current RM, samples it (cfg.temperature, k per prompt), records the RM's normalised spread and
+    the gold reward of those samples, then updates the RM on the original pairs with MetaRM (9)-(11)
+    on the samples as X_s (cfg.eta = 0: plain Bradley-Terry steps, the control). Returns per-round logs."""
     theta, history = None, []
     for t in range(rounds):
-        reward_fn = standardised(lambda idx: P.reward(rm, phi, idx), ref_idx)
-        theta, _ = adapt(policy, prompts, reward_fn, adapt_cfg, generator, theta0=theta)
-        idx, _ = P.sample(policy, theta, prompts.repeat_interleave(k, 0), adapt_cfg.max_new_tokens, generator)
+        reward_fn = standardised(lambda b: policy.reward(rm, phi, b), ref_batch)
+        theta, _ = adapt(model, prompts, reward_fn, adapt_cfg, generator, theta0=theta)
+        meta = policy.sample(model, theta, prompts.repeat_interleave(cfg.k, dim=0), adapt_cfg.max_new_tokens,
+                             generator, temperature=cfg.temperature)
         with torch.no_grad():
-            r = P.reward(rm, phi, idx)
-        history.append({"round": t, "spread": reward_spread(r, k), "gold": gold_fn(idx).mean().item()})
-        meta_set = (idx, distinct_pairs(idx, k)) if use_metarm else None
-        train_reward_model(rm, phi, pairs, rm_cfg, generator, steps=rm_steps, meta_set=meta_set)
+            spread = reward_spread(policy.reward(rm, phi, meta), cfg.k)
+        history.append({"round": t, "spread": spread, "gold": gold(meta).mean().item()})
+        train_metarm(rm, phi, opt, pairs, meta, cfg, rm_cfg, generator, meta_generator)
     return history

@@ -1,7 +1,7 @@
-"""The figures of METHOD.md §5, drawn from a results.json: `python plots.py runs/latest`.
+"""The results table and figures of METHOD.md §5, drawn from a results.json: `python plots.py runs/latest`.
 
-train.py calls make_all at the end of a run; this file only draws, so a figure can be restyled
-without re-running the experiment.
+train.py calls results_markdown and make_all at the end of a run; this file only formats and draws
+(every interval is computed by train.py), so a figure can be restyled without re-running the experiment.
 """
 import json
 import sys
@@ -12,9 +12,39 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"sft": "tab:gray", "vanilla_rm": "tab:blue", "dpo": "tab:purple", "metarm": "tab:orange",
-          "bilevel": "tab:green", "oracle": "black", "cg": "tab:green", "neumann": "tab:red",
-          "unrolled": "tab:brown"}
+COLORS = {"sft": "tab:gray", "dpo": "tab:purple", "vanilla_rm": "tab:blue", "vanilla_rm_long": "lightsteelblue",
+          "bilevel": "tab:green", "bilevel_bt_only": "yellowgreen", "metarm": "tab:orange", "metarm_eta0": "navajowhite",
+          "oracle": "black", "in_domain_rm": "tab:red", "agnostic_oracle": "tab:brown",
+          "cg": "tab:green", "neumann": "tab:red", "unrolled": "tab:brown"}
+
+
+def fmt(iv, digits: int = 3) -> str:
+    """'mean [lo, hi]' of an interval dict, 'n/a' for None."""
+    if iv is None:
+        return "n/a"
+    text = f"{iv['mean']:.{digits}f}"
+    return text if iv.get("ci95") is None else text + f" [{iv['ci95'][0]:.{digits}f}, {iv['ci95'][1]:.{digits}f}]"
+
+
+def results_markdown(results: dict) -> str:
+    """results.md: the main table, the paired comparisons with verdicts, the ceilings and the premises."""
+    cfg = results["config"]
+    lines = [f"# metarm results ({cfg['domains']} domains: {', '.join(results['domains'])}; {cfg['seeds']} seed(s); "
+             f"beta = {cfg['beta']})", "",
+             "Mean over seeds of each seed's mean over domains, with its 95 % t-interval over seeds.", "",
+             "| method | gold reward | win rate vs π_ref | RM accuracy (held-out pairs) | KL(π‖π_ref) |",
+             "|---|---|---|---|---|"]
+    for m, r in results["methods"].items():
+        lines.append(f"| {m} | " + " | ".join(fmt(r[k]) for k in ("gold_reward", "win_rate", "rm_accuracy", "kl")) + " |")
+    lines += ["", "Paired differences in gold reward (the seed is the unit):", "",
+              "| comparison | mean | 95 % CI | seeds > 0 | verdict |", "|---|---|---|---|---|"]
+    for name, p in results["paired"].items():
+        ci = "n/a" if p["ci95"] is None else f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+        lines.append(f"| {name} | {p['mean']:+.3f} | {ci} | {p['wins']}/{p['n_seeds']} | {p['verdict']} |")
+    if results.get("premises"):
+        lines += ["", "Premises, measured with the vanilla RM:", "", "| measurement | value |", "|---|---|"]
+        lines += [f"| {k} | {fmt(v)} |" for k, v in results["premises"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def save(fig, path):
@@ -23,92 +53,101 @@ def save(fig, path):
     plt.close(fig)
 
 
-def gold_bars(results, path):
-    """(1) Held-out gold reward per method and domain, bars with +- std over seeds."""
+def errorbar(ax, x, ivs, **kw):
+    """Means with their 95 % intervals as error bars (no bar where there is no interval)."""
+    means = [iv["mean"] for iv in ivs]
+    err = [[m - (iv["ci95"] or [m, m])[0] for m, iv in zip(means, ivs)],
+           [(iv["ci95"] or [m, m])[1] - m for m, iv in zip(means, ivs)]]
+    ax.errorbar(x, means, yerr=err, capsize=3, **kw)
+
+
+def gold_and_paired(results, path):
+    """(1) Gold reward per method with its interval; (2) the paired differences with theirs."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     methods = list(results["methods"])
-    domains = list(results["methods"][methods[0]]["gold_reward"]["per_domain"])
-    per_seed = results["per_seed"]
-    fig, ax = plt.subplots(figsize=(9, 3.8))
-    width = 0.8 / len(methods)
     for i, m in enumerate(methods):
-        vals = [[s[m][d]["gold_reward"] for s in per_seed] for d in domains] + \
-               [results["methods"][m]["gold_reward"]["per_seed"]]
-        mean = [sum(v) / len(v) for v in vals]
-        std = [(sum((x - mu) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0 for v, mu in zip(vals, mean)]
-        ax.bar([j + i * width for j in range(len(vals))], mean, width, yerr=std, capsize=2, label=m,
-               color=COLORS[m])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(domains) + 1)], domains + ["mean"])
-    ax.axhline(0, color="k", lw=0.5)
-    ax.set_ylabel("gold reward r*_d of samples")
-    ax.set_title(f"held-out domains, mean ± std over {len(per_seed)} seed(s)")
-    ax.legend(ncol=3, fontsize=8)
+        errorbar(a, [i], [results["methods"][m]["gold_reward"]], fmt="o", color=COLORS[m])
+    a.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+    a.set_ylabel("gold reward (mean over domains)")
+    a.set_title(f"{len(results['domains'])} domains, {results['config']['seeds']} seeds, 95 % CI", fontsize=9)
+    names = list(results["paired"])
+    for i, name in enumerate(names):
+        p = results["paired"][name]
+        lo, hi = p["ci95"] or [p["mean"], p["mean"]]
+        b.plot([lo, hi], [i, i], color="black")
+        b.plot([p["mean"]], [i], "o", color="black")
+    b.axvline(0, color="gray", lw=0.8)
+    b.set_yticks(range(len(names)), names, fontsize=8)
+    b.set_xlabel("paired difference in gold reward, 95 % CI over seeds")
     save(fig, path)
 
 
 def frontier(fig_data, path):
-    """(2) Gold reward vs KL(pi || pi_ref) from a beta sweep of meta-test adaptation."""
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for m, pts in fig_data["points"].items():
-        ax.plot([p["kl"] for p in pts], [p["gold_reward"] for p in pts], "o-", color=COLORS[m], label=m)
-        for p in pts:
-            ax.annotate(f"β={p['beta']:g}", (p["kl"], p["gold_reward"]), fontsize=6)
+    """(3) Gold reward vs KL as beta varies, mean and 95 % CI over seeds for both axes."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for m, by_beta in fig_data["points"].items():
+        betas = sorted(by_beta, key=float)
+        kl = [by_beta[b]["kl"]["mean"] for b in betas]
+        ax.plot(kl, [by_beta[b]["gold_reward"]["mean"] for b in betas], "-", color=COLORS[m], alpha=0.5)
+        for b in betas:
+            gi, ki = by_beta[b]["gold_reward"], by_beta[b]["kl"]
+            ax.errorbar([ki["mean"]], [gi["mean"]], xerr=[[ki["mean"] - ki["ci95"][0]], [ki["ci95"][1] - ki["mean"]]]
+                        if ki["ci95"] else None, yerr=[[gi["mean"] - gi["ci95"][0]], [gi["ci95"][1] - gi["mean"]]]
+                        if gi["ci95"] else None, fmt="o", color=COLORS[m], capsize=2, label=m if b == betas[0] else None)
+            ax.annotate(f"β={b}", (ki["mean"], gi["mean"]), fontsize=6)
     ax.set_xlabel("KL(π‖π_ref)")
     ax.set_ylabel("gold reward")
-    ax.set_title("reward-vs-KL frontier (" + ", ".join(fig_data["domains"]) + ")")
+    ax.set_title(f"{', '.join(fig_data['domains'])}; {len(fig_data['seeds'])} seeds, 95 % CI", fontsize=9)
     ax.legend(fontsize=8)
     save(fig, path)
 
 
 def hypergradient_error(fig_data, path):
-    """(3) Relative error of the hypergradient vs HVPs on the real bilevel problem."""
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for name, pts in fig_data["curves"].items():
-        ax.loglog([p["hvps"] for p in pts], [p["error"] for p in pts], "o-", color=COLORS[name], label=name)
-    if "training_setting" in fig_data:                 # the setting training uses: T inner steps, then CG
-        t = fig_data["training_setting"]
-        ax.loglog([t["hvps"]], [t["error"]], "*", ms=12, color="k",
-                  label=f"training (T={t['T']}, CG≤{t['cg_iters']})")
+    """(4) Relative error of the hypergradient vs HVPs for CG, Neumann and unrolled."""
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for name, rows in fig_data["curves"].items():
+        ax.loglog([r["hvps"] for r in rows], [max(r["error"], 1e-16) for r in rows], "o-", color=COLORS[name], label=name)
+    t = fig_data["training_setting"]
+    ax.loglog([t["hvps"]], [t["error"]], "*", ms=12, color="black", label=f"as in training (T={t['T']}, then CG)")
     ax.set_xlabel("Hessian-vector products")
     ax.set_ylabel("relative error of dF/dr")
-    ax.set_title(f"hypergradient error ({fig_data['domain']}; reference vs FD: "
-                 f"{fig_data['fd_check_rel_error']:.1e})", fontsize=9)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.set_title(f"{fig_data['domain']}: reference checked by finite differences ({fig_data['fd_check_rel_error']:.1e})",
+                 fontsize=8)
+    ax.legend(fontsize=8)
     save(fig, path)
 
 
 def outer_convergence(fig_data, path):
-    """(4) Raw full-batch ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 and its running minimum."""
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for i, (beta, pts) in enumerate(fig_data.items()):
-        k, ratio = [p["step"] for p in pts], [p["ratio"] for p in pts]
-        running = [min(ratio[:j + 1]) for j in range(len(ratio))]
-        color = f"C{i}"
-        ax.semilogy(k, ratio, "o-", color=color, label=f"β={beta} raw")
-        ax.semilogy(k, running, "--", color=color, alpha=0.6, label=f"β={beta} running min")
-    ax.set_xlabel("outer step k")
-    ax.set_ylabel("‖∇F(φ_k)‖² / ‖∇F(φ_0)‖²")
-    ax.legend(fontsize=7)
+    """(5) ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 and its running minimum, per beta, 95 % CI over seeds."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for ax, key in zip(axes, ("ratio", "running_min")):
+        for i, (beta, ivs) in enumerate(fig_data[key].items()):
+            errorbar(ax, [s + 0.4 * i for s in fig_data["steps"]], ivs, fmt="o-", label=f"β = {beta}")
+        ax.set_yscale("log")
+        ax.set_xlabel("outer step k")
+        ax.set_title("raw, full batch" if key == "ratio" else "running minimum", fontsize=9)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("‖∇F(φ_k)‖² / ‖∇F(φ_0)‖²")
     save(fig, path)
 
 
 def rlhf_rounds(fig_data, path):
-    """(5) Normalised reward-difference spread and gold reward over iterative RLHF rounds."""
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.5))
-    for name, hist in fig_data.items():
-        rounds = [h["round"] for h in hist]
-        axes[0].plot(rounds, [h["spread"] for h in hist], "o-", color=COLORS[name], label=name)
-        axes[1].plot(rounds, [h["gold"] for h in hist], "o-", color=COLORS[name], label=name)
-    axes[0].set_ylabel("std(r_i - r_j) / std(r), same prompt")
-    axes[1].set_ylabel("gold reward of the policy")
-    for ax in axes:
+    """(6) Iterative RLHF: the RM's normalised spread and the policy's gold reward per round."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    rounds = list(range(1, fig_data["rounds"] + 1))
+    for ax, key in zip(axes, ("spread", "gold")):
+        for i, name in enumerate(("metarm", "metarm_eta0")):
+            errorbar(ax, [r + 0.08 * i for r in rounds], fig_data[name][key], fmt="o-", color=COLORS[name], label=name)
         ax.set_xlabel("RLHF round")
         ax.set_xticks(rounds)
         ax.legend(fontsize=8)
+    axes[0].set_ylabel("std(r_i − r_j) / std(r), same prompt")
+    axes[1].set_ylabel("gold reward of the round's policy")
     save(fig, path)
 
 
 def training_curves(fig_data, path):
-    """(6) SFT loss, reward-model losses and the bilevel objective F."""
+    """(7) SFT loss, the vanilla RM's loss and the bilevel objective F (seed 0)."""
     panels = [(k, v) for k, v in fig_data.items() if v]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3))
     for ax, (name, values) in zip(axes if len(panels) > 1 else [axes], panels):
@@ -118,14 +157,13 @@ def training_curves(fig_data, path):
         ax.plot(smooth, color="tab:blue", label=f"mean of last {w}")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
-        ax.set_xlabel("logged step" if name in ("sft_loss", "vanilla_rm_loss") else "step")
     save(fig, path)
 
 
 def make_all(results, out_dir):
     """Every figure whose data is in results, as PNGs in out_dir."""
     out_dir = Path(out_dir)
-    gold_bars(results, out_dir / "gold_reward.png")
+    gold_and_paired(results, out_dir / "gold_reward.png")
     figs = results.get("figures", {})
     for key, draw in [("frontier", frontier), ("hypergradient_error", hypergradient_error),
                       ("outer_convergence", outer_convergence), ("rlhf_rounds", rlhf_rounds),

@@ -1,16 +1,25 @@
-"""A compact GPT for the policy pi and the reward model r_phi (METHOD.md §0, §2.4).
+"""A compact GPT for the policy pi, and the reward model r_phi on its trunk (METHOD.md §0, §2.4).
 
 nanoGPT-like causal transformer with attention written out, softmax(QK^T/sqrt(d) + causal mask) V,
-so that double backward and forward-mode AD (torch.func.jvp) work through it on every device. One
-class serves both roles: the policy has a head to |V| logits, the reward model the same trunk with a
-head to one scalar read at the last real token of the response.
+so that double backward and forward-mode AD (torch.func.jvp) work through it on every device.
+
+After SFT, pi_ref is frozen and shared: every adapted policy and every reward model starts from
+features it computes once per sequence.
+    pi_theta   pi_ref's trunk + an output head to |V| logits on its final features h; theta = the head
+               (22 k parameters, the default adapter of §2.4) or every parameter ("all").
+    r_phi      a reward model: its own copy of pi_ref's last block and final LayerNorm, and a scalar
+               head, on pi_ref's features *before* that block (h_mid); r_phi(x, y) is the head's value
+               summed over the response tokens. phi = the copy and the head (the same set for every
+               RM method); the trunk below it is shared, so an RM never recomputes it.
+So a batch of sequences is encoded once (`encode`, or `sample`, which collects the features while it
+samples) and then scored by any policy head and any reward model: this is what makes the experiment
+fit a laptop CPU.
 
 Symbols -> names:
-    pi_ref, pi_theta   policy GPT; theta = its adapted parameters (a dict, see `adapted_params`)
-    r_phi              reward GPT (n_out=1); phi = its trained parameters (all of them by default)
     x, y               prompt, response token ids; a batch is one tensor `idx` (B, T) = [x | y | pad]
     resp_mask          (B, T) 1.0 on the response tokens y (its <eos> included), 0 on prompt and pad
     log pi(y|x)        sum over the response tokens only (prompt excluded), `sequence_logprob`
+    batch              dict: idx, mask, h and h_mid (pi_ref's features), logp_ref = log pi_ref(y|x)
 """
 import math
 from dataclasses import dataclass
@@ -26,9 +35,9 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 230
-    block_size: int = 32       # prompts have 6 tokens, responses at most 23
-    n_layer: int = 2
+    vocab_size: int = 240
+    block_size: int = 24       # prompts have 6 tokens, responses at most 16
+    n_layer: int = 1
     n_head: int = 4
     n_embd: int = 96
 
@@ -54,61 +63,72 @@ class Block(nn.Module):
         S = k.shape[2]                                         # keys: S = past + T positions
         # softmax(Q K^T / sqrt(hs) + causal mask) V; query i sits at absolute position S - T + i
         att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])                     # (B, nh, T, S)
-        causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        att = att.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(B, T, C)
+        if T > 1:                                              # one new token sees every key
+            causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
+            att = att.masked_fill(~causal, float("-inf"))
+        y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
         x = x + self.c_proj(y)
         x = x + self.mlp(self.ln_2(x))
         return x, (k, v)
 
 
 class GPT(nn.Module):
-    """Token + position embeddings, n_layer blocks, final LayerNorm, linear head to n_out outputs."""
+    """Token + position embeddings, n_layer blocks, final LayerNorm, linear head to |V| logits."""
 
-    def __init__(self, cfg: GPTConfig, n_out: int):
+    def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.h = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
         self.ln_f = nn.LayerNorm(cfg.n_embd)
-        self.head = nn.Linear(cfg.n_embd, n_out)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size)
         for name, p in self.named_parameters():
             if name.endswith("weight") and p.dim() == 2:
                 nn.init.normal_(p, std=0.02)
             elif name.endswith("bias") and "ln" not in name:
                 nn.init.zeros_(p)
 
-    def forward(self, idx, past=None, head=True):
-        """idx (B, T) -> (head outputs (B, T, n_out), or hidden states if head=False; new cache)."""
+    def features(self, idx, past=None):
+        """idx (B, T) -> (h (B, T, C) after the final LayerNorm, h_mid (B, T, C) the residual stream
+        before the last block, new key/value cache)."""
         t0 = 0 if past is None else past[0][0].shape[2]
         pos = torch.arange(t0, t0 + idx.shape[1], device=idx.device)
         x = self.wte(idx) + self.wpe(pos)                      # (B, T, C)
         present = []
         for i, block in enumerate(self.h):
+            if i == len(self.h) - 1:
+                h_mid = x
             x, kv = block(x, None if past is None else past[i])
             present.append(kv)
-        x = self.ln_f(x)
-        if not head:
-            return x, present
-        return (self.head(x) if self.head.out_features == 1 else never_special(self.head(x))), present
+        return self.ln_f(x), h_mid, present
+
+    def forward(self, idx, past=None):
+        """idx (B, T) -> (logits (B, T, V), new key/value cache)."""
+        h, _, present = self.features(idx, past)
+        return never_special(self.head(h)), present
 
 
 # ---- parameters ---------------------------------------------------------------------------------
-def adapted_params(model: GPT, adapt: str = "head") -> dict:
-    """theta (or phi): a detached, trainable copy of the adapted parameters, for functional_call.
+def adapted_params(model: GPT, which: str = "head") -> dict:
+    """theta: a detached, trainable copy of the adapted parameters, for functional_call.
 
-    adapt="head": the output head only (the frozen trunk's features are shared with pi_ref, §2.4);
-    adapt="all": every parameter. Parameters left out of the dict are the model's own (frozen).
+    which="head": the output head only (the frozen trunk's features are shared with pi_ref, §2.4);
+    which="all": every parameter. Parameters left out of the dict are the model's own (frozen).
     """
-    if adapt not in ("head", "all"):
-        raise ValueError(f"adapt must be 'head' or 'all', got {adapt!r}")
-    return copy_params({n: p for n, p in model.named_parameters() if adapt == "all" or n.startswith("head.")})
+    if which not in ("head", "all"):
+        raise ValueError(f"adapted parameters must be 'head' or 'all', got {which!r}")
+    return copy_params({n: p for n, p in model.named_parameters() if which == "all" or n.startswith("head.")})
 
 
 def copy_params(params: dict) -> dict:
     """A detached, trainable copy of a parameter dict (its own storage: training it leaves params be)."""
     return {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
+
+
+def is_head(theta: dict) -> bool:
+    """True when theta holds the output head only, so that pi_ref's features serve pi_theta."""
+    return all(n.startswith("head.") for n in theta)
 
 
 def never_special(logits):
@@ -117,22 +137,9 @@ def never_special(logits):
     return logits.index_fill(-1, torch.tensor([PAD_ID, BOS_ID], device=logits.device), -1e9)
 
 
-def head_logits(params: dict, h):
-    """The policy head applied to trunk features h (B, T, C) with the head in `params`."""
-    return never_special(F.linear(h, params["head.weight"], params["head.bias"]))
-
-
-def make_reward_model(policy: GPT, generator: torch.Generator) -> GPT:
-    """r_phi: a GPT with pi_ref's trunk (copied) and a fresh scalar head."""
-    w = policy.head.weight
-    rm = GPT(policy.cfg, n_out=1).to(device=w.device, dtype=w.dtype)
-    trunk = {k: v for k, v in policy.state_dict().items() if not k.startswith("head.")}
-    rm.load_state_dict(trunk, strict=False)
-    with torch.no_grad():
-        rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=generator,
-                                         device=generator.device, dtype=w.dtype) * 0.02)
-        rm.head.bias.zero_()
-    return rm
+def head_logits(theta: dict, h):
+    """The policy head in theta applied to trunk features h (B, T, C)."""
+    return never_special(F.linear(h, theta["head.weight"], theta["head.bias"]))
 
 
 def draw(n: int, size: int, generator: torch.Generator) -> list:
@@ -140,7 +147,7 @@ def draw(n: int, size: int, generator: torch.Generator) -> list:
     return torch.randint(n, (size,), generator=generator, device=generator.device).tolist()
 
 
-# ---- log-probabilities and rewards ---------------------------------------------------------------
+# ---- batches: tokens, features, log-probabilities ------------------------------------------------
 def pad_batch(seqs, device="cpu"):
     """List of token-id lists -> LongTensor (B, T) right-padded with PAD_ID."""
     T = max(len(s) for s in seqs)
@@ -160,72 +167,124 @@ def join(prompts, responses, device="cpu"):
 
 
 def sequence_logprob(logits, idx, resp_mask):
-    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens, and the per-token values.
+    """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over response tokens, (B,).
 
-    Args: logits (B, T, V) computed from idx (B, T); resp_mask (B, T).
-    Returns: (B,) sums and (B, T-1) per-token log-probs (zero off the response), where entry t-1
-    is the log-probability of token t.
+    Args: logits (B, T, V) computed from idx (B, T), where position t predicts token t + 1; resp_mask (B, T).
     """
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, idx[:, 1:, None]).squeeze(-1)
-    per_token = logp * resp_mask[:, 1:]
-    return per_token.sum(-1), per_token
+    return (logp * resp_mask[:, 1:]).sum(-1)
 
 
-def policy_logprob(model: GPT, params: dict, idx, resp_mask):
-    """log pi_params(y|x) (B,), with `params` overriding the model's own (functional_call)."""
-    logits, _ = functional_call(model, params, (idx,))
-    return sequence_logprob(logits, idx, resp_mask)[0]
+@torch.no_grad()
+def encode(model: GPT, idx, resp_mask, h=None, h_mid=None) -> dict:
+    """A batch dict: tokens, mask, pi_ref's features h and h_mid (B, T, C) and log pi_ref(y|x) (B,);
+    the features are computed unless given."""
+    if h is None:
+        h, h_mid, _ = model.features(idx)
+    return {"idx": idx, "mask": resp_mask, "h": h, "h_mid": h_mid,
+            "logp_ref": sequence_logprob(never_special(model.head(h)), idx, resp_mask)}
 
 
-def logprob_and_ref(model: GPT, theta: dict, idx, resp_mask):
-    """(log pi_theta(y|x), log pi_ref(y|x)), both (B,); pi_ref is the model's own parameters.
+def rows_of(batch: dict, rows) -> dict:
+    """The sub-batch of the given row indices."""
+    return {k: v[rows] for k, v in batch.items()}
 
-    When theta is the head alone the trunk runs once and its features serve both heads.
-    """
+
+def logprob(model: GPT, theta: dict, batch: dict):
+    """log pi_theta(y|x) (B,), with the graph to theta. A head theta reads the batch's features; a
+    theta with trunk parameters runs the whole model with them (functional_call)."""
+    if is_head(theta):
+        logits = head_logits(theta, batch["h"])
+    else:
+        logits, _ = functional_call(model, theta, (batch["idx"],))
+    return sequence_logprob(logits, batch["idx"], batch["mask"])
+
+
+# ---- the reward model r_phi ----------------------------------------------------------------------
+class RewardModel(nn.Module):
+    """r_phi: a copy of pi_ref's last block and final LayerNorm, and a scalar head, read at every
+    response token and summed: r_phi(x, y) = sum_{t in y} head(ln(block(h_mid))_t)."""
+
+    def __init__(self, model: GPT):
+        super().__init__()
+        self.block = Block(model.cfg)
+        self.ln = nn.LayerNorm(model.cfg.n_embd)
+        self.head = nn.Linear(model.cfg.n_embd, 1)
+
+    def forward(self, h_mid, resp_mask):
+        x, _ = self.block(h_mid)
+        return (self.head(self.ln(x))[..., 0] * resp_mask).sum(1)
+
+
+def make_reward_model(model: GPT, generator: torch.Generator):
+    """(r_phi, phi): the block and LayerNorm copied from pi_ref, a fresh head (w ~ N(0, 0.02^2), b = 0);
+    phi is a trainable dict of all of the reward model's parameters (functional_call)."""
+    rm = RewardModel(model).to(model.head.weight.device, model.head.weight.dtype)
+    rm.block.load_state_dict(model.h[-1].state_dict())
+    rm.ln.load_state_dict(model.ln_f.state_dict())
     with torch.no_grad():
-        h, _ = model(idx, head=False)
-        logp_ref = sequence_logprob(never_special(model.head(h)), idx, resp_mask)[0]
-    if all(n.startswith("head.") for n in theta):
-        return sequence_logprob(head_logits(theta, h), idx, resp_mask)[0], logp_ref
-    return policy_logprob(model, theta, idx, resp_mask), logp_ref
+        rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=generator, device=generator.device,
+                                         dtype=rm.head.weight.dtype) * 0.02)
+        rm.head.bias.zero_()
+    rm.requires_grad_(False)
+    return rm, copy_params(dict(rm.named_parameters()))
 
 
-def reward(rm: GPT, phi: dict, idx):
-    """r_phi(x, y) (B,): the scalar head at the last real (non-pad) token of each sequence."""
-    out, _ = functional_call(rm, phi, (idx,))              # (B, T, 1)
-    last = (idx != PAD_ID).sum(1) - 1                      # right padding: last real token
-    return out[torch.arange(idx.shape[0], device=idx.device), last, 0]
+def reward(rm: RewardModel, phi: dict, batch: dict):
+    """r_phi(x, y) (B,) of an encoded batch, with phi in place of rm's own parameters."""
+    return functional_call(rm, phi, (batch["h_mid"], batch["mask"]))
 
 
 # ---- sampling with a key/value cache -------------------------------------------------------------
 @torch.no_grad()
-def sample(model: GPT, params: dict, prompts, max_new_tokens: int, generator: torch.Generator,
-           temperature: float = 1.0, top_k: int | None = None):
-    """Sample responses y ~ pi_params(.|x) for a batch of equal-length prompts, stopping at <eos>.
+def sample(model: GPT, theta: dict, prompts, max_new_tokens: int, generator: torch.Generator,
+           temperature: float = 1.0) -> dict:
+    """Sample responses y ~ pi_theta(.|x)^(1/temperature) for equal-length prompts, stopping at <eos>.
 
-    Args: prompts (B, P) long; params override the model's parameters (e.g. theta); an explicit
+    Args: prompts (B, P) long; theta: the policy's adapted parameters ({} = pi_ref); an explicit
     generator on the model's device.
-    Returns: idx (B, P + L) = [x | y | pad] and resp_mask (B, P + L) (1 on y, <eos> included).
+    Returns: the encoded batch (see `encode`): idx (B, P + L) = [x | y | pad], mask (1 on y, <eos>
+    included), pi_ref's features -- collected while sampling when theta is a head -- and logp_ref.
     """
+    head = is_head(theta)
     B, P = prompts.shape
-    idx, past, inp = prompts, None, prompts
+    idx, past, inp, hs, mids = prompts, None, prompts, [], []
     done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
-    for _ in range(max_new_tokens):
-        logits, past = functional_call(model, params, (inp,), {"past": past})
-        logits = logits[:, -1] / temperature                               # (B, V)
-        if top_k is not None:
-            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
+    for t in range(max_new_tokens + 1):
+        if head:
+            h, h_mid, past = model.features(inp, past)       # pi_ref's features of the fed tokens
+            hs.append(h)
+            mids.append(h_mid)
+            logits = head_logits(theta, h[:, -1]) if theta else never_special(model.head(h[:, -1]))
+        else:
+            logits, past = functional_call(model, theta, (inp, past))
+            logits = logits[:, -1]
+        if t == max_new_tokens or done.all():
+            break
+        # inverse-CDF sampling, one uniform per row (cheaper on CPU than torch.multinomial); u > 0
+        # never picks a zero-probability token before the first positive one
+        u = 1.0 - torch.rand(B, 1, generator=generator, device=prompts.device, dtype=logits.dtype)  # (0, 1]
+        nxt = ((logits / temperature).softmax(-1).cumsum(-1) < u).sum(-1).clamp_max(logits.shape[-1] - 1)  # (B,)
         nxt = torch.where(done, torch.full_like(nxt, PAD_ID), nxt)
         idx = torch.cat([idx, nxt[:, None]], dim=1)
         done = done | (nxt == EOS_ID)
-        if done.all():
-            break
         inp = nxt[:, None]
     resp_mask = (idx != PAD_ID).float()
     resp_mask[:, :P] = 0.0
-    return idx, resp_mask
+    if head:
+        return encode(model, idx, resp_mask, torch.cat(hs, 1), torch.cat(mids, 1))
+    return encode(model, idx, resp_mask)
+
+
+@torch.no_grad()
+def encode_pairs(model: GPT, pairs, device="cpu", chunk: int = 2048):
+    """Encoded (chosen, rejected) batches of a list of pairs, prompt + response; the trunk runs in chunks."""
+    out = []
+    for which in ("chosen", "rejected"):
+        idx, mask = join([p.prompt for p in pairs], [getattr(p, which) for p in pairs], device)
+        parts = [model.features(idx[i:i + chunk])[:2] for i in range(0, len(idx), chunk)]
+        out.append(encode(model, idx, mask, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
+    return out[0], out[1]
 
 
 # ---- supervised fine-tuning of pi_ref ------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""The experiment of METHOD.md §5: `python train.py`.
+"""The experiment of METHOD.md §5: `python train.py` (README: expected output and time).
 
-SFT pi_ref on the unlabelled corpus -> reward models / policies of the six methods (SFT, vanilla RM,
-DPO, MetaRM, bilevel meta-RM, gold-reward oracle) -> meta-test adaptation (3) with the same budget
-on every held-out domain -> evaluation, for several seeds; then the one-seed sweeps behind the
-figures. Writes results.json / results.md / samples.jsonl / timings.json / datasets / PNGs into
---out, replacing an earlier run only once the new one is complete.
+SFT pi_ref on the unlabelled corpus -> for each seed: the reward models of every method and control
+-> on every evaluation domain, several repeats of meta-test adaptation (3) per method with common
+random numbers -> evaluation -> paired statistics over seeds, ceilings, the papers' premises; then the
+figures' experiments (>= 3 seeds). Writes results.json / results.md / samples.jsonl / timings.json /
+datasets / PNGs into --out, replacing an earlier run only once the new one is complete.
 """
 import argparse
 import copy
@@ -15,7 +15,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -27,46 +27,504 @@ import metarm
 import plots
 import policy as P
 
-METHODS = ("sft", "vanilla_rm", "dpo", "metarm", "bilevel", "oracle")
-RM_METHODS = ("vanilla_rm", "metarm", "bilevel")
+# method -> what adapts the policy on a domain (README, "Methods and controls")
+METHODS = ("sft", "dpo", "vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt_only", "metarm",
+           "metarm_eta0", "oracle", "in_domain_rm", "agnostic_oracle")
+RM_METHODS = ("vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt_only", "metarm", "metarm_eta0", "in_domain_rm")
+CEILINGS = ("oracle", "in_domain_rm", "agnostic_oracle")
+# (method, control, the paper's direction): each comparison is a paired difference over seeds
+COMPARISONS = (("bilevel", "vanilla_rm"), ("bilevel", "bilevel_bt_only"), ("metarm", "vanilla_rm"),
+               ("metarm", "metarm_eta0"), ("vanilla_rm_long", "vanilla_rm"))
 METRICS = ("gold_reward", "win_rate", "rm_accuracy", "kl")
+MAX_NEW = 16
 
 
 @dataclass
 class Config:
-    seeds: int = 3                  # number of seeds, 0 .. seeds-1 (the main table)
-    out: str = "runs/latest"        # output folder (replaced only when the run is complete)
-    device: str = "auto"            # auto | cpu | cuda
-    beta: float = 0.5               # KL coefficient of adaptation (3) and of the lower level (5)
-    quick: bool = False             # one seed, small budgets, no sweeps: a smoke run of about 35 s
-    methods: str = ",".join(METHODS)  # comma-separated subset of the six methods
-    domains: str = "test"           # test: the held-out domains | dev: the dev domains (tuning)
-    figures: bool = True            # run the one-seed sweeps behind the figures
-    sft_steps: int = 1000           # SFT of pi_ref (once; shared by all seeds)
-    rm_steps: int = 400             # vanilla RM: Bradley-Terry steps of 32 pairs
-    rm_lr: float = 1.5e-3
-    adapt_steps: int = 60           # meta-test adaptation (3): RLOO steps of 16 prompts x 4 samples
-    adapt_lr: float = 1e-2
-    dpo_lr: float = 1e-2            # (chosen on dev domains) DPO takes as many steps as adaptation, 64 pairs each
-    beta_dpo: float = 0.1           # DPO temperature (2), also in the upper level (7)
-    metarm_steps: int = 40          # MetaRM (9)-(11) steps from the vanilla RM, per held-out domain
-    eta: float = 0.03               # MetaRM ascent step (10), chosen on dev domains
-    metarm_k: int = 4               # MetaRM responses per shifted prompt (pi_ref, temperature 1)
-    second_order: bool = True       # MetaRM: exact gradient through (10) (False: the first-order update)
-    bilevel_steps: int = 60         # outer steps (Adam on phi) from the vanilla RM
-    lam: float = 0.3                # weight of L_BT in the upper level (7), chosen on dev domains
-    K: int = 4                      # lower level: candidates per prompt
-    T: int = 20                     # lower level: inner gradient steps (6)
-    solver: str = "cg"              # hypergradient: cg | neumann | unrolled
-    eval_samples: int = 16          # evaluation samples per prompt (20 prompts per domain)
-    threads: int = 0                # torch CPU threads (0: torch's default)
+    seeds: int = field(default=10, metadata={"help": "number of seeds 0 .. seeds-1; the seed is the statistical unit"})
+    out: str = field(default="runs/latest", metadata={"help": "output folder (replaced only when the run is complete)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    domains: str = field(default="test", metadata={"help": "test: the held-out domains | dev: the dev domains (tuning)"})
+    methods: str = field(default=",".join(METHODS), metadata={"help": "comma-separated subset of the methods"})
+    quick: bool = field(default=False, metadata={"help": "a smoke run: 1 seed, small budgets, no figures (< 1 min)"})
+    figures: bool = field(default=True, metadata={"help": "run the figures' experiments (3 seeds)"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    sft_steps: int = field(default=1500, metadata={"help": "SFT steps of pi_ref (64 reviews each; once, shared by all seeds)"})
+    beta: float = field(default=metarm.AdaptConfig.beta, metadata={"help": "beta, KL coefficient of (3) and of the lower level (5)"})
+    adapt_steps: int = field(default=metarm.AdaptConfig.steps, metadata={"help": "RLOO steps of meta-test adaptation (3), 16 prompts x 4 samples each"})
+    adapt_lr: float = field(default=metarm.AdaptConfig.lr, metadata={"help": "Adam step size of adaptation (3)"})
+    repeats: int = field(default=2, metadata={"help": "adaptations per (method, domain, seed), with common random numbers"})
+    eval_samples: int = field(default=16, metadata={"help": "evaluation samples per prompt"})
+    rm_steps: int = field(default=metarm.RMConfig.steps, metadata={"help": "Bradley-Terry steps (1) of the vanilla RM, 32 pairs each"})
+    rm_lr: float = field(default=metarm.RMConfig.lr, metadata={"help": "Adam step size of every reward model"})
+    extra_steps: int = field(default=60, metadata={"help": "RM updates every method adds to the vanilla RM: bilevel outer steps, MetaRM updates, vanilla_rm_long's extra steps"})
+    beta_dpo: float = field(default=0.1, metadata={"help": "beta_DPO of the DPO baseline (2)"})
+    dpo_lr: float = field(default=1e-2, metadata={"help": "Adam step size of the DPO baseline (as many steps as adaptation, 64 pairs each)"})
+    lam: float = field(default=metarm.BilevelConfig.lam, metadata={"help": "lambda, weight of L_BT in the upper level (7)"})
+    upper_beta_dpo: float = field(default=metarm.BilevelConfig.beta_dpo, metadata={"help": "beta_DPO inside the upper level (7)"})
+    K: int = field(default=metarm.BilevelConfig.K, metadata={"help": "K, candidates per prompt of the lower level (4)(5)"})
+    T: int = field(default=metarm.BilevelConfig.T, metadata={"help": "T, inner gradient steps (6), warm-started"})
+    solver: str = field(default=metarm.BilevelConfig.solver, metadata={"help": "hypergradient (8): cg | neumann | unrolled"})
+    eta: float = field(default=metarm.MetaRMConfig.eta, metadata={"help": "eta, MetaRM's ascent step (10)"})
+    metarm_k: int = field(default=metarm.MetaRMConfig.k, metadata={"help": "k, MetaRM responses per shifted prompt (9)"})
+    temperature: float = field(default=metarm.MetaRMConfig.temperature, metadata={"help": "sampling temperature of MetaRM's shifted set"})
+    rounds: int = field(default=metarm.MetaRMConfig.rounds, metadata={"help": "MetaRM rounds on a held-out domain (the last one's policy is evaluated)"})
+    second_order: bool = field(default=False, metadata={"help": "MetaRM: exact gradient through (10) (default: the authors' first-order update)"})
 
 
-QUICK = dict(seeds=1, sft_steps=300, rm_steps=60, adapt_steps=15, metarm_steps=5, bilevel_steps=5,
-             eval_samples=4, figures=False)
-MAX_NEW = 24
+QUICK = dict(seeds=1, sft_steps=300, rm_steps=60, adapt_steps=10, extra_steps=4, repeats=1, eval_samples=4,
+             figures=False, rounds=2)
 
 
+# =================================================================================================
+# The pipeline
+# =================================================================================================
+def run(cfg: Config, tmp: Path) -> dict:
+    """The whole experiment; every output goes into tmp. Returns the results dict."""
+    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    print("config:", json.dumps(asdict(cfg)))
+    timings, t0 = {}, time.perf_counter()
+    world = data.World()
+    write_datasets(world, tmp)
+    with clock(timings, "sft"):
+        torch.manual_seed(0)
+        model = P.GPT(P.GPTConfig(vocab_size=len(world.vocab))).to(device)
+        sft_losses = P.sft(model, world.sft[1000:], cfg.sft_steps, 64, 1.5e-3, torch.Generator(device).manual_seed(0), device)
+        model.requires_grad_(False)
+        ppl = P.perplexity(model, world.sft[:1000], device)
+    print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
+    with clock(timings, "encode"):
+        setup = make_setup(cfg, world, model, device)
+    per_seed, samples, logs = [], [], []
+    for seed in tqdm(range(cfg.seeds), desc="seeds"):
+        rms, seed_logs = train_reward_models(seed, cfg, setup, timings)
+        metrics, premises, smp = evaluate_seed(seed, cfg, setup, rms, timings)
+        per_seed.append({"metrics": metrics, "premises": premises})
+        samples += smp
+        logs.append({**seed_logs, "rms": rms if seed < 3 else None})
+    results = summarise(cfg, per_seed)
+    results.update(world_version=data.WORLD_VERSION, sft_val_perplexity=ppl,
+                   bilevel_curvature=[l["curvature"] for l in logs if "curvature" in l])
+    if cfg.figures:
+        results["figures"] = figure_experiments(cfg, setup, logs, sft_losses, timings)
+    write_outputs(tmp, cfg, results, samples)
+    timings["total"] = time.perf_counter() - t0
+    write_json(tmp / "timings.json", timings)
+    return results
+
+
+def make_setup(cfg: Config, world, model, device) -> dict:
+    """What every seed shares: pi_ref, the reward model's architecture, encoded pairs, prompts."""
+    methods = cfg.methods.split(",")
+    domains = data.TEST_DOMAINS if cfg.domains == "test" else data.DEV_DOMAINS
+    enc = lambda pairs: P.encode_pairs(model, pairs, device)
+    eval_pairs = {d: enc(world.eval_pairs[d]) for d in domains}
+    gold_margins = {d: torch.tensor([world.gold_reward(d, p.chosen) - world.gold_reward(d, p.rejected)
+                                     for p in world.eval_pairs[d]], device=device) for d in domains}
+    return {"world": world, "model": model, "device": device, "methods": methods, "domains": domains,
+            "rm": P.RewardModel(model).to(device).requires_grad_(False),
+            "train_pairs": enc(world.pooled_pairs(data.TRAIN_DOMAINS)),
+            "domain_pairs": {d: enc(world.pairs[d]) for d in data.TRAIN_DOMAINS},
+            "own_pairs": {d: enc(world.pairs[d]) for d in domains} if "in_domain_rm" in methods else {},
+            "eval_pairs": eval_pairs, "gold_margins": gold_margins,
+            "prompts": {d: torch.tensor(world.prompts[d], device=device) for d in data.DOMAINS},
+            "theta_ref": {n: p.detach() for n, p in P.adapted_params(model).items()},
+            "adapt_cfg": metarm.AdaptConfig(beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=MAX_NEW),
+            "rm_cfg": metarm.RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr),
+            "metarm_cfg": metarm.MetaRMConfig(eta=cfg.eta, k=cfg.metarm_k, temperature=cfg.temperature,
+                                              steps=cfg.extra_steps // max(1, cfg.rounds - 1), rounds=cfg.rounds,
+                                              second_order=cfg.second_order)}
+
+
+def bilevel_config(cfg: Config, **over) -> metarm.BilevelConfig:
+    return metarm.BilevelConfig(**{**dict(beta=cfg.beta, beta_dpo=cfg.upper_beta_dpo, lam=cfg.lam, K=cfg.K, T=cfg.T,
+                                          solver=cfg.solver, outer_steps=cfg.extra_steps, lr=cfg.rm_lr,
+                                          max_new_tokens=MAX_NEW), **over})
+
+
+def train_reward_models(seed: int, cfg: Config, s: dict, timings: dict):
+    """Every reward model of one seed (and the DPO policy): returns ({method: phi, or {domain: phi},
+    or theta for dpo}, logs). The controls start from the vanilla RM exactly as their method does."""
+    methods, rm, model, gen = s["methods"], s["rm"], s["model"], lambda k: torch.Generator(s["device"]).manual_seed(k)
+    out, logs = {}, {}
+    with clock(timings, "vanilla_rm"), stage("vanilla_rm", seed):
+        _, phi = P.make_reward_model(model, gen(seed))
+        logs["vanilla_rm"], opt = metarm.train_reward_model(rm, phi, s["train_pairs"], s["rm_cfg"], gen(seed))
+        out["vanilla_rm"], out["vanilla_opt"] = phi, opt
+    if "vanilla_rm_long" in methods:
+        with clock(timings, "vanilla_rm_long"), stage("vanilla_rm_long", seed):
+            out["vanilla_rm_long"], opt_long = metarm.continue_from(phi, opt, cfg.rm_lr)
+            metarm.train_reward_model(rm, out["vanilla_rm_long"], s["train_pairs"], s["rm_cfg"], gen(seed + 1),
+                                      opt_long, steps=cfg.extra_steps)
+    if "in_domain_rm" in methods:
+        with clock(timings, "in_domain_rm"), stage("in_domain_rm", seed):
+            out["in_domain_rm"] = {}
+            for d in s["domains"]:                     # a ceiling: the domain's own labels, seen by no method
+                out["in_domain_rm"][d], opt_d = metarm.continue_from(phi, opt, cfg.rm_lr)
+                metarm.train_reward_model(rm, out["in_domain_rm"][d], s["own_pairs"][d], s["rm_cfg"], gen(seed + 2), opt_d)
+    domains = {d: (s["prompts"][d], s["domain_pairs"][d]) for d in data.TRAIN_DOMAINS}
+    if "bilevel" in methods:
+        with clock(timings, "bilevel"), stage("bilevel", seed):
+            bcfg, out["bilevel"] = bilevel_config(cfg), P.copy_params(phi)
+            probe = {d: metarm.draw_problem(model, *domains[d], bcfg, gen(seed + 3)) for d in data.TRAIN_DOMAINS[:4]}
+            logs["curvature"] = metarm.calibrate(model, rm, out["bilevel"], probe, bcfg, s["theta_ref"])
+            logs["bilevel"] = metarm.train_bilevel(model, rm, out["bilevel"], domains, s["train_pairs"], bcfg,
+                                                   s["theta_ref"], gen(seed + 4), gen(seed + 5))
+            logs["curvature"]["margins"] = [e["margin"] for e in logs["bilevel"] if "margin" in e]
+            logs["curvature"]["rho_final"] = bcfg.rho
+    if "bilevel_bt_only" in methods:
+        with clock(timings, "bilevel_bt_only"), stage("bilevel_bt_only", seed):
+            out["bilevel_bt_only"] = P.copy_params(phi)
+            metarm.train_bilevel(model, rm, out["bilevel_bt_only"], domains, s["train_pairs"], bilevel_config(cfg),
+                                 s["theta_ref"], gen(seed + 4), gen(seed + 5), dpo_term=False)
+    if "dpo" in methods:
+        with clock(timings, "dpo"), stage("dpo", seed):
+            out["dpo"] = metarm.train_dpo(model, s["train_pairs"], cfg.adapt_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen(seed + 6))
+    return out, logs
+
+
+def crn_seed(seed: int, domain_index: int, repeat: int) -> int:
+    """The generator seed of one (seed, domain, repeat): every method uses it (common random numbers)."""
+    return 1_000_000 * (seed + 1) + 1000 * domain_index + repeat
+
+
+def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
+    """Every method on every evaluation domain, cfg.repeats adaptations each with common random numbers.
+
+    Returns (metrics[method][domain] averaged over repeats, premises[domain], a few samples)."""
+    world, model, methods, gold = s["world"], s["model"], s["methods"], gold_fn(s["world"])
+    gen = lambda k: torch.Generator(s["device"]).manual_seed(k)
+    metrics = {m: {} for m in methods}
+    premises, samples = {}, []
+    for i, d in enumerate(s["domains"]):
+        prompts = s["prompts"][d]
+        ref = P.sample(model, {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))   # the reward scale (§1)
+        rewards = reward_functions(s, rms, d, ref)
+        runs = {m: [] for m in methods}
+        for j in range(cfg.repeats):
+            key = crn_seed(seed, i, j)
+            ref_eval = P.sample(model, {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
+            thetas = {"sft": s["theta_ref"], "dpo": rms.get("dpo")}
+            with clock(timings, "adaptation"):
+                for m in methods:
+                    if m in rewards:
+                        with stage(m, seed):
+                            thetas[m] = metarm.adapt(model, prompts, rewards[m], s["adapt_cfg"], gen(key))[0]
+            with clock(timings, "metarm"):
+                for m, eta in (("metarm", cfg.eta), ("metarm_eta0", 0.0)):
+                    if m in methods:
+                        with stage(m, seed):
+                            phi, opt = metarm.continue_from(rms["vanilla_rm"], rms["vanilla_opt"], cfg.rm_lr)
+                            mcfg = metarm.MetaRMConfig(**{**asdict(s["metarm_cfg"]), "eta": eta})
+                            thetas[m], _ = metarm.metarm_rounds(model, prompts, ref, s["rm"], phi, opt, s["train_pairs"],
+                                                                mcfg, s["rm_cfg"], s["adapt_cfg"], (key, key + 1, key + 2, key + 3),
+                                                                theta_first=thetas.get("vanilla_rm"))
+                            rms.setdefault(m, {})[(d, j)] = phi
+            with clock(timings, "evaluation"):
+                for m in methods:
+                    res, batch, g = evaluate(model, thetas[m], prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)
+                    runs[m].append(res)
+                    if j == 0:
+                        samples += [{"method": m, "domain": d, "seed": seed, "response": world.decode(row[data.PROMPT_LEN:]),
+                                     "prompt": world.decode(row[:data.PROMPT_LEN]), "gold_reward": gr}
+                                    for row, gr in list(zip(batch["idx"].tolist(), g.tolist()))[:8]]
+                    if m == "vanilla_rm":
+                        premises.setdefault(d, []).append(measure_premises(s, rms["vanilla_rm"], ref_eval, batch, gold, cfg.eval_samples))
+        for m in methods:
+            metrics[m][d] = {k: mean([r[k] for r in runs[m]]) for k in ("gold_reward", "win_rate", "kl")}
+            metrics[m][d]["rm_accuracy"] = rm_accuracy(s, rms, m, d) if m in RM_METHODS else None
+        if d in premises:
+            premises[d] = {k: mean([p[k] for p in premises[d]]) for k in premises[d][0]}
+            premises[d]["acc_behaviour_pairs"] = rm_accuracy(s, rms, "vanilla_rm", d)
+    return metrics, premises, samples
+
+
+def reward_functions(s: dict, rms: dict, d: str, ref: dict) -> dict:
+    """method -> the reward its adaptation (3) uses on domain d, standardised on pi_ref's samples (§1)."""
+    gold, world, out = gold_fn(s["world"]), s["world"], {}
+    for m in s["methods"]:
+        if m == "oracle":
+            fn = gold
+        elif m == "agnostic_oracle":
+            fn = lambda b: torch.tensor(world.gold_rewards(b["idx"].tolist(), agnostic=True), device=b["idx"].device)
+        elif m in ("vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt_only", "in_domain_rm"):
+            phi = rms[m][d] if m == "in_domain_rm" else rms[m]
+            fn = lambda b, phi=phi: P.reward(s["rm"], phi, b)
+        else:
+            continue                                      # sft, dpo: no adaptation; metarm: its own rounds
+        out[m] = metarm.standardised(fn, ref)
+    return out
+
+
+# =================================================================================================
+# Evaluation
+# =================================================================================================
+def gold_fn(world):
+    """r*_d of an encoded batch as a tensor (the domain is read from each prompt's tag)."""
+    return lambda b: torch.tensor(world.gold_rewards(b["idx"].tolist()), dtype=torch.float32, device=b["idx"].device)
+
+
+def evaluate(model, theta, prompts, ref_eval, gold, gen, n: int):
+    """Gold reward of pi_theta's samples, win rate against pi_ref's samples ref_eval of the same prompts
+    (judged by the gold reward, ties 1/2) and KL(pi_theta || pi_ref) (k1 on the policy's samples)."""
+    batch = P.sample(model, theta, prompts.repeat(n, 1), MAX_NEW, gen)
+    g = gold(batch)
+    kl = (P.logprob(model, theta, batch) - batch["logp_ref"]).mean()
+    return {"gold_reward": g.mean().item(), "win_rate": metarm.tie_accuracy(g - gold(ref_eval)).item(),
+            "kl": kl.item()}, batch, g
+
+
+@torch.no_grad()
+def rm_accuracy(s: dict, rms: dict, m: str, d: str) -> float:
+    """The RM's accuracy on d's labelled evaluation pairs against the noise-free gold ordering (gold
+    ties excluded, RM ties 1/2); MetaRM's RMs (one per repeat) are averaged."""
+    phis = rms[m]
+    phis = [phis[d]] if m == "in_domain_rm" else [phis] if m not in ("metarm", "metarm_eta0") else \
+        [p for (dd, _), p in phis.items() if dd == d]
+    chosen, rejected = s["eval_pairs"][d]
+    return mean([metarm.tie_accuracy(P.reward(s["rm"], phi, chosen) - P.reward(s["rm"], phi, rejected),
+                                     s["gold_margins"][d]).item() for phi in phis])
+
+
+@torch.no_grad()
+def measure_premises(s: dict, phi: dict, ref_eval: dict, adapted: dict, gold, n: int) -> dict:
+    """The papers' premises, measured with the vanilla RM (§4): its accuracy on gold-labelled pairs of
+    two samples of the same prompt, from pi_ref and from the policy adapted with it; its normalised
+    reward-difference spread (§3) on the same samples."""
+    out = {}
+    for name, batch in (("pi_ref", ref_eval), ("adapted", adapted)):
+        r, g = P.reward(s["rm"], phi, batch), gold(batch)
+        half = len(r) // 2                                      # rows i and i + half share a prompt
+        out[f"acc_{name}_samples"] = metarm.tie_accuracy(r[:half] - r[half:2 * half], g[:half] - g[half:2 * half]).item()
+        out[f"spread_{name}"] = metarm.reward_spread(r.view(n, -1).T.reshape(-1), n)
+    return out
+
+
+# =================================================================================================
+# Statistics
+# =================================================================================================
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def t_quantile(df: int, p: float = 0.975) -> float:
+    """The p-quantile of Student's t with df degrees of freedom, by bisection on its CDF (the CDF by
+    Simpson's rule on the density: exact to ~1e-7 here, no scipy needed)."""
+    dens = lambda x: math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) \
+        * (1 + x * x / df) ** (-(df + 1) / 2)
+    cdf = lambda x: 0.5 + sum((dens(a) + 4 * dens(a + x / 2000) + dens(a + x / 1000)) * x / 6000
+                              for a in (i * x / 1000 for i in range(1000)))
+    lo, hi = 0.0, 1000.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def interval(xs) -> dict:
+    """Mean and 95 % t-interval over seeds (the seed is the unit); n = 1 gives no interval."""
+    m, n = mean(xs), len(xs)
+    if n < 2:
+        return {"mean": m, "ci95": None, "n_seeds": n}
+    half = t_quantile(n - 1) * math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+    return {"mean": m, "ci95": [m - half, m + half], "n_seeds": n}
+
+
+def verdict(ci, direction: int = 1) -> str:
+    """reproduced: the interval excludes 0 in the paper's direction; contradicted: the other way."""
+    if ci is None:
+        return "undetermined"
+    lo, hi = ci
+    if (lo > 0 and direction > 0) or (hi < 0 and direction < 0):
+        return "reproduced"
+    return "contradicted" if lo > 0 or hi < 0 else "undetermined"
+
+
+def summarise(cfg: Config, per_seed: list) -> dict:
+    """The results dict: per-method means with intervals, paired comparisons, ceilings, premises."""
+    methods = list(per_seed[0]["metrics"])
+    domains = list(per_seed[0]["metrics"][methods[0]])
+    seed_value = lambda s, m, k: mean([s["metrics"][m][d][k] for d in domains])
+    out = {"config": {k: v for k, v in asdict(cfg).items() if k != "out"}, "domains": domains, "methods": {}}
+    for m in methods:
+        out["methods"][m] = {k: None if per_seed[0]["metrics"][m][domains[0]][k] is None else
+                             {**interval([seed_value(s, m, k) for s in per_seed]),
+                              "per_domain": {d: mean([s["metrics"][m][d][k] for s in per_seed]) for d in domains}}
+                             for k in METRICS}
+    out["paired"] = {}
+    for a, b in COMPARISONS + (("in_domain_rm", "vanilla_rm"), ("oracle", "vanilla_rm")):
+        if a in methods and b in methods:
+            diffs = [seed_value(s, a, "gold_reward") - seed_value(s, b, "gold_reward") for s in per_seed]
+            iv = interval(diffs)
+            out["paired"][f"{a} - {b}"] = {**iv, "wins": sum(x > 0 for x in diffs), "per_seed": diffs,
+                                           "per_domain": {d: mean([s["metrics"][a][d]["gold_reward"] - s["metrics"][b][d]["gold_reward"]
+                                                                   for s in per_seed]) for d in domains},
+                                           "verdict": verdict(iv["ci95"])}
+    out["ceilings"] = {m: interval([seed_value(s, m, "gold_reward") for s in per_seed]) for m in CEILINGS if m in methods}
+    if "vanilla_rm" in methods:
+        keys = list(per_seed[0]["premises"][domains[0]])
+        out["premises"] = {k: interval([mean([s["premises"][d][k] for d in domains]) for s in per_seed]) for k in keys}
+    return out
+
+
+# =================================================================================================
+# The figures' experiments (>= 3 seeds where they compare methods)
+# =================================================================================================
+def figure_experiments(cfg: Config, s: dict, logs: list, sft_losses: list, timings: dict) -> dict:
+    """Reward-vs-KL frontier, RLHF rounds, hypergradient error, outer convergence, training curves."""
+    seeds = [k for k in range(min(3, cfg.seeds))]
+    out = {}
+    with clock(timings, "figure_frontier"):
+        out["frontier"] = frontier(cfg, s, logs, seeds)
+    if "metarm" in s["methods"]:
+        with clock(timings, "figure_rlhf_rounds"):
+            out["rlhf_rounds"] = rlhf_figure(cfg, s, logs, seeds)
+    if "bilevel" in s["methods"]:
+        with clock(timings, "figure_hypergradient_error"):
+            out["hypergradient_error"] = hypergradient_error(s, logs[0]["rms"]["vanilla_rm"], bilevel_config(cfg),
+                                                             logs[0]["curvature"])
+        with clock(timings, "figure_outer_convergence"):
+            out["outer_convergence"] = outer_convergence(cfg, s, logs, seeds)
+    every = lambda xs, n=10: [x for i, x in enumerate(xs) if i % n == 0]
+    out["training_curves"] = {"sft_loss": every(sft_losses), "vanilla_rm_loss": every([e["loss"] for e in logs[0]["vanilla_rm"]]),
+                              "bilevel_F": [e["F"] for e in logs[0].get("bilevel", [])]}
+    return out
+
+
+def frontier(cfg: Config, s: dict, logs: list, seeds: list) -> dict:
+    """Gold reward and KL after adaptation at beta in {0.25, 0.5, 1, 2} for the RM methods and the
+    oracle, on the first two evaluation domains, one repeat, per seed (paired over seeds)."""
+    methods = [m for m in ("vanilla_rm", "bilevel", "oracle", "in_domain_rm") if m in s["methods"]]
+    points = {m: {} for m in methods}
+    gold, gen = gold_fn(s["world"]), lambda k: torch.Generator(s["device"]).manual_seed(k)
+    for beta in (0.25, 0.5, 1.0, 2.0):
+        acfg = metarm.AdaptConfig(**{**asdict(s["adapt_cfg"]), "beta": beta})
+        for seed in seeds:
+            for i, d in enumerate(s["domains"][:2]):
+                prompts, key = s["prompts"][d], crn_seed(seed, i, 7)
+                ref = P.sample(s["model"], {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))
+                ref_eval = P.sample(s["model"], {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
+                rewards = reward_functions({**s, "methods": methods}, logs[seed]["rms"], d, ref)
+                for m in methods:
+                    theta = metarm.adapt(s["model"], prompts, rewards[m], acfg, gen(key))[0]
+                    res = evaluate(s["model"], theta, prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)[0]
+                    points[m].setdefault(str(beta), {}).setdefault(seed, []).append(res)
+    per_seed = {m: {beta: {k: [mean([r[k] for r in per[seed]]) for seed in seeds] for k in ("gold_reward", "kl")}
+                    for beta, per in by_beta.items()} for m, by_beta in points.items()}
+    out = {"domains": s["domains"][:2], "seeds": seeds,
+           "points": {m: {beta: {k: interval(v) for k, v in p.items()} for beta, p in by_beta.items()}
+                      for m, by_beta in per_seed.items()}}
+    if "bilevel" in per_seed:                           # paired over seeds at each beta
+        out["bilevel - vanilla_rm"] = {beta: {k: interval([a - b for a, b in zip(per_seed["bilevel"][beta][k],
+                                                                                   per_seed["vanilla_rm"][beta][k])])
+                                              for k in ("gold_reward", "kl")} for beta in per_seed["bilevel"]}
+    return out
+
+
+def rlhf_figure(cfg: Config, s: dict, logs: list, seeds: list, rounds: int = 4) -> dict:
+    """§3, the paper's main setting: iterative RLHF on the training domains' prompts, MetaRM vs eta = 0,
+    4 rounds, per seed: the RM's normalised spread and the gold reward of each round's policy."""
+    prompts = torch.cat([s["prompts"][d][::4] for d in data.TRAIN_DOMAINS])
+    runs = {"metarm": [], "metarm_eta0": []}
+    for seed in seeds:
+        gen = torch.Generator(s["device"]).manual_seed(seed + 77)
+        ref = P.sample(s["model"], {}, prompts.repeat(4, 1), MAX_NEW, gen)
+        for name, eta in (("metarm", cfg.eta), ("metarm_eta0", 0.0)):
+            phi, opt = metarm.continue_from(logs[seed]["rms"]["vanilla_rm"], logs[seed]["rms"]["vanilla_opt"], cfg.rm_lr)
+            mcfg = metarm.MetaRMConfig(**{**asdict(s["metarm_cfg"]), "eta": eta})
+            gens = [torch.Generator(s["device"]).manual_seed(seed + k) for k in (78, 79)]   # the same for both
+            runs[name].append(metarm.rlhf_rounds(s["model"], prompts, ref, s["rm"], phi, opt, s["train_pairs"], mcfg,
+                                                 s["rm_cfg"], s["adapt_cfg"], rounds, gold_fn(s["world"]), *gens))
+    by_round = lambda name, k: [[run[t][k] for run in runs[name]] for t in range(rounds)]
+    return {"seeds": seeds, "rounds": rounds,
+            **{name: {k: [interval(v) for v in by_round(name, k)] for k in ("spread", "gold")} for name in runs},
+            "metarm - metarm_eta0": {k: [interval([a - b for a, b in zip(x, y)])
+                                         for x, y in zip(by_round("metarm", k), by_round("metarm_eta0", k))]
+                                     for k in ("spread", "gold")}}
+
+
+def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: dict, domain: str = "restaurant",
+                        ns=(1, 2, 4, 8, 16, 32), timed: bool = False) -> dict:
+    """Error of dF/dr against a reference vs HVPs, for CG (n iterations), Neumann and unrolled (4n terms
+    or steps), on the real lower level of one training domain at seed 0's vanilla RM (float64 copies).
+    CG and Neumann solve at theta* (Newton, |grad g| <= 1e-9); unrolled runs its own inner steps from
+    theta_ref. Reference: CG at theta* to a relative residual of 1e-12, itself checked against a central
+    finite difference of F. training_setting: the hypergradient as training computes it (T inner steps
+    from theta_ref, then CG with cg_iters / cg_tol). timed: add each row's seconds (bench.py only)."""
+    model = copy.deepcopy(s["model"]).double().cpu()
+    rm = copy.deepcopy(s["rm"]).double().cpu()
+    phi = {n: p.detach().double().cpu() for n, p in phi.items()}
+    theta_ref = {n: p.detach().double().cpu() for n, p in s["theta_ref"].items()}
+    bcfg = metarm.BilevelConfig(**{**asdict(bcfg), "rho": curv["rho"], "inner_lr": curv["inner_lr"]})
+    prompts = s["prompts"][domain].cpu()
+    cand = P.sample(model, {}, prompts.repeat_interleave(bcfg.K, 0), bcfg.max_new_tokens, torch.Generator().manual_seed(0))
+    pairs = P.encode_pairs(model, s["world"].pairs[domain][:64])
+    prob = {"cand": cand, "chosen": pairs[0], "rejected": pairs[1]}
+    g, f = metarm.level_functions(model, prob, bcfg, theta_ref)
+    with torch.no_grad():
+        upper = {"r": metarm.candidate_rewards(rm, phi, cand, bcfg.K)}
+    theta_star, _ = bilevel.newton_solve(g, theta_ref, upper, tol=1e-9)
+    ref, _ = bilevel.hypergrad_implicit(f, g, theta_star, upper, "cg", max_iter=2000, tol=1e-12)
+    F = lambda up: f(bilevel.newton_solve(g, theta_ref, up, tol=1e-9)[0], up)
+    u = {"r": torch.randn(upper["r"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
+    fd = bilevel.hypergrad_fd(F, upper, u, eps=1e-4)
+    solvers = {"cg": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, upper, "cg", max_iter=n, tol=0.0),
+               "neumann": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, upper, "neumann",
+                                                               alpha=bcfg.inner_lr, J=4 * n),
+               "unrolled": lambda n: bilevel.hypergrad_unrolled(f, g, theta_ref, upper, 4 * n, bcfg.inner_lr)}
+    error = lambda gr: bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)
+    curves = {name: [] for name in solvers}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                # truncated solves warn by design
+        for name, solve in solvers.items():
+            for n in ns:
+                t = time.perf_counter()
+                gr, info = solve(n)
+                row = {"iters": n if name == "cg" else 4 * n, "hvps": info["hvps"], "error": error(gr)}
+                curves[name].append({**row, "seconds": time.perf_counter() - t} if timed else row)
+        theta_T, inner = bilevel.inner_solve(g, theta_ref, upper, bcfg.T, bcfg.inner_lr)
+        gr, info = bilevel.hypergrad_implicit(f, g, theta_T, upper, "cg", max_iter=bcfg.cg_iters, tol=bcfg.cg_tol)
+    training = {"T": bcfg.T, "cg_iters": bcfg.cg_iters, "cg_tol": bcfg.cg_tol, "hvps": info["hvps"],
+                "inner_grad_norm": inner["grad_norm"], "error": error(gr)}
+    return {"domain": domain, "fd_check_rel_error": abs(fd - bilevel.dot(ref, u).item()) / abs(fd), "curves": curves,
+            "training_setting": training}
+
+
+def outer_convergence(cfg: Config, s: dict, logs: list, seeds: list, steps: int = 30, every: int = 10) -> dict:
+    """§2.5: the raw full-batch ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 along bilevel runs at beta in
+    {0.25, 0.5, 1}, rho and the inner step *held fixed* across the sweep (calibrated once, at cfg.beta),
+    per seed, on a fixed objective: 2 training domains' candidates and pairs drawn once, 64 pooled pairs."""
+    curves = {}
+    for seed in seeds:
+        gen = torch.Generator(s["device"]).manual_seed(seed + 31)
+        base = bilevel_config(cfg)
+        domains = {d: (s["prompts"][d], s["domain_pairs"][d]) for d in data.TRAIN_DOMAINS[:2]}
+        fixed = {d: metarm.draw_problem(s["model"], *domains[d], base, gen) for d in domains}
+        rows = P.draw(len(s["train_pairs"][0]["idx"]), 64, gen)
+        pairs = tuple(P.rows_of(b, rows) for b in s["train_pairs"])
+        metarm.calibrate(s["model"], s["rm"], logs[seed]["rms"]["vanilla_rm"], fixed, base, s["theta_ref"])
+        for beta in (0.25, 0.5, 1.0):
+            bcfg = metarm.BilevelConfig(**{**asdict(base), "beta": beta, "recalibrate_every": 0})
+            phi = P.copy_params(logs[seed]["rms"]["vanilla_rm"])
+            opt, norms = torch.optim.Adam(phi.values(), lr=bcfg.lr), []
+            for k in range(0, steps + 1, every):
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="cg did not converge")
+                    grads = metarm.outer_gradient(s["model"], s["rm"], phi, fixed, pairs, bcfg, s["theta_ref"])[0]
+                norms.append(sum((g ** 2).sum() for g in grads).item())
+                if k < steps:
+                    metarm.train_bilevel(s["model"], s["rm"], phi, domains, pairs, bcfg, s["theta_ref"], gen, gen,
+                                         steps=every, opt=opt)
+            curves.setdefault(str(beta), []).append([n / norms[0] for n in norms])
+    running_min = lambda xs: [min(xs[:i + 1]) for i in range(len(xs))]
+    return {"steps": list(range(0, steps + 1, every)), "seeds": seeds,
+            "ratio": {beta: [interval(list(v)) for v in zip(*c)] for beta, c in curves.items()},
+            "running_min": {beta: [interval(list(v)) for v in zip(*map(running_min, c))] for beta, c in curves.items()}}
+
+
+# =================================================================================================
+# Output plumbing: the command line, atomic output folders
+# =================================================================================================
 class BadInput(Exception):
     """A command-line value that is not allowed."""
 
@@ -83,39 +541,46 @@ def as_bool(s: str) -> bool:
     return table[s.lower()]
 
 
-def cli(config_cls, argv, description: str = __doc__.splitlines()[0]) -> dict:
-    """The values given on the command line, one --flag per field of the dataclass config_cls
-    (a bool flag alone means true). Raises BadInput on an unknown flag or a value of the wrong type."""
+def cli(config_cls, argv, description: str) -> dict:
+    """The values given on the command line, one --flag per field of the dataclass config_cls, with its
+    help text and default (a bool flag alone means true). Raises BadInput on an unknown flag or a value
+    of the wrong type."""
     parser = Parser(description=description)
     for f in fields(config_cls):
         kind = as_bool if f.type is bool else f.type
         parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
                             nargs="?" if f.type is bool else None, const=True if f.type is bool else None,
-                            metavar="BOOL" if f.type is bool else None)
+                            metavar="BOOL" if f.type is bool else None,
+                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
+INT_LIMIT = 10 ** 6                        # integer flags above this are refused (not a useful run)
 
 
 def parse_config(argv) -> Config:
     """The CLI is derived from Config; every value is checked before anything runs."""
-    given = cli(Config, argv)
+    given = cli(Config, argv, __doc__.splitlines()[0])
     cfg = Config(**({**QUICK, **given} if given.get("quick") else given))
     positive = lambda x: math.isfinite(x) and x > 0
-    checks = [(cfg.seeds >= 1, "--seeds must be an integer >= 1"),
-              (positive(cfg.beta), "--beta must be a finite number > 0"),
-              (all(positive(x) for x in (cfg.rm_lr, cfg.adapt_lr, cfg.dpo_lr, cfg.beta_dpo)),
-               "--rm-lr, --adapt-lr, --dpo-lr and --beta-dpo must be finite numbers > 0"),
+    ints = [f.name for f in fields(Config) if f.type is int]
+    checks = [(all(0 <= getattr(cfg, n) <= INT_LIMIT for n in ints), f"integer flags must be in 0 .. {INT_LIMIT}"),
+              (cfg.seeds >= 1, "--seeds must be an integer >= 1"),
+              (all(positive(x) for x in (cfg.beta, cfg.adapt_lr, cfg.rm_lr, cfg.dpo_lr, cfg.beta_dpo, cfg.upper_beta_dpo,
+                                         cfg.temperature)),
+               "--beta, --adapt-lr, --rm-lr, --dpo-lr, --beta-dpo, --upper-beta-dpo and --temperature must be finite numbers > 0"),
               (math.isfinite(cfg.eta) and cfg.eta >= 0, "--eta must be a finite number >= 0"),
               (math.isfinite(cfg.lam) and cfg.lam >= 0, "--lam must be a finite number >= 0"),
               (cfg.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
               (cfg.domains in ("test", "dev"), "--domains must be test or dev"),
               (cfg.solver in ("cg", "neumann", "unrolled"), "--solver must be cg, neumann or unrolled"),
-              (bool(cfg.methods) and set(cfg.methods.split(",")) <= set(METHODS),
-               f"--methods must be a comma-separated subset of {','.join(METHODS)}"),
-              (min(cfg.sft_steps, cfg.rm_steps, cfg.adapt_steps, cfg.metarm_steps, cfg.bilevel_steps,
-                   cfg.eval_samples, cfg.K, cfg.T) >= 1,
-               "step counts, --eval-samples, --K and --T must be integers >= 1"),
-              (cfg.K >= 2 and cfg.metarm_k >= 2, "--K and --metarm-k must be >= 2"),
-              (cfg.threads >= 0, "--threads must be >= 0 (0: torch's default)"),
+              (bool(cfg.methods) and set(cfg.methods.split(",")) <= set(METHODS) and "vanilla_rm" in cfg.methods.split(","),
+               f"--methods must be a comma-separated subset of {','.join(METHODS)} that includes vanilla_rm"),
+              (min(cfg.sft_steps, cfg.rm_steps, cfg.adapt_steps, cfg.extra_steps, cfg.repeats, cfg.eval_samples,
+                   cfg.T) >= 1, "step counts, --repeats, --eval-samples and --T must be integers >= 1"),
+              (cfg.K >= 2 and cfg.metarm_k >= 2 and cfg.eval_samples % 2 == 0,
+               "--K and --metarm-k must be >= 2 and --eval-samples even"),
+              (cfg.rounds >= 2, "--rounds must be >= 2 (round 1 is the vanilla RM's)"),
               (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but no GPU is visible")]
     for ok, message in checks:
         if not ok:
@@ -152,57 +617,6 @@ def publish(tmp: Path, out: Path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-# ---- evaluation ----------------------------------------------------------------------------------
-def gold_fn(world, device):
-    """r*_d of full sequences as a tensor (the domain is read from each prompt's tag)."""
-    return lambda idx: torch.tensor(world.gold_rewards(idx.tolist()), dtype=torch.float32, device=device)
-
-
-def evaluate(policy, theta, prompts, baseline, gold, gen, n: int):
-    """Gold reward, win rate against pi_ref's samples `baseline` of the same prompts (judged by the
-    gold reward, ties 1/2) and KL(pi_theta || pi_ref) (k1 on the policy's samples)."""
-    idx, mask = P.sample(policy, theta, prompts.repeat(n, 1), MAX_NEW, gen)
-    logp, logp_ref = P.logprob_and_ref(policy, theta, idx, mask)
-    g, g_ref = gold(idx), gold(baseline)
-    win = ((g > g_ref).float() + 0.5 * (g == g_ref).float()).mean()
-    return {"gold_reward": g.mean().item(), "win_rate": win.item(), "kl": (logp - logp_ref).mean().item()}, idx, g
-
-
-@torch.no_grad()
-def rm_accuracy(rm, phi, pairs, world) -> float:
-    """Accuracy on labelled pairs against the noise-free gold ordering (gold ties excluded, RM ties 1/2)."""
-    (c, _), (r, _) = metarm.pair_tensors(pairs, next(iter(phi.values())).device)
-    d = (P.reward(rm, phi, c) - P.reward(rm, phi, r)).cpu()
-    gd = torch.tensor([world.gold_reward(p.domain, p.chosen) - world.gold_reward(p.domain, p.rejected) for p in pairs])
-    keep = gd != 0
-    return ((d * gd > 0).float() + 0.5 * (d == 0).float())[keep].mean().item()
-
-
-def bilevel_problems(world, policy, theta_ref, cfg, gen, device, n_pairs=64):
-    """Fixed candidates (every prompt x K from pi_ref) and n_pairs pairs per training domain."""
-    problems = {}
-    for d in data.TRAIN_DOMAINS:
-        prompts = torch.tensor(world.prompts[d], device=device).repeat_interleave(cfg.K, 0)
-        idx, mask = P.sample(policy, {}, prompts, MAX_NEW, gen)
-        problems[d] = metarm.domain_problem(policy, theta_ref, metarm.prepare(policy, idx, mask, theta_ref),
-                                            world.pairs[d][:n_pairs])
-    return problems
-
-
-def bilevel_config(cfg, **over):
-    return metarm.BilevelConfig(**{**dict(beta=cfg.beta, beta_dpo=cfg.beta_dpo, lam=cfg.lam, K=cfg.K, T=cfg.T,
-                                          solver=cfg.solver, outer_steps=cfg.bilevel_steps), **over})
-
-
-def calibrate(policy, rm, phi, problems, bcfg, theta_ref):
-    """rho and the inner step from the measured curvature (§2.1), worst case over the domains."""
-    curv = [metarm.curvature(policy, theta_ref, metarm.candidate_rewards(rm, phi, p["cand"], bcfg.K).detach(),
-                             p["cand"], bcfg) for p in problems.values()]
-    bcfg.rho, bcfg.inner_lr = max(c["rho"] for c in curv), min(c["inner_lr"] for c in curv)
-    pick = {"rho": max, "inner_lr": min}             # the values used; eigenvalues: the extremes
-    return {k: pick.get(k, min if "min" in k else max)(c[k] for c in curv) for k in curv[0]}
-
-
 @contextmanager
 def stage(method: str, seed: int):
     """Name the method and seed in a non-finite-value error raised inside (the step is named by metarm)."""
@@ -220,243 +634,23 @@ def clock(timings: dict, key: str):
     timings[key] = timings.get(key, 0) + time.perf_counter() - t
 
 
-def bar(desc: str, total: int):
-    return tqdm(total=total, desc=desc, leave=False)
-
-
-# ---- one seed of the main table -------------------------------------------------------------------
-def run_seed(seed, cfg, world, policy, device, timings, keep):
-    """All methods on every evaluation domain for one seed: (metrics[method][domain], samples, logs)."""
-    gen = torch.Generator(device).manual_seed(seed)
-    methods = cfg.methods.split(",")
-    domains = data.TEST_DOMAINS if cfg.domains == "test" else data.DEV_DOMAINS
-    train_pairs = world.pooled_pairs(data.TRAIN_DOMAINS)
-    theta_ref = {n: p.detach() for n, p in P.adapted_params(policy, "head").items()}
-    gold = gold_fn(world, device)
-    prompts = {d: torch.tensor(world.prompts[d], device=device) for d in domains}
-    baseline = {d: P.sample(policy, {}, prompts[d].repeat(cfg.eval_samples, 1), MAX_NEW, gen)[0] for d in domains}
-    acfg = metarm.AdaptConfig(beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=MAX_NEW)
-    rcfg = metarm.RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr, eta=cfg.eta, k=cfg.metarm_k,
-                           second_order=cfg.second_order)
-    logs, rewards = {}, {}                              # rewards[method][domain] = (rm, phi) or "gold"
-    with clock(timings, "vanilla_rm"), stage("vanilla_rm", seed):
-        rm = P.make_reward_model(policy, gen)
-        phi_vanilla = P.adapted_params(rm, "all")
-        if set(methods) & set(RM_METHODS):
-            logs["vanilla_rm"] = metarm.train_reward_model(rm, phi_vanilla, train_pairs, rcfg, gen,
-                                                           progress=bar("vanilla RM (1)", cfg.rm_steps))
-    rewards["vanilla_rm"] = {d: phi_vanilla for d in domains}
-    if "metarm" in methods:
-        rewards["metarm"], logs["metarm"] = {}, {}
-        with clock(timings, "metarm"), stage("metarm", seed):
-            for d in domains:                          # X_s: pi_ref's samples of d's prompts, no labels
-                x_s, _ = P.sample(policy, {}, prompts[d].repeat_interleave(cfg.metarm_k, 0), MAX_NEW, gen)
-                phi = P.copy_params(phi_vanilla)
-                logs["metarm"][d] = metarm.train_reward_model(
-                    rm, phi, train_pairs, rcfg, gen, steps=cfg.metarm_steps, progress=bar(f"MetaRM {d}", cfg.metarm_steps),
-                    meta_set=(x_s, metarm.distinct_pairs(x_s, cfg.metarm_k)))
-                rewards["metarm"][d] = phi
-    if "bilevel" in methods:
-        with clock(timings, "bilevel"), stage("bilevel", seed):
-            problems = bilevel_problems(world, policy, theta_ref, cfg, gen, device)
-            bcfg = bilevel_config(cfg)
-            phi = P.copy_params(phi_vanilla)
-            logs["curvature"] = calibrate(policy, rm, phi, problems, bcfg, theta_ref)
-            logs["bilevel"] = metarm.train_bilevel(policy, rm, phi, problems, train_pairs, bcfg, theta_ref, gen,
-                                                   progress=bar("bilevel (7)(8)", cfg.bilevel_steps))
-        rewards["bilevel"] = {d: phi for d in domains}
-        keep.update(problems=problems, bcfg=bcfg, phi_bilevel=phi)
-    if "dpo" in methods:
-        with clock(timings, "dpo"), stage("dpo", seed):
-            theta_dpo = metarm.train_dpo(policy, train_pairs, cfg.adapt_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen)
-    rewards["oracle"] = {d: "gold" for d in domains}
-    keep.update(rm=rm, rewards=rewards, prompts=prompts, baseline=baseline, acfg=acfg, phi_vanilla=phi_vanilla,
-                theta_ref=theta_ref)
-    metrics, samples = {m: {} for m in methods}, []
-    for m, d in tqdm([(m, d) for m in methods for d in domains], desc="adaptation (3) + evaluation", leave=False):
-        with clock(timings, "adaptation"), stage(m, seed):
-            if m == "sft":
-                theta = theta_ref
-            elif m == "dpo":
-                theta = theta_dpo
-            else:
-                theta = adapt_with(policy, m, d, keep, cfg.beta, gen, gold)
-        with clock(timings, "evaluation"):
-            res, idx, g = evaluate(policy, theta, prompts[d], baseline[d], gold, gen, cfg.eval_samples)
-            res["rm_accuracy"] = rm_accuracy(rm, rewards[m][d], world.eval_pairs[d], world) if m in RM_METHODS else None
-            metrics[m][d] = res
-            for row, gr in list(zip(idx.tolist(), g.tolist()))[:32]:
-                samples.append({"method": m, "domain": d, "seed": seed, "prompt": world.decode(row[:data.PROMPT_LEN]),
-                                "response": world.decode(row[data.PROMPT_LEN:]), "gold_reward": gr})
-    return metrics, samples, logs
-
-
-def adapt_with(policy, method, d, keep, beta, gen, gold, steps=None):
-    """Meta-test adaptation (3) on domain d with the method's reward, standardised on pi_ref's samples."""
-    r = keep["rewards"][method][d]
-    reward_fn = gold if r == "gold" else (lambda idx, phi=r: P.reward(keep["rm"], phi, idx))
-    acfg = metarm.AdaptConfig(**{**asdict(keep["acfg"]), "beta": beta, **({"steps": steps} if steps else {})})
-    theta, _ = metarm.adapt(policy, keep["prompts"][d], metarm.standardised(reward_fn, keep["baseline"][d]), acfg, gen)
-    return theta
-
-
-# ---- one-seed sweeps behind the figures ----------------------------------------------------------
-def sweeps(cfg, world, policy, device, keep, logs, main_metrics, timings) -> dict:
-    """The figures' experiments, seed 0: reward-vs-KL frontier (beta sweep), hypergradient error vs
-    HVPs, outer convergence for several beta, MetaRM vs vanilla over RLHF rounds, lambda ablation.
-    main_metrics: seed 0's main-table metrics, reused as the frontier's point at beta = cfg.beta."""
-    methods, out = cfg.methods.split(","), {}
-    gen = torch.Generator(device).manual_seed(10_000)
-    gold, domains = gold_fn(world, device), list(keep["prompts"])
-    adapt_and_evaluate = lambda m, d, beta: evaluate(policy, adapt_with(policy, m, d, keep, beta, gen, gold),
-                                                     keep["prompts"][d], keep["baseline"][d], gold, gen,
-                                                     cfg.eval_samples)[0]
-    with clock(timings, "sweep_frontier"):
-        frontier = {m: [] for m in ("vanilla_rm", "metarm", "bilevel", "oracle") if m in methods}
-        for beta in (0.25, 0.5, 1.0, 2.0):            # on the first two evaluation domains
-            for m in frontier:
-                res = [main_metrics[m][d] if beta == cfg.beta else adapt_and_evaluate(m, d, beta)
-                       for d in domains[:2]]           # seed 0's main-table runs are the point at cfg.beta
-                frontier[m].append({"beta": beta, **{k: sum(r[k] for r in res) / len(res) for k in ("kl", "gold_reward")}})
-        out["frontier"] = {"domains": domains[:2], "points": frontier}
-    if "bilevel" in methods:
-        with clock(timings, "sweep_hypergradient_error"):
-            out["hypergradient_error"] = hypergradient_error(policy, keep, world)
-        with clock(timings, "sweep_outer_convergence"):
-            out["outer_convergence"] = outer_convergence(cfg, world, policy, keep, gen)
-        with clock(timings, "sweep_lambda"):
-            phi = P.copy_params(keep["phi_vanilla"])   # lambda = 0: the pure bilevel objective
-            bcfg = metarm.BilevelConfig(**{**asdict(keep["bcfg"]), "lam": 0.0})
-            metarm.train_bilevel(policy, keep["rm"], phi, keep["problems"], world.pooled_pairs(data.TRAIN_DOMAINS),
-                                 bcfg, keep["theta_ref"], gen)
-            keep["rewards"]["bilevel_lam0"] = {d: phi for d in domains}
-            res = [adapt_and_evaluate("bilevel_lam0", d, cfg.beta) for d in domains]
-            out["lambda_ablation"] = {"lam": 0.0, "gold_reward": sum(r["gold_reward"] for r in res) / len(res),
-                                      "rm_accuracy": sum(rm_accuracy(keep["rm"], phi, world.eval_pairs[d], world)
-                                                         for d in domains) / len(domains)}
-    if "metarm" in methods:
-        with clock(timings, "sweep_rlhf_rounds"):
-            prompts = torch.tensor([x for d in data.TRAIN_DOMAINS for x in world.prompts[d]], device=device)
-            rcfg = metarm.RMConfig(lr=cfg.rm_lr, eta=cfg.eta, k=cfg.metarm_k, second_order=cfg.second_order)
-            out["rlhf_rounds"] = {
-                name: metarm.rlhf_rounds(policy, keep["rm"], P.copy_params(keep["phi_vanilla"]),
-                                         world.pooled_pairs(data.TRAIN_DOMAINS), prompts, 4, keep["acfg"], rcfg,
-                                         cfg.metarm_steps, gen, gold, use_metarm=(name == "metarm"))
-                for name in ("vanilla_rm", "metarm")}
-    every = lambda xs, n=10: [x for i, x in enumerate(xs) if i % n == 0]
-    out["training_curves"] = {
-        "sft_loss": every(keep["sft_losses"]), "vanilla_rm_loss": every([l["loss"] for l in logs.get("vanilla_rm", [])]),
-        "metarm_loss": [l["loss"] for l in logs.get("metarm", {}).get(domains[0], [])],
-        "bilevel_F": [l["F"] for l in logs.get("bilevel", [])]}
-    return out
-
-
-def hypergradient_error(policy, keep, world, domain="restaurant", ns=(1, 2, 4, 8, 16, 32), timed=False):
-    """Error of dF/dr against a reference vs HVPs, for CG (n iterations), Neumann and unrolled (4n
-    terms / steps), on the real lower level of one training domain (seed 0's bilevel RM, float64
-    copies). CG and Neumann solve at theta* (Newton, |grad g| <= 1e-9); unrolled runs its own 4n
-    inner steps from theta_ref. Reference: CG at theta* to a relative residual of 1e-12, itself
-    checked against a central finite difference of F along a random direction of r.
-    training_setting: the error of the hypergradient as training computes it -- theta* replaced by
-    T inner steps from theta_ref, then CG with cg_iters / cg_tol -- so both of its errors at once.
-    timed: add each row's seconds (bench.py; kept out of results.json, which must not hold timings)."""
-    pol = copy.deepcopy(policy).double()
-    rm = copy.deepcopy(keep["rm"]).double()
-    phi = {n: p.detach().double() for n, p in keep["phi_bilevel"].items()}
-    theta_ref = {n: p.detach().double() for n, p in keep["theta_ref"].items()}
-    cand = keep["problems"][domain]["cand"]
-    prob = metarm.domain_problem(pol, theta_ref, metarm.prepare(pol, cand["idx"], cand["mask"].double(), theta_ref),
-                                 world.pairs[domain][:64])
-    bcfg = keep["bcfg"]
-    g, f = metarm.level_functions(pol, prob, bcfg, theta_ref)
-    with torch.no_grad():
-        upper = {"r": metarm.candidate_rewards(rm, phi, prob["cand"], bcfg.K)}
-    theta_star, _ = bilevel.newton_solve(g, theta_ref, upper, tol=1e-9)
-    ref, _ = bilevel.hypergrad_implicit(f, g, theta_star, upper, "cg", max_iter=2000, tol=1e-12)
-    F = lambda up: f(bilevel.newton_solve(g, theta_ref, up, tol=1e-9)[0], up)
-    u = {"r": torch.randn(upper["r"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
-    fd = bilevel.hypergrad_fd(F, upper, u, eps=1e-4)
-    solvers = {"cg": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, upper, "cg", max_iter=n, tol=0.0),
-               "neumann": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, upper, "neumann",
-                                                               alpha=bcfg.inner_lr, J=4 * n),
-               "unrolled": lambda n: bilevel.hypergrad_unrolled(f, g, theta_ref, upper, 4 * n, bcfg.inner_lr)}
-    error = lambda gr: bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)
-    curves = {name: [] for name in solvers}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                # truncated solves warn by design
-        for name, solve in solvers.items():
-            for n in ns:
-                t = time.perf_counter()
-                gr, info = solve(n)
-                row = {"iters": n if name == "cg" else 4 * n, "hvps": info["hvps"], "error": error(gr)}
-                curves[name].append({**row, "seconds": time.perf_counter() - t} if timed else row)
-        theta_T, inner = bilevel.inner_solve(g, theta_ref, upper, bcfg.T, bcfg.inner_lr)   # as in training:
-        gr, info = bilevel.hypergrad_implicit(f, g, theta_T, upper, "cg", max_iter=bcfg.cg_iters, tol=bcfg.cg_tol)
-    training = {"T": bcfg.T, "cg_iters": bcfg.cg_iters, "cg_tol": bcfg.cg_tol, "hvps": info["hvps"],
-                "inner_grad_norm": inner["grad_norm"], "error": error(gr)}
-    return {"domain": domain, "fd_check_rel_error": abs(fd - bilevel.dot(ref, u).item()) / abs(fd), "curves": curves,
-            "training_setting": training}
-
-
-def outer_convergence(cfg, world, policy, keep, gen, steps=30, every=10, n_domains=4):
-    """§2.5: the raw full-batch ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 along a bilevel run, for
-    several beta, on a fixed objective: the first n_domains training domains' fixed candidates and
-    128 fixed pairs spread over every training domain (the run draws its minibatches from these)."""
-    train_pairs, curves = world.pooled_pairs(data.TRAIN_DOMAINS), {}
-    pairs = train_pairs[::len(train_pairs) // 128][:128]
-    problems = {d: keep["problems"][d] for d in data.TRAIN_DOMAINS[:n_domains]}
-    for beta in (0.25, 0.5, 1.0):
-        bcfg = bilevel_config(cfg, beta=beta)
-        phi = P.copy_params(keep["phi_vanilla"])
-        calibrate(policy, keep["rm"], phi, problems, bcfg, keep["theta_ref"])
-        opt, norms = torch.optim.Adam(phi.values(), lr=bcfg.lr), []
-        for k in range(0, steps + 1, every):
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="cg did not converge")
-                grads = metarm.outer_gradient(policy, keep["rm"], phi, problems, pairs, bcfg, keep["theta_ref"])[0]
-            norms.append({"step": k, "grad_norm2": sum((gr ** 2).sum() for gr in grads).item()})
-            if k < steps:
-                metarm.train_bilevel(policy, keep["rm"], phi, problems, pairs, bcfg, keep["theta_ref"],
-                                     gen, steps=every, opt=opt)
-        curves[str(beta)] = [{**n, "ratio": n["grad_norm2"] / norms[0]["grad_norm2"]} for n in norms]
-    return curves
-
-
-# ---- aggregation and output -----------------------------------------------------------------------
-def aggregate(per_seed, methods):
-    """methods -> metric -> {mean, std, per_seed, per_domain}, a seed's value being its domain mean."""
-    out = {}
-    for m in methods:
-        out[m] = {}
-        for k in METRICS:
-            doms = list(per_seed[0][m])
-            if per_seed[0][m][doms[0]][k] is None:
-                out[m][k] = None
-                continue
-            seeds = [sum(s[m][d][k] for d in doms) / len(doms) for s in per_seed]
-            mean = sum(seeds) / len(seeds)
-            std = math.sqrt(sum((x - mean) ** 2 for x in seeds) / (len(seeds) - 1)) if len(seeds) > 1 else None
-            out[m][k] = {"mean": mean, "std": std, "per_seed": seeds,
-                         "per_domain": {d: sum(s[m][d][k] for s in per_seed) / len(per_seed) for d in doms}}
-    return out
-
-
-def fmt(v):
-    if v is None:
-        return "n/a"
-    return f"{v['mean']:.3f}" + ("" if v["std"] is None else f" ± {v['std']:.3f}")
-
-
-def results_table(results) -> str:
-    lines = ["| method | gold reward | win rate vs π_ref | RM accuracy (held-out pairs) | KL(π‖π_ref) |",
-             "|---|---|---|---|---|"]
-    for m, r in results["methods"].items():
-        lines.append(f"| {m} | " + " | ".join(fmt(r[k]) for k in METRICS) + " |")
-    return "\n".join(lines)
-
-
-def write_json(path, obj):
+def write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def write_datasets(world, tmp: Path):
+    data.save_pairs_jsonl(world, world.pooled_pairs(data.TRAIN_DOMAINS), tmp / "train_pairs.jsonl")
+    data.save_pairs_jsonl(world, world.pooled_pairs(data.DEV_DOMAINS), tmp / "dev_pairs.jsonl")
+    data.save_pairs_jsonl(world, [p for d in data.DOMAINS for p in world.eval_pairs[d]], tmp / "eval_pairs.jsonl")
+
+
+def write_outputs(tmp: Path, cfg: Config, results: dict, samples: list):
+    write_json(tmp / "results.json", results)
+    (tmp / "results.md").write_text(plots.results_markdown(results))
+    with open(tmp / "samples.jsonl", "w") as f:
+        for row in samples:
+            f.write(json.dumps(row) + "\n")
+    plots.make_all(results, tmp)
 
 
 def main(argv=None) -> int:
@@ -468,61 +662,19 @@ def main(argv=None) -> int:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     try:
-        run(cfg, out, tmp)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        results = run(cfg, tmp)
+        publish(tmp, out)
     except (FloatingPointError, KeyboardInterrupt) as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
         print(f"train.py: error: {what}; the previous results in {out} are untouched", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
     finally:                                                 # whatever stopped it, nothing half-written stays
         shutil.rmtree(tmp, ignore_errors=True)               # (after publish, tmp no longer exists)
+    print(plots.results_markdown(results))
+    print(f"wrote {out}/")
     return 0
-
-
-def run(cfg: Config, out: Path, tmp: Path):
-    """The whole experiment, written into tmp and swapped in as out at the end."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    print("config:", json.dumps(asdict(cfg)))
-    timings, t0 = {}, time.perf_counter()
-    world = data.World()
-    data.save_pairs_jsonl(world, world.pooled_pairs(data.TRAIN_DOMAINS), tmp / "train_pairs.jsonl")
-    data.save_pairs_jsonl(world, world.pooled_pairs(data.DEV_DOMAINS), tmp / "dev_pairs.jsonl")
-    data.save_pairs_jsonl(world, [p for d in data.DOMAINS for p in world.eval_pairs[d]], tmp / "eval_pairs.jsonl")
-    torch.manual_seed(0)
-    policy = P.GPT(P.GPTConfig(vocab_size=len(world.vocab)), len(world.vocab)).to(device)
-    sft_losses = P.sft(policy, world.sft[1000:], cfg.sft_steps, 64, 1.5e-3, torch.Generator(device).manual_seed(0), device)
-    policy.requires_grad_(False)
-    ppl = P.perplexity(policy, world.sft[:1000], device)
-    timings["sft"] = time.perf_counter() - t0
-    print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
-    per_seed, samples, keep, seed_logs = [], [], {}, []
-    for seed in tqdm(range(cfg.seeds), desc="seeds"):          # keep: seed 0's objects, for the sweeps
-        metrics, smp, logs = run_seed(seed, cfg, world, policy, device, timings, keep if seed == 0 else {})
-        per_seed.append(metrics)
-        samples += smp
-        seed_logs.append(logs)
-    methods = cfg.methods.split(",")
-    results = {"config": asdict(cfg), "world_version": data.WORLD_VERSION, "sft_val_perplexity": ppl,
-               "methods": aggregate(per_seed, methods),
-               "per_seed": per_seed,
-               "curvature": [l.get("curvature") for l in seed_logs]}
-    results["config"].pop("out")
-    if cfg.figures:
-        keep["sft_losses"] = sft_losses
-        results["figures"] = sweeps(cfg, world, policy, device, keep, seed_logs[0], per_seed[0], timings)
-    write_json(tmp / "results.json", results)
-    (tmp / "results.md").write_text(f"# metarm results ({cfg.domains} domains, {cfg.seeds} seed(s), β = {cfg.beta})\n\n"
-                                    + results_table(results) + "\n")
-    with open(tmp / "samples.jsonl", "w") as f:
-        for s in samples:
-            f.write(json.dumps(s) + "\n")
-    plots.make_all(results, tmp)
-    timings["total"] = time.perf_counter() - t0
-    write_json(tmp / "timings.json", timings)
-    publish(tmp, out)
-    print(results_table(results))
-    print(f"wrote {out}/ in {timings['total']:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
 
 
 if __name__ == "__main__":
