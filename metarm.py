@@ -97,10 +97,10 @@ def standardised(reward_fn, ref_batch: dict):
 @dataclass
 class AdaptConfig:
     beta: float = 0.5          # KL coefficient beta of Eq. (3)
-    steps: int = 60            # policy-gradient steps
+    steps: int = 30            # policy-gradient steps
     prompts_per_step: int = 16
     samples: int = 4           # responses per prompt (RLOO needs >= 2)
-    lr: float = 1e-2           # Adam on theta
+    lr: float = 2e-2           # Adam on theta
     max_new_tokens: int = 16
 
 
@@ -329,15 +329,17 @@ def calibrate(model, rm, phi, problems: dict, cfg: BilevelConfig, theta_ref, rou
             "margin": lam_min + cfg.rho}
 
 
-def outer_gradient(model, rm, phi, problems: dict, pairs, cfg: BilevelConfig, theta_ref, scale: float = 1.0,
+def outer_gradient(model, rm, phi, problems: dict, pairs, cfg: BilevelConfig, theta_ref, n_domains: int | None = None,
                    warm: dict | None = None, **hyper_kw):
-    """grad_phi F for F(phi) = scale sum_d L_DPO(theta*_d(phi); P_d) + lam L_BT(phi; pairs), Eqs. (7)(8).
+    """grad_phi F for F(phi) = (N/n) sum_{d drawn} L_DPO(theta*_d(phi); P_d) + lam L_BT(phi; pairs), Eqs. (7)(8).
 
-    scale = N / n when the problems are n domains drawn from N (the sum over D_train without bias).
+    problems: the n domains drawn from the N = n_domains of D_train (default: all of them, n = N); the
+    factor N/n makes the sum over the drawn domains an unbiased estimate of the sum over D_train.
     warm: domain -> theta to start its inner solve from; updated in place with the new theta*.
     Returns: (gradient list in phi's order, F, info with the HVPs used and per-domain DPO losses).
     """
     surrogate, F_value, info = 0.0, 0.0, {"hvps": 0, "dpo": {}, "unconverged": 0}
+    scale = (n_domains or len(problems)) / max(1, len(problems))
     for d, prob in problems.items():
         theta0 = None if warm is None else warm.get(d)
         dF_dr, r, h_info = hypergradient(model, rm, phi, prob, cfg, theta_ref, theta0=theta0, **hyper_kw)
@@ -393,7 +395,7 @@ def train_bilevel(model, rm, phi, domains: dict, bt_pairs, cfg: BilevelConfig, t
             warnings.filterwarnings("ignore", message="cg did not converge")
             try:
                 grads, F_value, info = outer_gradient(model, rm, phi, problems, lam_pairs, cfg, theta_ref,
-                                                      scale=len(names) / cfg.domains_per_step, warm=warm)
+                                                      n_domains=len(names), warm=warm)
             except FloatingPointError as e:                  # a solve that diverged: name the step
                 raise FloatingPointError(f"{e} at step {step}") from None
         check_finite(torch.tensor([F_value] + [g.norm() for g in grads]), "bilevel F or hypergradient", step)

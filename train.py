@@ -57,6 +57,7 @@ class Config:
     eval_samples: int = field(default=16, metadata={"help": "evaluation samples per prompt"})
     rm_steps: int = field(default=metarm.RMConfig.steps, metadata={"help": "Bradley-Terry steps (1) of the vanilla RM, 32 pairs each"})
     rm_lr: float = field(default=metarm.RMConfig.lr, metadata={"help": "Adam step size of every reward model"})
+    ceiling_steps: int = field(default=200, metadata={"help": "Bradley-Terry steps of the in-domain RM ceiling on the domain's own pairs, from the vanilla RM"})
     extra_steps: int = field(default=60, metadata={"help": "RM updates every method adds to the vanilla RM: bilevel outer steps, MetaRM updates, vanilla_rm_long's extra steps"})
     beta_dpo: float = field(default=0.1, metadata={"help": "beta_DPO of the DPO baseline (2)"})
     dpo_lr: float = field(default=1e-2, metadata={"help": "Adam step size of the DPO baseline (as many steps as adaptation, 64 pairs each)"})
@@ -72,7 +73,7 @@ class Config:
     second_order: bool = field(default=False, metadata={"help": "MetaRM: exact gradient through (10) (default: the authors' first-order update)"})
 
 
-QUICK = dict(seeds=1, sft_steps=300, rm_steps=60, adapt_steps=10, extra_steps=4, repeats=1, eval_samples=4,
+QUICK = dict(seeds=1, sft_steps=300, rm_steps=60, ceiling_steps=20, adapt_steps=10, extra_steps=4, repeats=1, eval_samples=4,
              figures=False, rounds=2)
 
 
@@ -119,12 +120,15 @@ def make_setup(cfg: Config, world, model, device) -> dict:
     domains = data.TEST_DOMAINS if cfg.domains == "test" else data.DEV_DOMAINS
     enc = lambda pairs: P.encode_pairs(model, pairs, device)
     eval_pairs = {d: enc(world.eval_pairs[d]) for d in domains}
+    train_pairs = enc(world.pooled_pairs(data.TRAIN_DOMAINS))
+    n = world.cfg.n_pairs_per_domain
     gold_margins = {d: torch.tensor([world.gold_reward(d, p.chosen) - world.gold_reward(d, p.rejected)
                                      for p in world.eval_pairs[d]], device=device) for d in domains}
     return {"world": world, "model": model, "device": device, "methods": methods, "domains": domains,
             "rm": P.RewardModel(model).to(device).requires_grad_(False),
-            "train_pairs": enc(world.pooled_pairs(data.TRAIN_DOMAINS)),
-            "domain_pairs": {d: enc(world.pairs[d]) for d in data.TRAIN_DOMAINS},
+            "train_pairs": train_pairs,
+            "domain_pairs": {d: tuple(P.rows_of(b, slice(n * i, n * (i + 1))) for b in train_pairs)
+                             for i, d in enumerate(data.TRAIN_DOMAINS)},     # pooled_pairs is in domain order
             "own_pairs": {d: enc(world.pairs[d]) for d in domains} if "in_domain_rm" in methods else {},
             "eval_pairs": eval_pairs, "gold_margins": gold_margins,
             "prompts": {d: torch.tensor(world.prompts[d], device=device) for d in data.DOMAINS},
@@ -161,7 +165,8 @@ def train_reward_models(seed: int, cfg: Config, s: dict, timings: dict):
             out["in_domain_rm"] = {}
             for d in s["domains"]:                     # a ceiling: the domain's own labels, seen by no method
                 out["in_domain_rm"][d], opt_d = metarm.continue_from(phi, opt, cfg.rm_lr)
-                metarm.train_reward_model(rm, out["in_domain_rm"][d], s["own_pairs"][d], s["rm_cfg"], gen(seed + 2), opt_d)
+                metarm.train_reward_model(rm, out["in_domain_rm"][d], s["own_pairs"][d], s["rm_cfg"], gen(seed + 2), opt_d,
+                                          steps=cfg.ceiling_steps)
     domains = {d: (s["prompts"][d], s["domain_pairs"][d]) for d in data.TRAIN_DOMAINS}
     if "bilevel" in methods:
         with clock(timings, "bilevel"), stage("bilevel", seed):
@@ -576,7 +581,7 @@ def parse_config(argv) -> Config:
               (cfg.solver in ("cg", "neumann", "unrolled"), "--solver must be cg, neumann or unrolled"),
               (bool(cfg.methods) and set(cfg.methods.split(",")) <= set(METHODS) and "vanilla_rm" in cfg.methods.split(","),
                f"--methods must be a comma-separated subset of {','.join(METHODS)} that includes vanilla_rm"),
-              (min(cfg.sft_steps, cfg.rm_steps, cfg.adapt_steps, cfg.extra_steps, cfg.repeats, cfg.eval_samples,
+              (min(cfg.sft_steps, cfg.rm_steps, cfg.ceiling_steps, cfg.adapt_steps, cfg.extra_steps, cfg.repeats, cfg.eval_samples,
                    cfg.T) >= 1, "step counts, --repeats, --eval-samples and --T must be integers >= 1"),
               (cfg.K >= 2 and cfg.metarm_k >= 2 and cfg.eval_samples % 2 == 0,
                "--K and --metarm-k must be >= 2 and --eval-samples even"),
