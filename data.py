@@ -1,16 +1,18 @@
-"""The toy world: review domains, a word vocabulary, gold rewards and preference data (METHOD.md §4).
+"""The toy world v2: review domains, a word vocabulary, gold rewards and preference data (METHOD.md §4).
 
 A text is a short review in (simple) English. A prompt x is a domain tag and the start of a review,
 always 6 tokens, e.g. ``<bos> <hotel> honestly the room was``; a response y is its continuation,
-e.g. ``spotless and quiet , but the lobby was musty . <eos>``.
+e.g. ``spotless and quiet , but the lobby was musty and cold . <eos>``. The SFT writers (whom pi_ref
+imitates) always write two clauses of two adjectives, so pi_ref's responses have a fixed shape and a
+policy can only gain reward by choosing better words, not by writing more or less.
 
-Every domain belongs to one of five latent *categories* (food, tech, travel, wellness, entertainment).
-Gold reward r*_d(x, y) of domain d (the hidden "human" preference) sums word polarities over the
-*distinct* words of y (a reader does not reward repetition):
+Every domain belongs to one of five latent *categories* (food, tech, travel, wellness, entertainment),
+two training domains each. Gold reward r*_d(x, y) of domain d (the hidden "human" preference) sums
+word polarities over the *distinct* words of y (a reader does not reward repetition):
   * shared sentiment words, same sign everywhere:    great +1, nice +0.5, bad -0.5, awful -1, ...
   * context-flip words (weight 1.5) whose sign is fixed by the domain's *category*: cold is -1.5 in
     food (cold soup) but +1.5 in tech (a laptop that runs cold); long is +1.5 in wellness (a long
-    massage) but -1.5 in travel (a long wait), ... Two categories differ on 4 or 5 of the 8 words.
+    massage) but -1.5 in travel (a long wait), ... Two categories differ on 3 to 6 of the 8 words.
   * aspect words of the domain (its own adjectives): +1/-1 in their domain (<bakery>: flaky +1,
     stale -1); another domain's aspect word is off-topic there and scores -0.5;
   * a response cut off before <eos> scores -1.
@@ -18,23 +20,26 @@ Worked example, d = bakery (food), y = "flaky and cold , but the baker was great
 flaky +1, cold -1.5 (a cold pastry), great +1, all else 0  =>  r*_bakery(x, y) = +0.5.
 
 Why out-of-distribution preference learning is a real problem here, and what makes it learnable
-(world v2, "reachable headroom"): preference pairs exist only for the training domains (two per
-category); a held-out domain's aspect words never occur in those pairs nor in any training domain's
-text, and half of the held-out domains sit in a category whose flip signs go against the training
-majority. What a held-out domain's reward depends on beyond the shared words is nevertheless
-*observable* in unlabelled text: (1) its category, through the two category nouns that every domain of
-a category uses ("portion" in restaurant, bar, pizzeria and bakery reviews) and through how its
-reviews use the flip words; (2) its aspect words' polarity, through co-occurrence in the unlabelled SFT
-corpus (all domains, the new ones rarer: 250 reviews against 1200): inside a clause every adjective
-has the clause's polarity ("flaky and great"), "and" joins clauses of the same polarity, "but" clauses
-of opposite polarity. pi_ref's trunk, trained to predict these texts, has to encode both; a reward
-model on that trunk can carry them over, or not -- that is what the experiment measures.
+(world v2, "reachable headroom"): preference pairs are training data only for the ten training
+domains; a dev or held-out domain's aspect words never occur in those pairs nor in any training
+domain's text, and it departs from the training majority's sign on 2-4 of the 8 flip words. What its
+reward depends on beyond the shared words is nevertheless *observable* in unlabelled text: (1) its
+category, through the two category nouns that every domain of a category uses ("portion" in
+restaurant, bar, pizzeria and bakery reviews) and through how its reviews use the flip words; (2) its
+aspect words' polarity, through co-occurrence in the unlabelled SFT corpus (all domains, the new ones
+rarer: 80 reviews against 1200): inside a clause both adjectives have the clause's polarity ("flaky
+and great"), "and" joins clauses of the same polarity, "but" clauses of opposite polarity. pi_ref's
+trunk, trained to predict these texts, has to encode both; a reward model on that trunk can carry
+them over, or not -- that is what the experiment measures.
 
 Preference pairs come from a *behaviour* distribution (other writers: more shared words, more
-intensifiers, neutral filler words, longer) that differs from the SFT corpus and so from pi_ref's
-samples; their labels are Bradley-Terry draws P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / tau).
+intensifiers, neutral filler words, one clause or two, one adjective or two) that differs from the SFT
+corpus and so from pi_ref's samples; their labels are Bradley-Terry draws
+P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / tau). Held-out domains have labelled pairs too, but no method
+sees them: they train only the in-domain RM ceiling, and their evaluation pairs only measure accuracy.
 
-The world is frozen: every parameter is in WorldConfig (versioned) and the word tables below.
+The world is frozen: every parameter is in WorldConfig (versioned) and the word tables below, chosen
+with baseline diagnostics on the dev domains only (README, "The toy world").
 """
 import json
 import math

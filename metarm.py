@@ -18,6 +18,7 @@ Symbols -> names:
     eta, k      MetaRM's ascent step (10) and responses per shifted prompt (9)
 A batch is policy.encode's dict (tokens, mask, pi_ref's features); a reward function maps a batch to (B,).
 """
+import copy
 import warnings
 from dataclasses import dataclass
 
@@ -169,7 +170,7 @@ def continue_from(phi: dict, opt, lr: float):
     """A copy of phi with a copy of its optimiser's state: training it leaves phi and opt be."""
     phi2 = policy.copy_params(phi)
     opt2 = torch.optim.Adam(phi2.values(), lr=lr)
-    opt2.load_state_dict(opt.state_dict())           # load_state_dict copies the state tensors
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))   # load_state_dict alone would share the tensors
     return phi2, opt2
 
 

@@ -386,7 +386,7 @@ def figure_experiments(cfg: Config, s: dict, logs: list, sft_losses: list, timin
             out["rlhf_rounds"] = rlhf_figure(cfg, s, logs, seeds)
     if "bilevel" in s["methods"]:
         with clock(timings, "figure_hypergradient_error"):
-            out["hypergradient_error"] = hypergradient_error(s, logs[0]["rms"]["vanilla_rm"], bilevel_config(cfg),
+            out["hypergradient_error"] = hypergradient_error(s, logs[0]["rms"]["bilevel"], bilevel_config(cfg),
                                                              logs[0]["curvature"])
         with clock(timings, "figure_outer_convergence"):
             out["outer_convergence"] = outer_convergence(cfg, s, logs, seeds)
@@ -568,8 +568,8 @@ def parse_config(argv) -> Config:
     given = cli(Config, argv, __doc__.splitlines()[0])
     cfg = Config(**({**QUICK, **given} if given.get("quick") else given))
     positive = lambda x: math.isfinite(x) and x > 0
-    ints = [f.name for f in fields(Config) if f.type is int]
-    checks = [(all(0 <= getattr(cfg, n) <= INT_LIMIT for n in ints), f"integer flags must be in 0 .. {INT_LIMIT}"),
+    too_big = [f.name for f in fields(Config) if f.type is int and not 0 <= getattr(cfg, f.name) <= INT_LIMIT]
+    checks = [(not too_big, f"--{too_big[0].replace('_', '-') if too_big else ''} must be an integer in 0 .. {INT_LIMIT}"),
               (cfg.seeds >= 1, "--seeds must be an integer >= 1"),
               (all(positive(x) for x in (cfg.beta, cfg.adapt_lr, cfg.rm_lr, cfg.dpo_lr, cfg.beta_dpo, cfg.upper_beta_dpo,
                                          cfg.temperature)),
