@@ -12,7 +12,7 @@ word polarities over the *distinct* words of y (a reader does not reward repetit
   * shared sentiment words, same sign everywhere:    great +1, nice +0.5, bad -0.5, awful -1, ...
   * context-flip words (weight 1.5) whose sign is fixed by the domain's *category*: cold is -1.5 in
     food (cold soup) but +1.5 in tech (a laptop that runs cold); long is +1.5 in wellness (a long
-    massage) but -1.5 in travel (a long wait), ... Two categories differ on 3 to 6 of the 8 words.
+    massage) but -1.5 in food (a long wait), ... Two categories differ on 3 to 6 of the 8 words.
   * aspect words of the domain (its own adjectives): +1/-1 in their domain (<bakery>: flaky +1,
     stale -1); another domain's aspect word is off-topic there and scores -0.5;
   * a response cut off before <eos> scores -1.

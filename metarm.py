@@ -19,6 +19,7 @@ Symbols -> names:
 A batch is policy.encode's dict (tokens, mask, pi_ref's features); a reward function maps a batch to (B,).
 """
 import copy
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -98,10 +99,10 @@ def standardised(reward_fn, ref_batch: dict):
 @dataclass
 class AdaptConfig:
     beta: float = 0.5          # KL coefficient beta of Eq. (3)
-    steps: int = 30            # policy-gradient steps
+    steps: int = 40            # policy-gradient steps
     prompts_per_step: int = 16
     samples: int = 4           # responses per prompt (RLOO needs >= 2)
-    lr: float = 2e-2           # Adam on theta
+    lr: float = 1e-2           # Adam on theta
     max_new_tokens: int = 16
 
 
@@ -206,7 +207,7 @@ def lower_objective(delta, r, K: int, beta: float):
     """
     log_w = torch.log_softmax(delta.view(-1, K), dim=-1)
     w = log_w.exp()
-    kl = (w * (log_w + torch.log(torch.tensor(float(K))))).sum(-1)     # KL(w || uniform) <= log K
+    kl = (w * (log_w + math.log(K))).sum(-1)                         # KL(w || uniform) <= log K
     return (-(w * r).sum(-1) + beta * kl).mean()
 
 
@@ -228,7 +229,7 @@ def outer_dpo(model, theta, chosen: dict, rejected: dict, beta_dpo: float):
 @dataclass
 class BilevelConfig:
     beta: float = 0.5          # KL coefficient of the lower level (5), as at meta-test
-    beta_dpo: float = 0.5      # DPO temperature of the upper level (7): beta (see README)
+    beta_dpo: float = 0.1      # DPO temperature of the upper level (7), chosen on dev (README)
     lam: float = 0.3           # weight of L_BT in (7)
     K: int = 4                 # candidates per prompt
     prompts_per_domain: int = 8   # prompts of a domain whose candidates are drawn at each outer step
@@ -238,7 +239,7 @@ class BilevelConfig:
     solver: str = "cg"         # cg | neumann | unrolled
     cg_iters: int = 10
     cg_tol: float = 1e-3       # relative residual
-    outer_steps: int = 60
+    outer_steps: int = 40
     domains_per_step: int = 2
     pairs_per_domain: int = 32
     lr: float = 1e-3           # Adam on phi
@@ -280,8 +281,11 @@ def hypergradient(model, rm, phi, prob: dict, cfg: BilevelConfig, theta_ref, the
     if solver == "unrolled":
         grad, info = bilevel.hypergrad_unrolled(f, g, start, upper, iters or cfg.T, cfg.inner_lr)
     else:
-        if newton_tol:
-            theta_star, _ = bilevel.newton_solve(g, start, upper, tol=newton_tol)
+        if newton_tol:             # g is not convex far from theta*: gradient steps first, then Newton
+            theta_star, _ = bilevel.inner_solve(g, start, upper, 10 * cfg.T, cfg.inner_lr)
+            theta_star, newton = bilevel.newton_solve(g, theta_star, upper, tol=newton_tol)
+            if not newton["converged"]:
+                raise FloatingPointError(f"the lower level was not solved to |grad g| <= {newton_tol}")
         else:
             theta_star, _ = bilevel.inner_solve(g, start, upper, cfg.T, cfg.inner_lr)
         kw = dict(max_iter=iters or cfg.cg_iters, tol=cfg.cg_tol) if solver == "cg" else \
@@ -476,7 +480,7 @@ class MetaRMConfig:
     k: int = 5                 # responses per shifted prompt (the paper's k = 5)
     meta_prompts: int = 8      # shifted prompts per step
     temperature: float = 1.2   # sampling temperature of the shifted set ("a bit higher")
-    steps: int = 30            # RM updates per round
+    steps: int = 40            # RM updates per round
     rounds: int = 2            # rounds of [adapt -> sample -> update]; the last round's policy counts
     second_order: bool = False
 

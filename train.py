@@ -57,8 +57,8 @@ class Config:
     eval_samples: int = field(default=16, metadata={"help": "evaluation samples per prompt"})
     rm_steps: int = field(default=metarm.RMConfig.steps, metadata={"help": "Bradley-Terry steps (1) of the vanilla RM, 32 pairs each"})
     rm_lr: float = field(default=metarm.RMConfig.lr, metadata={"help": "Adam step size of every reward model"})
-    ceiling_steps: int = field(default=200, metadata={"help": "Bradley-Terry steps of the in-domain RM ceiling on the domain's own pairs, from the vanilla RM"})
-    extra_steps: int = field(default=60, metadata={"help": "RM updates every method adds to the vanilla RM: bilevel outer steps, MetaRM updates, vanilla_rm_long's extra steps"})
+    ceiling_steps: int = field(default=150, metadata={"help": "Bradley-Terry steps of the in-domain RM ceiling on the domain's own pairs, from the vanilla RM"})
+    extra_steps: int = field(default=40, metadata={"help": "RM updates every method adds to the vanilla RM: bilevel outer steps, MetaRM updates, vanilla_rm_long's extra steps"})
     beta_dpo: float = field(default=0.1, metadata={"help": "beta_DPO of the DPO baseline (2)"})
     dpo_lr: float = field(default=1e-2, metadata={"help": "Adam step size of the DPO baseline (as many steps as adaptation, 64 pairs each)"})
     lam: float = field(default=metarm.BilevelConfig.lam, metadata={"help": "lambda, weight of L_BT in the upper level (7)"})
@@ -300,7 +300,8 @@ def measure_premises(s: dict, phi: dict, ref_eval: dict, adapted: dict, gold, n:
     for name, batch in (("pi_ref", ref_eval), ("adapted", adapted)):
         r, g = P.reward(s["rm"], phi, batch), gold(batch)
         half = len(r) // 2                                      # rows i and i + half share a prompt
-        out[f"acc_{name}_samples"] = metarm.tie_accuracy(r[:half] - r[half:2 * half], g[:half] - g[half:2 * half]).item()
+        acc = metarm.tie_accuracy(r[:half] - r[half:2 * half], g[:half] - g[half:2 * half]).item()
+        out[f"acc_{name}_samples"] = None if math.isnan(acc) else acc     # NaN: every pair tied in gold
         out[f"spread_{name}"] = metarm.reward_spread(r.view(n, -1).T.reshape(-1), n)
     return out
 
@@ -309,7 +310,9 @@ def measure_premises(s: dict, phi: dict, ref_eval: dict, adapted: dict, gold, n:
 # Statistics
 # =================================================================================================
 def mean(xs):
-    return sum(xs) / len(xs)
+    """The mean of the values that are not None; None if there are none (a premise with no comparable pair)."""
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
 
 
 def t_quantile(df: int, p: float = 0.975) -> float:
@@ -327,7 +330,10 @@ def t_quantile(df: int, p: float = 0.975) -> float:
 
 
 def interval(xs) -> dict:
-    """Mean and 95 % t-interval over seeds (the seed is the unit); n = 1 gives no interval."""
+    """Mean and 95 % t-interval over seeds (the seed is the unit), None values left out; n = 1 gives no interval."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None
     m, n = mean(xs), len(xs)
     if n < 2:
         return {"mean": m, "ci95": None, "n_seeds": n}
@@ -397,12 +403,12 @@ def figure_experiments(cfg: Config, s: dict, logs: list, sft_losses: list, timin
 
 
 def frontier(cfg: Config, s: dict, logs: list, seeds: list) -> dict:
-    """Gold reward and KL after adaptation at beta in {0.25, 0.5, 1, 2} for the RM methods and the
-    oracle, on the first two evaluation domains, one repeat, per seed (paired over seeds)."""
-    methods = [m for m in ("vanilla_rm", "bilevel", "oracle", "in_domain_rm") if m in s["methods"]]
+    """Gold reward and KL after adaptation at beta in {0.25, 0.5, 1} for the vanilla and bilevel RMs and
+    the oracle, on the first two evaluation domains, one repeat, per seed (paired over seeds)."""
+    methods = [m for m in ("vanilla_rm", "bilevel", "oracle") if m in s["methods"]]
     points = {m: {} for m in methods}
     gold, gen = gold_fn(s["world"]), lambda k: torch.Generator(s["device"]).manual_seed(k)
-    for beta in (0.25, 0.5, 1.0, 2.0):
+    for beta in (0.25, 0.5, 1.0):
         acfg = metarm.AdaptConfig(**{**asdict(s["adapt_cfg"]), "beta": beta})
         for seed in seeds:
             for i, d in enumerate(s["domains"][:2]):
@@ -468,9 +474,10 @@ def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: di
     g, f = metarm.level_functions(model, prob, bcfg, theta_ref)
     with torch.no_grad():
         upper = {"r": metarm.candidate_rewards(rm, phi, cand, bcfg.K)}
-    theta_star, _ = bilevel.newton_solve(g, theta_ref, upper, tol=1e-9)
+    theta_gd, _ = bilevel.inner_solve(g, theta_ref, upper, 10 * bcfg.T, bcfg.inner_lr)   # g is not convex at theta_ref
+    theta_star, newton = bilevel.newton_solve(g, theta_gd, upper, tol=1e-9)
     ref, _ = bilevel.hypergrad_implicit(f, g, theta_star, upper, "cg", max_iter=2000, tol=1e-12)
-    F = lambda up: f(bilevel.newton_solve(g, theta_ref, up, tol=1e-9)[0], up)
+    F = lambda up: f(bilevel.newton_solve(g, theta_star, up, tol=1e-9)[0], up)
     u = {"r": torch.randn(upper["r"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
     fd = bilevel.hypergrad_fd(F, upper, u, eps=1e-4)
     solvers = {"cg": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, upper, "cg", max_iter=n, tol=0.0),
@@ -491,11 +498,12 @@ def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: di
         gr, info = bilevel.hypergrad_implicit(f, g, theta_T, upper, "cg", max_iter=bcfg.cg_iters, tol=bcfg.cg_tol)
     training = {"T": bcfg.T, "cg_iters": bcfg.cg_iters, "cg_tol": bcfg.cg_tol, "hvps": info["hvps"],
                 "inner_grad_norm": inner["grad_norm"], "error": error(gr)}
-    return {"domain": domain, "fd_check_rel_error": abs(fd - bilevel.dot(ref, u).item()) / abs(fd), "curves": curves,
+    return {"domain": domain, "newton_grad_norm": newton["grad_norm"],
+            "fd_check_rel_error": abs(fd - bilevel.dot(ref, u).item()) / abs(fd), "curves": curves,
             "training_setting": training}
 
 
-def outer_convergence(cfg: Config, s: dict, logs: list, seeds: list, steps: int = 30, every: int = 10) -> dict:
+def outer_convergence(cfg: Config, s: dict, logs: list, seeds: list, steps: int = 20, every: int = 5) -> dict:
     """§2.5: the raw full-batch ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 along bilevel runs at beta in
     {0.25, 0.5, 1}, rho and the inner step *held fixed* across the sweep (calibrated once, at cfg.beta),
     per seed, on a fixed objective: 2 training domains' candidates and pairs drawn once, 64 pooled pairs."""
