@@ -57,7 +57,7 @@ class Config:
     eval_samples: int = field(default=16, metadata={"help": "evaluation samples per prompt"})
     rm_steps: int = field(default=metarm.RMConfig.steps, metadata={"help": "Bradley-Terry steps (1) of the vanilla RM, 32 pairs each"})
     rm_lr: float = field(default=metarm.RMConfig.lr, metadata={"help": "Adam step size of every reward model"})
-    ceiling_steps: int = field(default=150, metadata={"help": "Bradley-Terry steps of the in-domain RM ceiling on the domain's own pairs, from the vanilla RM"})
+    ceiling_steps: int = field(default=300, metadata={"help": "Bradley-Terry steps of the in-domain RM ceiling on the domain's own pairs, from the vanilla RM"})
     extra_steps: int = field(default=40, metadata={"help": "RM updates every method adds to the vanilla RM: bilevel outer steps, MetaRM updates, vanilla_rm_long's extra steps"})
     beta_dpo: float = field(default=0.1, metadata={"help": "beta_DPO of the DPO baseline (2)"})
     dpo_lr: float = field(default=1e-2, metadata={"help": "Adam step size of the DPO baseline (as many steps as adaptation, 64 pairs each)"})
