@@ -1,24 +1,22 @@
 """The losses, the meta-test and both methods, Eqs. (1)-(11) of METHOD.md, in the papers' order.
 
-1. Shared losses and the meta-test, Eqs. (1)-(3): Bradley-Terry, DPO, KL-regularised policy
-   optimisation (RLOO), reward-model training.
+1. Shared losses and the meta-test, Eqs. (1)-(3): Bradley-Terry, DPO, KL-regularised policy optimisation.
 2. The bilevel meta-learned reward model, Eqs. (4)-(8): Jia, "Generalizing Reward Modeling for
    Out-of-Distribution Preference Learning" (arXiv 2402.14760).
-3. MetaRM, Eqs. (9)-(11), and its RLHF rounds: Dou et al., "MetaRM: Shifted Distributions Alignment
-   via Meta-Learning" (arXiv 2405.00438).
+3. MetaRM, Eqs. (9)-(11), and its rounds: Dou et al., "MetaRM: Shifted Distributions Alignment via
+   Meta-Learning" (arXiv 2405.00438).
 
 Symbols -> names:
-    beta        KL coefficient of Eq. (3), of the lower level (5) and of meta-test adaptation
-    beta_dpo    temperature of the DPO loss (2), also inside the upper level (7)
+    beta        KL coefficient of (3), of the inner problem (5) and of meta-test adaptation
+    beta_dpo    temperature of the DPO loss (2), also inside the outer objective (7)
     theta       the policy's adapted parameters (its output head); theta_ref = pi_ref's
     rm, phi     the reward model (policy.RewardModel) and its parameters, a dict (all of them)
     Delta       log pi_theta(y|x) - log pi_ref(y|x), the policy's implicit reward (up to beta)
-    K, T, rho   candidates per prompt, inner steps, proximal weight of the lower level (5)
-    lam         weight of the Bradley-Terry term in the upper level (7)
+    K, T, rho   candidates per prompt, inner steps, proximal weight of the inner problem (5)
+    lam         weight of the Bradley-Terry term of the outer objective (7)
     eta, k      MetaRM's ascent step (10) and responses per shifted prompt (9)
 A batch is policy.encode's dict (tokens, mask, pi_ref's features); a reward function maps a batch to (B,).
 """
-import copy
 import math
 import warnings
 from dataclasses import dataclass
@@ -28,65 +26,36 @@ import torch.nn.functional as F
 
 import bilevel
 import policy
+from policy import apply_gradient, check_finite
 
 
-def check_finite(value, what: str, step: int):
-    """Stop a training loop at the first non-finite loss or gradient, naming it and the step."""
-    if not torch.isfinite(torch.as_tensor(value)).all():
-        raise FloatingPointError(f"non-finite {what} at step {step}")
-
-
-def apply_gradient(opt, params: dict, grads):
-    """One optimiser step along the given gradients (a list in params' order)."""
-    for p, g in zip(params.values(), grads):
-        p.grad = g
-    opt.step()
-
-
-# =================================================================================================
-# 1. Shared losses and the meta-test, Eqs. (1)-(3)
-# =================================================================================================
+# ==== 1. Shared losses and the meta-test, Eqs. (1)-(3) ==========================================
 def tie_accuracy(margins, gold_margins=None):
-    """Share of pairs ranked right, a tie counting 1/2. margins: r(y_w) - r(y_l) (B,). With
-    gold_margins, "right" means the gold order, and pairs that gold ties are left out."""
+    """Share of pairs ranked right, a tie counting 1/2; margins r(y_w) - r(y_l) (B,). With gold_margins,
+    "right" means the gold order, and the pairs gold ties are left out (NaN if that is all of them)."""
     if gold_margins is None:
         return ((margins > 0).float() + 0.5 * (margins == 0).float()).mean()
     keep = gold_margins != 0
     return ((margins * gold_margins > 0).float() + 0.5 * (margins == 0).float())[keep].mean()
 
-
 def bt_loss(r_chosen, r_rejected):
-    """Eq. (1): L_BT = -E log sigmoid(r(x, y_w) - r(x, y_l)).
-
-    Args: rewards of the chosen and rejected responses, (B,) each.
-    Returns: (loss, accuracy with a tie counting 1/2, margins r_w - r_l (B,)).
-    """
+    """Eq. (1): L_BT = -E log sigmoid(r(x, y_w) - r(x, y_l)). Returns (loss, accuracy, margins (B,))."""
     margins = r_chosen - r_rejected
     return -F.logsigmoid(margins).mean(), tie_accuracy(margins), margins
 
-
 def dpo_loss(delta_chosen, delta_rejected, beta_dpo: float):
-    """Eq. (2): L_DPO = -E log sigmoid(beta_dpo [Delta(x, y_w) - Delta(x, y_l)]).
-
-    Args: Delta = log pi_theta(y|x) - log pi_ref(y|x) of chosen and rejected responses, (B,) each.
-    Returns: as bt_loss, with margins beta_dpo (Delta_w - Delta_l).
-    """
+    """Eq. (2): L_DPO = -E log sigmoid(beta_dpo [Delta(x, y_w) - Delta(x, y_l)]), as bt_loss returns it."""
     return bt_loss(beta_dpo * delta_chosen, beta_dpo * delta_rejected)
-
 
 def implicit_reward(model, theta: dict, batch: dict):
     """Delta_theta(x, y) = log pi_theta(y|x) - log pi_ref(y|x), (B,), with the graph to theta."""
     return policy.logprob(model, theta, batch) - batch["logp_ref"]
 
-
 def kl_estimates(logp, logp_ref):
-    """Per-sample estimators of KL(pi_theta || pi_ref) from y ~ pi_theta.
-
-    k1 = Delta (unbiased, used in the loss); k3 = e^{-Delta} - 1 + Delta (unbiased, >= 0, logged only).
-    """
+    """Per-sample estimators of KL(pi_theta || pi_ref) from y ~ pi_theta: k1 = Delta (unbiased, used in
+    the loss) and k3 = e^{-Delta} - 1 + Delta (unbiased, >= 0, logged only)."""
     delta = logp - logp_ref
     return delta, torch.expm1(-delta) + delta
-
 
 def standardised(reward_fn, ref_batch: dict):
     """The reward scale of §1: r -> (r - mean) / std over pi_ref's samples `ref_batch` of the prompts."""
@@ -94,7 +63,6 @@ def standardised(reward_fn, ref_batch: dict):
         r = reward_fn(ref_batch)
     mean, std = r.mean(), r.std().clamp_min(1e-6)
     return lambda batch: (reward_fn(batch) - mean) / std
-
 
 @dataclass
 class AdaptConfig:
@@ -105,16 +73,11 @@ class AdaptConfig:
     lr: float = 1e-2           # Adam on theta
     max_new_tokens: int = 16
 
-
 def adapt(model, prompts, reward_fn, cfg: AdaptConfig, generator, theta0: dict | None = None):
-    """Eq. (3) by on-policy RLOO with the sequence-level k1 penalty r - beta * Delta_theta.
-
-    Each step samples cfg.samples responses per prompt from exactly pi_theta (temperature 1, no
-    top-k); the baseline of a sample is the mean penalised reward of the other samples of its prompt.
-    Args: prompts (N, P) long; reward_fn(batch) -> (B,), standardised by the caller; theta0 starts
-    from an earlier theta instead of theta_ref.
-    Returns: (theta, log) with log a list of per-step dicts (reward, kl_k1, kl_k3).
-    """
+    """Eq. (3) by on-policy RLOO with the sequence-level k1 penalty r - beta Delta_theta: each step samples
+    cfg.samples responses per prompt of pi_theta (temperature 1, no top-k); a sample's baseline is the mean
+    penalised reward of its prompt's other samples. reward_fn(batch) -> (B,), standardised by the caller;
+    theta0: start there instead of at theta_ref. Returns (theta, per-step reward, kl_k1, kl_k3)."""
     theta = policy.adapted_params(model) if theta0 is None else policy.copy_params(theta0)
     opt = torch.optim.Adam(theta.values(), lr=cfg.lr)
     log, n = [], cfg.samples
@@ -136,100 +99,39 @@ def adapt(model, prompts, reward_fn, cfg: AdaptConfig, generator, theta0: dict |
         log.append({"reward": r.mean().item(), "kl_k1": k1.mean().item(), "kl_k3": k3.mean().item()})
     return {n_: p.detach() for n_, p in theta.items()}, log
 
-
-@dataclass
-class RMConfig:
-    steps: int = 400           # Bradley-Terry steps of the vanilla RM
-    batch_size: int = 32       # pairs per step
-    lr: float = 1e-3           # Adam on phi
-
-
 def rm_bt_loss(rm, phi: dict, chosen: dict, rejected: dict):
     """Eq. (1) for the reward model r_phi on encoded pair batches: (loss, accuracy, margins)."""
     return bt_loss(policy.reward(rm, phi, chosen), policy.reward(rm, phi, rejected))
 
 
-def train_reward_model(rm, phi: dict, pairs, cfg: RMConfig, generator, opt=None, steps: int | None = None):
-    """Adam on phi with the Bradley-Terry loss (1) on batches drawn from `pairs` = (chosen, rejected).
-
-    opt continues an earlier run with its optimiser state (vanilla_rm_long); steps defaults to cfg.steps.
-    Returns: (per-step log of loss and accuracy, the optimiser).
-    """
-    opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
-    chosen, rejected = pairs
-    log = []
-    for step in range(cfg.steps if steps is None else steps):
-        rows = policy.draw(len(chosen["idx"]), cfg.batch_size, generator)
-        loss, acc, _ = rm_bt_loss(rm, phi, policy.rows_of(chosen, rows), policy.rows_of(rejected, rows))
-        check_finite(loss.detach(), "reward-model loss (1)", step)
-        apply_gradient(opt, phi, torch.autograd.grad(loss, list(phi.values())))
-        log.append({"loss": loss.item(), "acc": acc.item()})
-    return log, opt
-
-
-def continue_from(phi: dict, opt, lr: float):
-    """A copy of phi with a copy of its optimiser's state: training it leaves phi and opt be."""
-    phi2 = policy.copy_params(phi)
-    opt2 = torch.optim.Adam(phi2.values(), lr=lr)
-    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))   # load_state_dict alone would share the tensors
-    return phi2, opt2
-
-
-def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: float, generator):
-    """Eq. (2) on the pooled training pairs, Adam on the same theta as meta-test adaptation."""
-    theta = policy.adapted_params(model)
-    opt = torch.optim.Adam(theta.values(), lr=lr)
-    chosen, rejected = pairs
-    for step in range(steps):
-        rows = policy.draw(len(chosen["idx"]), batch_size, generator)
-        loss = dpo_loss(implicit_reward(model, theta, policy.rows_of(chosen, rows)),
-                        implicit_reward(model, theta, policy.rows_of(rejected, rows)), beta_dpo)[0]
-        check_finite(loss.detach(), "DPO loss (2)", step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return {n: p.detach() for n, p in theta.items()}
-
-
-# =================================================================================================
-# 2. The bilevel meta-learned reward model (Jia), Eqs. (4)-(8)
-# =================================================================================================
+# ==== 2. The bilevel meta-learned reward model (Jia), Eqs. (4)-(8) ===============================
 def importance_weights(delta, K: int):
     """Eq. (4): w_k(theta; x) = softmax_k Delta_theta(x, y_k), (B, K); w = 1/K at theta = theta_ref."""
     return torch.softmax(delta.view(-1, K), dim=-1)
 
-
-def lower_objective(delta, r, K: int, beta: float):
-    """Eq. (5) without its proximal term: E_x[-sum_k w_k r_k + beta sum_k w_k log(K w_k)], w = Eq. (4).
-
-    Over free weights its minimiser is w* = softmax_k(r_k / beta). Args: delta (B K,), r (B, K).
-    log w is taken as log_softmax (finite even where a weight underflows to 0).
-    """
+def inner_objective(delta, r, K: int, beta: float):
+    """Eq. (5) without its proximal term: E_x[-sum_k w_k r_k + beta sum_k w_k log(K w_k)], w = Eq. (4),
+    with log w = log_softmax (finite where a weight underflows). Over free weights the minimiser is
+    w* = softmax_k(r_k / beta). Args: delta (B K,), r (B, K)."""
     log_w = torch.log_softmax(delta.view(-1, K), dim=-1)
     w = log_w.exp()
     kl = (w * (log_w + math.log(K))).sum(-1)                         # KL(w || uniform) <= log K
     return (-(w * r).sum(-1) + beta * kl).mean()
 
-
 def inner_loss(model, theta, r, cand, K: int, beta: float, rho: float, theta_ref):
-    """Eq. (5): g_d(theta, phi) = E_x[-sum_k w_k r_k + beta sum_k w_k log(K w_k)] + rho/2 |theta - theta_ref|^2.
-
-    Args: r (B, K) rewards r_phi(x, y_k) of the candidates (phi enters g only through them);
-    cand: an encoded batch of the B K candidates y_k ~ pi_ref(.|x), prompt-major.
-    """
+    """Eq. (5): g_d(theta, phi) = inner_objective + rho/2 |theta - theta_ref|^2; r (B, K): the rewards
+    r_phi(x, y_k) of the candidates (phi enters g only through them), cand: their encoded batch."""
     prox = sum(((theta[n] - theta_ref[n]) ** 2).sum() for n in theta)
-    return lower_objective(implicit_reward(model, theta, cand), r, K, beta) + 0.5 * rho * prox
-
+    return inner_objective(implicit_reward(model, theta, cand), r, K, beta) + 0.5 * rho * prox
 
 def outer_dpo(model, theta, chosen: dict, rejected: dict, beta_dpo: float):
     """Eq. (7), one domain's term: L_DPO(theta; P_d) on encoded chosen / rejected batches."""
     return dpo_loss(implicit_reward(model, theta, chosen), implicit_reward(model, theta, rejected), beta_dpo)[0]
 
-
 @dataclass
 class BilevelConfig:
-    beta: float = 0.5          # KL coefficient of the lower level (5), as at meta-test
-    beta_dpo: float = 0.1      # DPO temperature of the upper level (7), chosen on dev (README)
+    beta: float = 0.5          # KL coefficient of the inner problem (5), as at meta-test
+    beta_dpo: float = 0.1      # DPO temperature in the outer objective (7), chosen on dev (README)
     lam: float = 0.3           # weight of L_BT in (7)
     K: int = 4                 # candidates per prompt
     prompts_per_domain: int = 8   # prompts of a domain whose candidates are drawn at each outer step
@@ -246,80 +148,64 @@ class BilevelConfig:
     recalibrate_every: int = 20   # outer steps between curvature checks at theta* (0: never)
     max_new_tokens: int = 16
 
-
 def candidate_rewards(rm, phi: dict, cand: dict, K: int):
-    """r_phi(x, y_k) of the candidates, (B, K), standardised over them as rewards are at meta-test
-    (§1, 'Reward scale'), so that beta means the same in (5) as in (3); the graph to phi is kept."""
+    """r_phi(x, y_k) (B, K), standardised over the candidates as rewards are at meta-test (§1), so that
+    beta means the same in (5) as in (3); the graph to phi is kept."""
     r = policy.reward(rm, phi, cand)
     return ((r - r.mean()) / r.std().clamp_min(1e-8)).view(-1, K)
 
-
 def level_functions(model, prob: dict, cfg: BilevelConfig, theta_ref):
-    """One domain's lower and upper losses as functions (theta, {"r": rewards}) -> scalar, the form
-    bilevel.py works with: g = Eq. (5), f = that domain's L_DPO term of Eq. (7)."""
+    """One domain's g = Eq. (5) and f = its L_DPO term of Eq. (7), as functions (theta, {"r": rewards})."""
     g = lambda th, up: inner_loss(model, th, up["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
     f = lambda th, up: outer_dpo(model, th, prob["chosen"], prob["rejected"], cfg.beta_dpo)
     return g, f
 
-
 def hypergradient(model, rm, phi, prob: dict, cfg: BilevelConfig, theta_ref, theta0=None, solver=None,
                   iters=None, newton_tol=None):
-    """Eq. (8) for one domain: (dF_d/dr (B, K), the candidates' rewards r (B, K) with graph to phi, info).
-
-    The lower level depends on phi only through the candidates' rewards r = r_phi(x, y_k), so the
-    hypergradient is taken with respect to r by bilevel.py and carried to phi by one backward pass
-    through the reward model (chain rule): grad_phi F_d = (dr/dphi)^T dF_d/dr.
-    theta0: where the T inner steps start (a warm start; default theta_ref). solver: cg | neumann
-    (iters = CG/Neumann iterations) | unrolled (iters = T). newton_tol: solve the lower level by Newton
-    to this gradient norm instead of T gradient steps (tests, references). info["theta"] = theta*.
-    """
+    """Eq. (8) for one domain: (dF_d/dr (B, K), the candidates' rewards r with graph to phi, info). phi
+    enters g only through r = r_phi(x, y_k): bilevel.py differentiates with respect to r, one backward pass
+    through the RM carries it to phi. theta0: start of the T inner steps (default theta_ref). solver: cg |
+    neumann (iters: iterations) | unrolled (iters: T). newton_tol: solve (6) by Newton (tests, references)."""
     solver = solver or cfg.solver
     r = candidate_rewards(rm, phi, prob["cand"], cfg.K)
-    upper = {"r": r.detach()}
+    outer = {"r": r.detach()}
     g, f = level_functions(model, prob, cfg, theta_ref)
     start = theta_ref if theta0 is None else theta0
     if solver == "unrolled":
-        grad, info = bilevel.hypergrad_unrolled(f, g, start, upper, iters or cfg.T, cfg.inner_lr)
+        grad, info = bilevel.hypergrad_unrolled(f, g, start, outer, iters or cfg.T, cfg.inner_lr)
     else:
         if newton_tol:             # g is not convex far from theta*: gradient steps first, then Newton
-            theta_star, _ = bilevel.inner_solve(g, start, upper, 10 * cfg.T, cfg.inner_lr)
-            theta_star, newton = bilevel.newton_solve(g, theta_star, upper, tol=newton_tol)
+            theta_star, _ = bilevel.inner_solve(g, start, outer, 10 * cfg.T, cfg.inner_lr)
+            theta_star, newton = bilevel.newton_solve(g, theta_star, outer, tol=newton_tol)
             if not newton["converged"]:
-                raise FloatingPointError(f"the lower level was not solved to |grad g| <= {newton_tol}")
+                raise FloatingPointError(f"the inner problem was not solved to |grad g| <= {newton_tol}")
         else:
-            theta_star, _ = bilevel.inner_solve(g, start, upper, cfg.T, cfg.inner_lr)
+            theta_star, _ = bilevel.inner_solve(g, start, outer, cfg.T, cfg.inner_lr)
         kw = dict(max_iter=iters or cfg.cg_iters, tol=cfg.cg_tol) if solver == "cg" else \
             dict(alpha=cfg.inner_lr, J=iters or cfg.cg_iters)
-        grad, info = bilevel.hypergrad_implicit(f, g, theta_star, upper, solver=solver, **kw)
+        grad, info = bilevel.hypergrad_implicit(f, g, theta_star, outer, solver=solver, **kw)
         info["theta"] = theta_star
-    info["F"] = f(info["theta"], upper).item()
+    info["F"] = f(info["theta"], outer).item()
     return grad["r"], r, info
 
-
 def curvature(model, theta, r, cand, cfg: BilevelConfig, theta_ref, iters: int = 20):
-    """lambda_min and lambda_max of grad^2_theta g_d (rho = 0) at theta, by Lanczos with HVPs (§2.1)."""
+    """(lambda_min, lambda_max) of grad^2_theta g_d with rho = 0, at theta, by Lanczos with HVPs (§2.1)."""
     g0 = lambda th: inner_loss(model, th, r, cand, cfg.K, cfg.beta, 0.0, theta_ref)
     v0 = {n: torch.randn(p.shape, generator=torch.Generator(p.device).manual_seed(0), device=p.device,
                          dtype=p.dtype) for n, p in theta.items()}
     lo, hi, _ = bilevel.lanczos_eigs(lambda v: bilevel.hvp(g0, theta, v), v0, iters)
     return lo, hi
 
-
 def rho_from(lam_min: float, lam_max: float) -> float:
-    """§2.1: rho = max(1.5 (-lambda_min)_+, 0.01 lambda_max): above -lambda_min, so that g_d is
-    locally strongly convex, and a condition number of at most ~100."""
+    """§2.1: rho = max(1.5 (-lambda_min)_+, 0.01 lambda_max), above -lambda_min (local strong
+    convexity) and a condition number of at most ~100."""
     return max(1.5 * max(0.0, -lam_min), 0.01 * lam_max)
 
-
 def calibrate(model, rm, phi, problems: dict, cfg: BilevelConfig, theta_ref, rounds: int = 3) -> dict:
-    """Set cfg.rho and cfg.inner_lr from the curvature at theta* (§2.1), worst case over `problems`.
-
-    A fixed point: start from the curvature at theta_ref, solve the lower levels with that rho, measure
-    lambda_min / lambda_max at their theta*, and repeat (rounds times). Returns the last measurement.
-    """
+    """Set cfg.rho and cfg.inner_lr from the curvature at theta* (§2.1), worst case over `problems`, by a
+    fixed point: curvature at theta_ref -> rho -> solve -> curvature at theta* -> rho ... (rounds times)."""
     r = {d: candidate_rewards(rm, phi, p["cand"], cfg.K).detach() for d, p in problems.items()}
     eigs = [curvature(model, theta_ref, r[d], p["cand"], cfg, theta_ref) for d, p in problems.items()]
-    at = "theta_ref"
     for _ in range(rounds):
         cfg.rho = max(rho_from(lo, hi) for lo, hi in eigs)
         cfg.inner_lr = 1.0 / (max(hi for _, hi in eigs) + cfg.rho)
@@ -328,21 +214,27 @@ def calibrate(model, rm, phi, problems: dict, cfg: BilevelConfig, theta_ref, rou
             g, _ = level_functions(model, p, cfg, theta_ref)
             theta_star, _ = bilevel.inner_solve(g, theta_ref, {"r": r[d]}, 4 * cfg.T, cfg.inner_lr)
             eigs.append(curvature(model, theta_star, r[d], p["cand"], cfg, theta_ref))
-        at = "theta*"
     lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
-    return {"at": at, "lambda_min": lam_min, "lambda_max": lam_max, "rho": cfg.rho, "inner_lr": cfg.inner_lr,
-            "margin": lam_min + cfg.rho}
+    return {"at": "theta*", "lambda_min": lam_min, "lambda_max": lam_max, "rho": cfg.rho,
+            "inner_lr": cfg.inner_lr, "margin": lam_min + cfg.rho}
 
+def recheck_rho(model, rm, phi, problems: dict, warm: dict, cfg: BilevelConfig, theta_ref) -> float:
+    """§2.1 during the run: lambda_min + rho at the drawn domains' current theta*; below rho / 2, rho is
+    raised to rho_from(lambda_min, lambda_max) and the inner step follows. Returns lambda_min + rho."""
+    eigs = [curvature(model, warm[d], candidate_rewards(rm, phi, p["cand"], cfg.K).detach(), p["cand"], cfg, theta_ref)
+            for d, p in problems.items()]
+    lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
+    if lam_min + cfg.rho < 0.5 * cfg.rho:
+        cfg.rho = max(cfg.rho, rho_from(lam_min, lam_max))
+        cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
+    return lam_min + cfg.rho
 
 def outer_gradient(model, rm, phi, problems: dict, pairs, cfg: BilevelConfig, theta_ref, n_domains: int | None = None,
                    warm: dict | None = None, **hyper_kw):
-    """grad_phi F for F(phi) = (N/n) sum_{d drawn} L_DPO(theta*_d(phi); P_d) + lam L_BT(phi; pairs), Eqs. (7)(8).
-
-    problems: the n domains drawn from the N = n_domains of D_train (default: all of them, n = N); the
-    factor N/n makes the sum over the drawn domains an unbiased estimate of the sum over D_train.
-    warm: domain -> theta to start its inner solve from; updated in place with the new theta*.
-    Returns: (gradient list in phi's order, F, info with the HVPs used and per-domain DPO losses).
-    """
+    """grad_phi F for F(phi) = (N/n) sum_{d drawn} L_DPO(theta*_d(phi); P_d) + lam L_BT(phi; pairs), (7)(8):
+    problems are n domains drawn from the N = n_domains of D_train (default n = N), and N/n makes their sum
+    unbiased. warm: domain -> start of its inner solve, updated to the new theta*. Returns (gradients in
+    phi's order, F, info: HVPs, per-domain DPO terms)."""
     surrogate, F_value, info = 0.0, 0.0, {"hvps": 0, "dpo": {}, "unconverged": 0}
     scale = (n_domains or len(problems)) / max(1, len(problems))
     for d, prob in problems.items():
@@ -360,9 +252,8 @@ def outer_gradient(model, rm, phi, problems: dict, pairs, cfg: BilevelConfig, th
         surrogate, F_value = surrogate + cfg.lam * bt, F_value + cfg.lam * bt.item()
     return list(torch.autograd.grad(surrogate, list(phi.values()))), F_value, info
 
-
 def draw_problem(model, prompts, pairs, cfg: BilevelConfig, generator) -> dict:
-    """One domain's data for one outer step (§2.1): cfg.prompts_per_domain prompts of F_d, K fresh
+    """One domain's data for one outer step (§2.1): cfg.prompts_per_domain prompts of F_d with K fresh
     candidates each from pi_ref, and cfg.pairs_per_domain pairs drawn from all of P_d."""
     rows = torch.tensor(policy.draw(len(prompts), cfg.prompts_per_domain, generator), device=prompts.device)
     cand = policy.sample(model, {}, prompts[rows].repeat_interleave(cfg.K, dim=0), cfg.max_new_tokens, generator)
@@ -370,20 +261,13 @@ def draw_problem(model, prompts, pairs, cfg: BilevelConfig, generator) -> dict:
     picks = policy.draw(len(chosen["idx"]), cfg.pairs_per_domain, generator)
     return {"cand": cand, "chosen": policy.rows_of(chosen, picks), "rejected": policy.rows_of(rejected, picks)}
 
-
 def train_bilevel(model, rm, phi, domains: dict, bt_pairs, cfg: BilevelConfig, theta_ref, generator,
                   bt_generator, steps: int | None = None, opt=None, dpo_term: bool = True):
-    """Eqs. (6)-(8): Adam on phi along the hypergradient of F (see outer_gradient).
-
-    domains: d -> (prompts F_d (N_d, P), encoded pairs P_d). Each outer step draws
-    cfg.domains_per_step training domains, fresh candidates and pairs for each (draw_problem, from
-    `generator`), and cfg.pairs_per_domain pooled pairs `bt_pairs` for the lam term (from
-    `bt_generator`, so that a run with dpo_term=False -- the control bilevel_bt_only -- draws the same
-    lam batches). The inner solve of a domain warm-starts from its last theta*. Every
-    cfg.recalibrate_every steps lambda_min is re-measured at the drawn domains' theta*; rho is raised
-    if lambda_min + rho falls below 0.5 rho (logged as "margin").
-    Returns: a list of per-step dicts (F, grad_norm, hvps, unconverged, margin where measured).
-    """
+    """Eqs. (6)-(8): Adam on phi along the hypergradient of F. domains: d -> (prompts F_d, encoded P_d).
+    Each outer step draws cfg.domains_per_step domains and their data (draw_problem, from `generator`) and
+    pooled pairs bt_pairs for the lam term (from `bt_generator`, so that dpo_term=False -- the control
+    bilevel_bt_only -- draws the same). Inner solves warm-start from the domain's last theta*; rho is
+    re-checked every cfg.recalibrate_every steps. Returns per-step F, grad_norm, hvps, unconverged, margin."""
     if dpo_term and cfg.inner_lr <= 0:
         raise ValueError("BilevelConfig.inner_lr must be > 0: set it (and rho) with metarm.calibrate (§2.1)")
     opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
@@ -416,49 +300,26 @@ def train_bilevel(model, rm, phi, domains: dict, bt_pairs, cfg: BilevelConfig, t
     return log
 
 
-def recheck_rho(model, rm, phi, problems: dict, warm: dict, cfg: BilevelConfig, theta_ref) -> float:
-    """§2.1 during the run: lambda_min + rho at the drawn domains' current theta* (worst case). If it
-    is below 0.5 rho, rho is raised to rho_from(lambda_min, lambda_max) and the inner step follows."""
-    eigs = [curvature(model, warm[d], candidate_rewards(rm, phi, p["cand"], cfg.K).detach(), p["cand"], cfg, theta_ref)
-            for d, p in problems.items()]
-    lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
-    if lam_min + cfg.rho < 0.5 * cfg.rho:
-        cfg.rho = max(cfg.rho, rho_from(lam_min, lam_max))
-        cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
-    return lam_min + cfg.rho
-
-
-# =================================================================================================
-# 3. MetaRM (Dou et al.), Eqs. (9)-(11), and RLHF rounds
-# =================================================================================================
+# ==== 3. MetaRM (Dou et al.), Eqs. (9)-(11), and its rounds ======================================
 def distinct_pairs(idx, k: int):
     """(B, k(k-1)/2) bool: which response pairs (i < j) of each prompt differ (duplicates dropped)."""
     seqs = idx.view(-1, k, idx.shape[1])
     i, j = torch.triu_indices(k, k, 1)
     return (seqs[:, i] != seqs[:, j]).any(-1)
 
-
 def difference_loss(r, k: int, distinct):
-    """Eq. (9): J = E_x (2/k^2) sum_{i<j} sigmoid(|r(x, s_i) - r(x, s_j)|), duplicate pairs dropped;
-    the mean over the batch's prompts (a sum would rescale eta).
-
-    Args: r (B k,) rewards of k responses for each of B shifted prompts; distinct (B, k(k-1)/2).
-    """
+    """Eq. (9): J = E_x (2/k^2) sum_{i<j} sigmoid(|r(x, s_i) - r(x, s_j)|) over the distinct pairs, the
+    mean over the batch's prompts (a sum would rescale eta). r (B k,), distinct (B, k(k-1)/2)."""
     r = r.view(-1, k)
     i, j = torch.triu_indices(k, k, 1)
     terms = torch.sigmoid((r[:, i] - r[:, j]).abs()) * distinct
     return (2.0 / k ** 2) * terms.sum(1).mean()
 
-
 def metarm_grad(rm, phi, chosen, rejected, meta, distinct, k: int, eta: float, second_order: bool = False):
-    """Eqs. (10)(11): the gradient of phi -> L_BT(phi'), phi' = phi + eta grad J(phi; X_s).
-
-    second_order=False (default): the gradient taken at phi', applied to phi -- the authors' update.
-    second_order=True: exact, (I + eta grad^2 J(phi)) g with g = grad L_BT(phi') -- one HVP of J.
-    Args: chosen, rejected: encoded pair batches X_t; meta: encoded batch of k responses to each
-    shifted prompt X_s (prompt-major); distinct: distinct_pairs of meta.
-    Returns: (gradient dict, L_BT(phi'), J(phi)).
-    """
+    """Eqs. (10)(11): the gradient of phi -> L_BT(phi'), phi' = phi + eta grad J(phi; X_s); second_order=False
+    (default): the gradient taken at phi', applied to phi -- the authors' update; True: the exact
+    (I + eta grad^2 J(phi)) g, g = grad L_BT(phi'), one HVP. chosen, rejected: X_t; meta: X_s, k responses
+    per shifted prompt (prompt-major). Returns (gradient, L_BT(phi'), J(phi))."""
     phi = {n: p.detach().requires_grad_(True) for n, p in phi.items()}
     J_fn = lambda p: difference_loss(policy.reward(rm, p, meta), k, distinct)
     J = J_fn(phi)
@@ -473,7 +334,6 @@ def metarm_grad(rm, phi, chosen, rejected, meta, distinct, k: int, eta: float, s
         g = {n: g[n] + eta * Hg[n] for n in g}
     return g, loss.detach(), J.detach()
 
-
 @dataclass
 class MetaRMConfig:
     eta: float = 0.1           # ascent step (10)
@@ -481,20 +341,19 @@ class MetaRMConfig:
     meta_prompts: int = 8      # shifted prompts per step
     temperature: float = 1.2   # sampling temperature of the shifted set ("a bit higher")
     steps: int = 40            # RM updates per round
+    batch_size: int = 32       # pairs X_t per step
     rounds: int = 2            # rounds of [adapt -> sample -> update]; the last round's policy counts
     second_order: bool = False
 
-
-def train_metarm(rm, phi, opt, pairs, meta, cfg: MetaRMConfig, rm_cfg: RMConfig, generator, meta_generator):
-    """The authors' loop, Eqs. (9)-(11), cfg.steps times: draw pairs X_t (from `generator`) and shifted
-    prompts X_s (from `meta_generator`, so that eta = 0 draws the same X_t), ascend on J, take the
-    Bradley-Terry gradient at phi', step phi with it (opt: Adam, its state carried over from the
-    vanilla RM). meta: encoded batch of k responses to each shifted prompt. Returns per-step logs."""
+def train_metarm(rm, phi, opt, pairs, meta, cfg: MetaRMConfig, generator, meta_generator):
+    """The authors' loop (9)-(11), cfg.steps times: draw X_t (from `generator`) and shifted prompts X_s
+    (from `meta_generator`, so that eta = 0 draws the same X_t), ascend on J, take the Bradley-Terry
+    gradient at phi' and step phi with it (opt: Adam, its state carried over from the vanilla RM)."""
     chosen, rejected = pairs
     distinct = distinct_pairs(meta["idx"], cfg.k)
     n_prompts, log = len(distinct), []
     for step in range(cfg.steps):
-        rows = policy.draw(len(chosen["idx"]), rm_cfg.batch_size, generator)
+        rows = policy.draw(len(chosen["idx"]), cfg.batch_size, generator)
         m = torch.tensor(policy.draw(n_prompts, cfg.meta_prompts, meta_generator), device=distinct.device)
         meta_rows = (m[:, None] * cfg.k + torch.arange(cfg.k, device=m.device)).flatten()
         g, loss, J = metarm_grad(rm, phi, policy.rows_of(chosen, rows), policy.rows_of(rejected, rows),
@@ -504,28 +363,21 @@ def train_metarm(rm, phi, opt, pairs, meta, cfg: MetaRMConfig, rm_cfg: RMConfig,
         log.append({"loss": loss.item(), "J": J.item()})
     return log
 
-
 def reward_spread(r, k: int) -> float:
-    """§3's diagnostic: std of r(x, s_i) - r(x, s_j) over pairs i < j of responses to the same
-    prompt, divided by the reward std over the same samples (ascent on J inflates the scale)."""
+    """§3's diagnostic: std of r(x, s_i) - r(x, s_j) over the pairs of responses to the same prompt,
+    divided by the reward std on the same samples (ascent on J inflates the scale)."""
     r = r.view(-1, k)
     i, j = torch.triu_indices(k, k, 1)
     return ((r[:, i] - r[:, j]).std() / r.std().clamp_min(1e-8)).item()
 
-
-def metarm_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMConfig, rm_cfg: RMConfig,
-                  adapt_cfg: AdaptConfig, seeds, theta_first=None):
-    """MetaRM out of distribution (§3): cfg.rounds rounds on one domain of
-    [adapt (3) from theta_ref with the current RM -> sample the policy at cfg.temperature, k per
-    prompt -> MetaRM update (9)-(11) on the training pairs with those samples as X_s]; the last round
-    stops after its adaptation, whose policy is the result.
-
-    ref_batch: pi_ref's samples of the prompts (the reward scale, §1). phi, opt: the vanilla RM and its
-    optimiser, updated in place. seeds: (adaptation, sampling, pairs, shifted prompts) generator seeds,
-    the adaptation seed shared with the other methods (common random numbers). theta_first: round 1's
-    policy if it is already known (it is the vanilla RM's policy under the same seeds).
-    Returns: (theta of the last round, per-round log: spread of the RM on the policy's samples, J).
-    """
+def metarm_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMConfig, adapt_cfg: AdaptConfig,
+                  seeds, theta_first=None):
+    """MetaRM out of distribution (§3), on one domain: cfg.rounds rounds of [adapt (3) from theta_ref with
+    the current RM -> sample the policy at cfg.temperature, k per prompt -> MetaRM update on the training
+    pairs with those samples as X_s]; the last round stops after its adaptation, whose policy counts.
+    ref_batch: pi_ref's samples (§1). phi, opt: the vanilla RM's copy and optimiser, updated in place.
+    seeds: of (adaptation -- shared with the other methods --, sampling, pairs, shifted prompts).
+    theta_first: round 1's policy if known. Returns (theta, per round: the RM's spread on X_s, J)."""
     gen = lambda s: torch.Generator(prompts.device).manual_seed(s)
     adapt_seed, sample_seed, pair_seed, meta_seed = seeds
     pair_gen, meta_gen, sample_gen = gen(pair_seed), gen(meta_seed), gen(sample_seed)
@@ -540,24 +392,5 @@ def metarm_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMCon
                              sample_gen, temperature=cfg.temperature)
         with torch.no_grad():
             spread = reward_spread(policy.reward(rm, phi, meta), cfg.k)
-        log = train_metarm(rm, phi, opt, pairs, meta, cfg, rm_cfg, pair_gen, meta_gen)
+        log = train_metarm(rm, phi, opt, pairs, meta, cfg, pair_gen, meta_gen)
         history.append({"round": t, "spread": spread, "J": sum(e["J"] for e in log) / len(log)})
-
-
-def rlhf_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMConfig, rm_cfg: RMConfig,
-                adapt_cfg: AdaptConfig, rounds: int, gold, generator, meta_generator):
-    """Iterative RLHF (§3, the paper's main setting): each round continues the policy with (3) under
-    the current RM, samples it (cfg.temperature, k per prompt), records the RM's normalised spread and
-    the gold reward of those samples, then updates the RM on the original pairs with MetaRM (9)-(11)
-    on the samples as X_s (cfg.eta = 0: plain Bradley-Terry steps, the control). Returns per-round logs."""
-    theta, history = None, []
-    for t in range(rounds):
-        reward_fn = standardised(lambda b: policy.reward(rm, phi, b), ref_batch)
-        theta, _ = adapt(model, prompts, reward_fn, adapt_cfg, generator, theta0=theta)
-        meta = policy.sample(model, theta, prompts.repeat_interleave(cfg.k, dim=0), adapt_cfg.max_new_tokens,
-                             generator, temperature=cfg.temperature)
-        with torch.no_grad():
-            spread = reward_spread(policy.reward(rm, phi, meta), cfg.k)
-        history.append({"round": t, "spread": spread, "gold": gold(meta).mean().item()})
-        train_metarm(rm, phi, opt, pairs, meta, cfg, rm_cfg, generator, meta_generator)
-    return history

@@ -21,6 +21,7 @@ Symbols -> names:
     log pi(y|x)        sum over the response tokens only (prompt excluded), `sequence_logprob`
     batch              dict: idx, mask, h and h_mid (pi_ref's features), logp_ref = log pi_ref(y|x)
 """
+import copy
 import math
 from dataclasses import dataclass
 
@@ -126,6 +127,14 @@ def copy_params(params: dict) -> dict:
     return {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
 
 
+def continue_from(phi: dict, opt, lr: float):
+    """A copy of phi with a copy of its optimiser's state: training it leaves phi and opt be."""
+    phi2 = copy_params(phi)
+    opt2 = torch.optim.Adam(phi2.values(), lr=lr)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))   # load_state_dict alone would share the tensors
+    return phi2, opt2
+
+
 def is_head(theta: dict) -> bool:
     """True when theta holds the output head only, so that pi_ref's features serve pi_theta."""
     return all(n.startswith("head.") for n in theta)
@@ -140,6 +149,19 @@ def never_special(logits):
 def head_logits(theta: dict, h):
     """The policy head in theta applied to trunk features h (B, T, C)."""
     return never_special(F.linear(h, theta["head.weight"], theta["head.bias"]))
+
+
+def check_finite(value, what: str, step: int):
+    """Stop a training loop at the first non-finite loss or gradient, naming it and the step."""
+    if not torch.isfinite(torch.as_tensor(value)).all():
+        raise FloatingPointError(f"non-finite {what} at step {step}")
+
+
+def apply_gradient(opt, params: dict, grads):
+    """One optimiser step along the given gradients (a list in params' order)."""
+    for p, g in zip(params.values(), grads):
+        p.grad = g
+    opt.step()
 
 
 def draw(n: int, size: int, generator: torch.Generator) -> list:

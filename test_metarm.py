@@ -9,9 +9,9 @@ Index, equation -> tests:
                         test_eq3_adaptation_approaches_the_kl_optimum
   §1 standardisation    test_s1_standardised_by_hand_and_every_adaptation_reward_is_standardised,
                         test_s1_metarm_and_rlhf_rounds_standardise_every_round
-  (4)(5) lower level    test_eq4_importance_weights_against_a_full_forward, test_eq5_inner_loss_by_hand,
-                        test_eq5_lower_objective_is_exact_in_float64, test_eq5_free_weight_minimiser_is_softmax_r_over_beta
-  (6)-(8) upper level   test_eq8_dF_dr_matches_finite_differences, test_eq7_eq8_outer_gradient_matches_finite_differences,
+  (4)(5) inner problem  test_eq4_importance_weights_against_a_full_forward, test_eq5_inner_loss_by_hand,
+                        test_eq5_inner_objective_is_exact_in_float64, test_eq5_free_weight_minimiser_is_softmax_r_over_beta
+  (6)-(8) outer level   test_eq8_dF_dr_matches_finite_differences, test_eq7_eq8_outer_gradient_matches_finite_differences,
                         test_eq7_lam_term_is_lam_grad_bt, test_eq7_domain_subsets_rescaled_by_N_over_n,
                         test_eq5_shift_invariance_and_rho_from_explicit_hessian,
                         test_eq6_eq8_unrolled_and_training_path_converge, test_s22_reduction_to_rescaled_bradley_terry,
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 import bilevel
 import data
+import evaluation
 import metarm
 import policy as P
 import train
@@ -207,7 +208,7 @@ def test_eq3_adaptation_approaches_the_kl_optimum(enumerable):
     assert kl(logp, star(1.0)) < min(0.25 * kl(logp_ref, star(1.0)), kl(star(0.5), star(1.0)), kl(star(2.0), star(1.0))) and len(log) == 150
 
 def test_s1_standardised_by_hand_and_every_adaptation_reward_is_standardised(world, tiny_gpt):
-    """§1: r = 2x + 1 on x = 1, 2, 3, 6 is 3, 5, 7, 13: mean 7, unbiased std sqrt(56/3). train.reward_functions gives
+    """§1: r = 2x + 1 on x = 1, 2, 3, 6 is 3, 5, 7, 13: mean 7, unbiased std sqrt(56/3). evaluation.reward_functions gives
     each RM's and each oracle's reward as (r - mean) / std over pi_ref's samples (checked on others too); sft, metarm none."""
     x = T64(1.0, 2.0, 3.0, 6.0)
     fn = metarm.standardised(lambda x: 2 * x + 1, x)
@@ -218,7 +219,7 @@ def test_s1_standardised_by_hand_and_every_adaptation_reward_is_standardised(wor
     ref, other = (P.sample(tiny_gpt, {}, prompts, 8, G(s)) for s in (5, 6))
     methods = ["vanilla_rm", "bilevel", "in_domain_rm", "oracle", "agnostic_oracle", "sft", "metarm"]
     rms = {"vanilla_rm": phi, "bilevel": phi, "in_domain_rm": {"bar": phi}}
-    out = train.reward_functions({"world": world, "methods": methods, "rm": rm}, rms, "bar", ref)
+    out = evaluation.reward_functions({"world": world, "methods": methods, "rm": rm}, rms, "bar", ref)
     gold = lambda agnostic: lambda b: torch.tensor(world.gold_rewards(b["idx"].tolist(), agnostic), dtype=f64)
     rm_fn = lambda b: manual_reward(tiny_gpt, rm, phi, b["idx"], b["mask"])
     raw = {"vanilla_rm": rm_fn, "in_domain_rm": rm_fn, "bilevel": rm_fn, "oracle": gold(False), "agnostic_oracle": gold(True)}
@@ -241,16 +242,15 @@ def test_s1_metarm_and_rlhf_rounds_standardise_every_round(micro, monkeypatch):
         calls.append((z.mean().item(), z.std().item(), manual_reward(micro, rm, phi, ref["idx"], ref["mask"]).tolist()))
         return P.adapted_params(micro), []
     monkeypatch.setattr(metarm, "adapt", fake_adapt)
-    args = (metarm.MetaRMConfig(eta=0.5, k=2, meta_prompts=2, steps=3, rounds=3), metarm.RMConfig(batch_size=4),
-            metarm.AdaptConfig(max_new_tokens=4))
+    args = (metarm.MetaRMConfig(eta=0.5, k=2, meta_prompts=2, steps=3, rounds=3, batch_size=4), metarm.AdaptConfig(max_new_tokens=4))
     sgd = lambda: torch.optim.SGD(phi.values(), lr=0.5)
     assert len(metarm.metarm_rounds(micro, prompts, ref, rm, phi, sgd(), (c, r), *args, (1, 2, 3, 4))[1]) == 2 and len(calls) == 3
-    assert len(metarm.rlhf_rounds(micro, prompts, ref, rm, phi, sgd(), (c, r), *args, 2, lambda b: b["mask"].sum(1), G(8), G(9))) == 2
+    assert len(evaluation.rlhf_rounds(micro, prompts, ref, rm, phi, sgd(), (c, r), *args, 2, lambda b: b["mask"].sum(1), G(8), G(9))) == 2
     assert len(calls) == 5 and all(calls[i][2] != calls[i + 1][2] for i in (0, 1, 3))      # the RM moved in between
     assert all(mu == pytest.approx(0, abs=1e-10) and sd == pytest.approx(1, rel=1e-10) for mu, sd, _ in calls)
 
 
-# ==== (4)(5) the lower level =========================================================================================
+# ==== (4)(5) the inner problem =======================================================================================
 def test_eq4_importance_weights_against_a_full_forward(world, tiny_gpt):
     """(4): w = 1/K at theta_ref, else softmax_k(log pi_theta - log pi_ref) from plain model(idx) passes (theta in a deepcopy)."""
     K, theta_ref = 4, P.adapted_params(tiny_gpt)
@@ -269,7 +269,7 @@ def test_eq4_importance_weights_against_a_full_forward(world, tiny_gpt):
     assert (w - 1 / K).abs().max() > 1e-2                       # theta really moved the weights
 
 def test_eq5_inner_loss_by_hand(micro):
-    """(5): g = mean_x[-sum w r + beta sum w log(K w)] + rho/2 |theta - theta_ref|^2 by hand; lower_objective w/o prox."""
+    """(5): g = mean_x[-sum w r + beta sum w log(K w)] + rho/2 |theta - theta_ref|^2 by hand; inner_objective w/o prox."""
     K, beta, rho = 4, 0.7, 0.3
     cand = P.sample(micro, {}, torch.tensor(micro_batches(micro, G(7), 3)[0]).repeat_interleave(K, 0), 5, G(7))
     cand_im = cand["idx"], cand["mask"]
@@ -279,24 +279,24 @@ def test_eq5_inner_loss_by_hand(micro):
     prox = rho / 2 * sum(((theta[n] - theta_ref[n]) ** 2).sum().item() for n in theta)
     assert abs(lower) > 0.1 and prox > 0.1
     assert metarm.inner_loss(micro, theta, r, cand, K, beta, rho, theta_ref).item() == pytest.approx(lower + prox, rel=1e-7)
-    assert metarm.lower_objective(metarm.implicit_reward(micro, theta, cand), r, K, beta).item() == pytest.approx(lower, rel=1e-7)
+    assert metarm.inner_objective(metarm.implicit_reward(micro, theta, cand), r, K, beta).item() == pytest.approx(lower, rel=1e-7)
 
-def test_eq5_lower_objective_is_exact_in_float64():
+def test_eq5_inner_objective_is_exact_in_float64():
     """(5) in float64 to 1e-12: w = 1/2, 1/2, r = 0: beta sum w log(K w) = 0 exactly; log K must not be rounded to float32."""
-    assert metarm.lower_objective(T64(0.3, 0.3), torch.zeros(1, 2, dtype=f64), 2, 1.0).item() == pytest.approx(0.0, abs=1e-12)
+    assert metarm.inner_objective(T64(0.3, 0.3), torch.zeros(1, 2, dtype=f64), 2, 1.0).item() == pytest.approx(0.0, abs=1e-12)
 
 def test_eq5_free_weight_minimiser_is_softmax_r_over_beta():
     """(5) minimised over free weight logits (the last of each prompt pinned at 0: shift invariance) is w* = softmax(r/beta)."""
     r = torch.tensor([[1.0, -0.5, 0.3, 2.0], [0.0, 0.1, -1.0, 0.5]], dtype=f64)
     delta = lambda th: torch.cat([th["z"], torch.zeros(2, 1, dtype=f64)], 1).flatten()
-    g = lambda th, up: metarm.lower_objective(delta(th), up["r"], 4, 0.7)
+    g = lambda th, up: metarm.inner_objective(delta(th), up["r"], 4, 0.7)
     theta, _ = bilevel.inner_solve(g, {"z": torch.zeros(2, 3, dtype=f64)}, {"r": r}, T=200, lr=2.0)
     theta, info = bilevel.newton_solve(g, theta, {"r": r}, tol=1e-11)     # not convex at delta = 0
     assert info["converged"]
     torch.testing.assert_close(metarm.importance_weights(delta(theta), 4), torch.softmax(r / 0.7, -1), rtol=0, atol=1e-9)
 
 
-# ==== (6)-(8) the hypergradient and the upper level ==================================================================
+# ==== (6)-(8) the hypergradient and the outer objective ==================================================================
 @pytest.fixture(scope="module")
 def bl(micro):
     """Domains a, b, c: 3 prompts x K = 4 candidates, 6 pairs each; an RM with a unit-scale head; rho, inner step from calibrate;
@@ -347,7 +347,7 @@ def F_ref(s, phi, lam=0.0, domains="abc", n_domains=3):
     return n_domains / max(1, len(domains)) * dpo + lam * -F.logsigmoid(rew(c) - rew(r)).mean().item()
 
 def outer(s, lam=0.0, problems=None):
-    """metarm.outer_gradient with lam, N = 3, Newton lower levels (warm-started): (gradient dict, F)."""
+    """metarm.outer_gradient with lam, N = 3, Newton inner solves (warm-started): (gradient dict, F)."""
     cfg = metarm.BilevelConfig(**{**s["cfg"].__dict__, "lam": lam})
     g, Fv, _ = metarm.outer_gradient(s["model"], s["rm"], s["phi"], problems or s["problems"], s["pairs"], cfg, s["theta_ref"],
                                      n_domains=3, warm=dict(s["warm"]), newton_tol=1e-10)
@@ -418,7 +418,7 @@ def test_s22_reduction_to_rescaled_bradley_terry():
     K, beta, beta_dpo = 5, 0.4, 0.1
     r, win, lose = torch.tensor([[0.3, -1.2, 0.8, 2.0, -0.1]], dtype=f64), torch.tensor([3, 0, 2, 4]), torch.tensor([1, 1, 0, 1])
     delta = lambda th: torch.cat([th["z"], torch.zeros(1, dtype=f64)])
-    g = lambda th, up: metarm.lower_objective(delta(th), up["r"], K, beta)
+    g = lambda th, up: metarm.inner_objective(delta(th), up["r"], K, beta)
     f = lambda th, up: metarm.dpo_loss(delta(th)[win], delta(th)[lose], beta_dpo)[0]
     theta, _ = bilevel.inner_solve(g, {"z": torch.zeros(K - 1, dtype=f64)}, {"r": r}, T=2000, lr=1.0)
     theta, info = bilevel.newton_solve(g, theta, {"r": r}, tol=1e-12)
@@ -440,7 +440,7 @@ def test_eq6_train_bilevel_needs_rho_and_nan_stops_training(bl):
         run(bad, metarm.BilevelConfig(**{**s["cfg"].__dict__, "domains_per_step": 2}))
     with pytest.raises(FloatingPointError, match=r"^vanilla_rm, seed 7: non-finite reward-model loss \(1\) at step 0$"), \
             train.stage("vanilla_rm", 7):
-        metarm.train_reward_model(s["rm"], bad, s["pairs"], metarm.RMConfig(steps=3, batch_size=4), G(0))
+        train.train_reward_model(s["rm"], bad, s["pairs"], train.RMConfig(steps=3, batch_size=4), G(0))
 
 
 # ==== (9)-(11) MetaRM ================================================================================================
@@ -486,15 +486,15 @@ def test_eq10_eq11_second_minus_first_order_is_eta_hessian_term(meta):
 def test_eq11_eta0_metarm_is_plain_bradley_terry(meta):
     """(11), eta = 0: train_metarm's Adam steps = train_reward_model's on the same draws; continue_from leaves phi, opt be."""
     rm, phi, c, r, batch, _ = meta
-    rm_cfg, a, b = metarm.RMConfig(steps=3, batch_size=4, lr=0.05), P.copy_params(phi), P.copy_params(phi)
+    rm_cfg, a, b = train.RMConfig(steps=3, batch_size=4, lr=0.05), P.copy_params(phi), P.copy_params(phi)
     metarm.train_metarm(rm, a, torch.optim.Adam(a.values(), lr=0.05), (c, r), batch,
-                        metarm.MetaRMConfig(eta=0.0, k=3, meta_prompts=2, steps=3), rm_cfg, G(9), G(10))
-    opt = metarm.train_reward_model(rm, b, (c, r), rm_cfg, G(9))[1]
+                        metarm.MetaRMConfig(eta=0.0, k=3, meta_prompts=2, steps=3, batch_size=4), G(9), G(10))
+    opt = train.train_reward_model(rm, b, (c, r), rm_cfg, G(9))[1]
     for n in phi:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-14)
         assert not torch.equal(a[n], phi[n])
     before, b_before = copy.deepcopy(opt.state_dict()), P.copy_params(b)      # continue_from: a copy, its own optimiser state
-    metarm.train_reward_model(rm, (b2 := metarm.continue_from(b, opt, 0.05))[0], (c, r), rm_cfg, G(11), b2[1])
+    train.train_reward_model(rm, (b2 := P.continue_from(b, opt, 0.05))[0], (c, r), rm_cfg, G(11), b2[1])
     assert all(torch.equal(b[n], b_before[n]) and not torch.equal(b2[0][n], b[n]) for n in b)
     assert all(torch.equal(v, before["state"][i][k]) for i, st in opt.state_dict()["state"].items() for k, v in st.items())
 
@@ -509,19 +509,19 @@ def test_s3_reward_spread_by_hand():
 def test_s3_rm_accuracy_evaluate_and_premises_by_hand(monkeypatch):
     """train.py, reward/sample/logprob stubbed: rm_accuracy (gold ties out, RM ties 1/2, MetaRM's repeats averaged); evaluate
     (win rate, ties 1/2; KL = mean log-ratio); measure_premises (rows i, i + n/2 share a prompt): accuracy, §3 spread."""
-    monkeypatch.setattr(train.P, "reward", lambda rm, phi, b: b["r"] * phi)
+    monkeypatch.setattr(evaluation.P, "reward", lambda rm, phi, b: b["r"] * phi)
     B = lambda **k: {key: torch.tensor(v, dtype=f64) for key, v in k.items()}
     s = {"rm": None, "eval_pairs": {"d": (B(r=[1.0, 0.0, 2.0, -1.0, 0.0]), B(r=[0.0] * 5))}, "gold_margins": {"d": T64(1, 1, 1, 0, 0)}}
-    assert train.rm_accuracy(s, {"vanilla_rm": 1.0}, "vanilla_rm", "d") == pytest.approx((1 + 0.5 + 1) / 3)
+    assert evaluation.rm_accuracy(s, {"vanilla_rm": 1.0}, "vanilla_rm", "d") == pytest.approx((1 + 0.5 + 1) / 3)
     rms = {"metarm": {("d", 0): 1.0, ("d", 1): -1.0, ("e", 0): 5.0}}                 # d's two repeats: 5/6 and 1/6
-    assert train.rm_accuracy(s, rms, "metarm", "d") == pytest.approx((5 / 6 + 1 / 6) / 2)
+    assert evaluation.rm_accuracy(s, rms, "metarm", "d") == pytest.approx((5 / 6 + 1 / 6) / 2)
     batch = B(g=[1.0, 0.0, 2.0, 1.0], logp_ref=[0.0, -1.0, 0.0, 0.0], lp=[0.5, 0.0, -0.5, 1.0])
-    monkeypatch.setattr(train.P, "sample", lambda *a, **k: batch)
-    monkeypatch.setattr(train.P, "logprob", lambda model, theta, b: b["lp"])
-    res = train.evaluate(None, {}, torch.zeros(4, 1), B(g=[0.0, 0.0, 2.0, 1.0]), lambda b: b["g"], None, 1)[0]
+    monkeypatch.setattr(evaluation.P, "sample", lambda *a, **k: batch)
+    monkeypatch.setattr(evaluation.P, "logprob", lambda model, theta, b: b["lp"])
+    res = evaluation.evaluate(None, {}, torch.zeros(4, 1), B(g=[0.0, 0.0, 2.0, 1.0]), lambda b: b["g"], None, 1)[0]
     assert [res[k] for k in ("win_rate", "kl", "gold_reward")] == pytest.approx([(1 + 0.5 + 0.5 + 0.5) / 4, 0.5, 1.0])
     ref, adapted = B(r=[0, 0, 0, 1, 2, 4], g=[0, 5, 1, 2, 1, 0]), B(r=[2, 1, 0, 0, 1, 2], g=[1, 0, 0, 0, 0, 1])   # 3 prompts, n = 2
-    out = train.measure_premises({"rm": None}, 1.0, ref, adapted, lambda b: b["g"], 2)
+    out = evaluation.measure_premises({"rm": None}, 1.0, ref, adapted, lambda b: b["g"], 2)
     assert [out[k] for k in ("acc_pi_ref_samples", "spread_pi_ref", "acc_adapted_samples", "spread_adapted")] == pytest.approx(
         [1 / 3, math.sqrt(7 / 3) / math.sqrt(77 / 30), 1.0, math.sqrt(5)])
 
@@ -795,13 +795,13 @@ def test_jvp_of_logprob_and_sft(world, tiny_gpt):
 # ==== train.py: statistics, the pipeline, bad input (evaluation: §3 above) ===========================================
 def test_t_quantile_interval_and_verdict():
     """t quantiles (tables); interval = mean +- t(n - 1) s / sqrt(n) by hand; verdict by the interval's sign."""
-    assert [train.t_quantile(df) for df in (9, 2, 29)] == pytest.approx([2.262157, 4.302653, 2.045230], abs=1e-4)
-    iv, half = train.interval([1.0, 2.0, 4.0]), 4.302653 * math.sqrt(7 / 3 / 3)     # mean 7/3, s^2 = 7/3
+    assert [evaluation.t_quantile(df) for df in (9, 2, 29)] == pytest.approx([2.262157, 4.302653, 2.045230], abs=1e-4)
+    iv, half = evaluation.interval([1.0, 2.0, 4.0]), 4.302653 * math.sqrt(7 / 3 / 3)     # mean 7/3, s^2 = 7/3
     assert iv["n_seeds"] == 3 and iv["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half], abs=1e-5)
-    assert train.interval([0.5]) == {"mean": 0.5, "ci95": None, "n_seeds": 1}
+    assert evaluation.interval([0.5]) == {"mean": 0.5, "ci95": None, "n_seeds": 1}
     cases = [([0.1, 0.5], 1, "reproduced"), ([-0.5, -0.1], 1, "contradicted"), ([-0.1, 0.5], 1, "undetermined"),
              ([-0.5, -0.1], -1, "reproduced"), ([0.1, 0.5], -1, "contradicted"), (None, 1, "undetermined")]
-    assert [train.verdict(ci, d) for ci, d, _ in cases] == [v for _, _, v in cases]
+    assert [evaluation.verdict(ci, d) for ci, d, _ in cases] == [v for _, _, v in cases]
 
 def test_summarise_pairs_methods_by_seed_and_crn_seeds():
     """summarise: seeds' means over domains, paired difference with wins and interval by hand, ceilings; crn_seed distinct."""
@@ -815,7 +815,7 @@ def test_summarise_pairs_methods_by_seed_and_crn_seeds():
     assert pd["per_seed"] == [1.0, 3.0] and pd["wins"] == 2 and pd["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-4)
     assert pd["verdict"] == "undetermined" and out["ceilings"]["oracle"]["mean"] == pytest.approx(3.5)
     assert out["methods"]["bilevel"]["rm_accuracy"] is None and out["premises"]["acc_pi_ref_samples"]["mean"] == pytest.approx(0.6)
-    assert len({train.crn_seed(s, d, j) for s in range(12) for d in range(6) for j in range(3)}) == 12 * 6 * 3
+    assert len({evaluation.crn_seed(s, d, j) for s in range(12) for d in range(6) for j in range(3)}) == 12 * 6 * 3
 
 SMALL_WORLD = data.WorldConfig(n_sft_per_domain=150, n_sft_per_new_domain=40, n_pairs_per_domain=100, n_eval_pairs_per_domain=40)
 TINY_RUN = ["--quick", "--domains", "dev", "--sft-steps", "100", "--rm-steps", "20", "--adapt-steps", "5", "--eval-samples", "2",

@@ -1,0 +1,90 @@
+"""Command line and output folders, shared by train.py and bench.py (no math here).
+
+A script's flags come from the fields of its Config dataclass (help text and default from the field);
+a bad value is one line on stderr and exit code 2. Outputs are written into `<out>.partial` and swapped
+in only when complete, so a crash or Ctrl-C never leaves a half-written run nor destroys the last one.
+"""
+import argparse
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+
+INT_LIMIT = 10 ** 6                        # an integer flag above this is refused (not a useful run)
+
+
+class BadInput(Exception):
+    """A command-line value that is not allowed."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):              # one line and exit code 2, not argparse's usage block
+        raise BadInput(message)
+
+
+def as_bool(s: str) -> bool:
+    table = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+    if s.lower() not in table:
+        raise ValueError(s)
+    return table[s.lower()]
+
+
+def parse(config_cls, argv, description: str) -> dict:
+    """The values given on the command line, one --flag per field of the dataclass config_cls, with its
+    help text and default (a bool flag alone means true). Raises BadInput on an unknown flag, a value of
+    the wrong type, or an integer outside 0 .. INT_LIMIT."""
+    parser = Parser(description=description)
+    for f in fields(config_cls):
+        kind = as_bool if f.type is bool else f.type
+        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
+                            nargs="?" if f.type is bool else None, const=True if f.type is bool else None,
+                            metavar="BOOL" if f.type is bool else None,
+                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    for name, value in given.items():
+        if type(value) is int and not 0 <= value <= INT_LIMIT:
+            raise BadInput(f"--{name.replace('_', '-')} must be an integer in 0 .. {INT_LIMIT}")
+    return given
+
+
+def prepare_out(out: Path, marker: str) -> Path:
+    """The folder a run writes into (<out>.partial), created now so that an --out that cannot be
+    written fails before any work starts. out must be absolute (resolved). An existing out is replaced
+    at the end, so it must be empty or an earlier run (holding marker): `--out .` or `--out ~` is
+    refused rather than swapped away."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise BadInput(f"--out {out} exists and is not an earlier run (no {marker} in it); "
+                       "give a new folder or an earlier run's")
+    tmp = out.with_name(out.name + ".partial")
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        (tmp / ".write_test").write_text("")
+    except OSError as e:
+        raise BadInput(f"--out {out} cannot be written ({e.strerror or e}); give a writable folder")
+    return tmp
+
+
+def publish(tmp: Path, out: Path):
+    """Swap the complete run in: the earlier run stays whole until the new one is in place."""
+    (tmp / ".write_test").unlink(missing_ok=True)
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def clock(timings: dict, key: str):
+    """Add the block's wall time to timings[key] (seconds, summed over calls)."""
+    t = time.perf_counter()
+    yield
+    timings[key] = timings.get(key, 0) + time.perf_counter() - t
+
+
+def write_json(path: Path, obj):
+    path.write_text(json.dumps(obj, indent=1) + "\n")
