@@ -70,7 +70,7 @@ def _grads(out: torch.Tensor, *dicts: Params, create_graph: bool = False) -> lis
 
 
 def _check_finite(x, what: str):
-    """Raise instead of propagating NaN/inf (STYLE §10)."""
+    """Raise instead of propagating NaN/inf: a solver that diverged says so."""
     if not all(bool(torch.isfinite(t).all()) for t in (x.values() if isinstance(x, dict) else [x])):
         raise FloatingPointError(f"{what} is not finite (NaN or inf): the solve diverged")
 
@@ -221,7 +221,7 @@ def lanczos_eigs(matvec: Callable[[Params], Params], v0: Params,
                                              "ritz_values": ritz.tolist()}
 
 
-# ---- the lower level, Eq. (6) -------------------------------------------------------------------
+# ---- the inner problem, Eq. (6) -----------------------------------------------------------------
 def inner_solve(g: Callable, theta0: Params, phi: Params, T: int, lr: float,
                 create_graph: bool = False) -> tuple[Params, dict]:
     """Eq. (6): T steps of gradient descent θ_{t+1} = θ_t - lr ∇_θ g(θ_t, φ) from θ_0.
@@ -279,7 +279,7 @@ def hypergrad_implicit(f: Callable, g: Callable, theta_star: Params, phi: Params
     """Eq. (8) of METHOD.md, by the implicit function theorem:
     ∇F(φ) = ∇_φ f(θ*, φ) - ∂_φ [∇_θ g(θ*, φ) · v],  v = H⁻¹ ∇_θ f(θ*, φ),  H = ∇²_θθ g(θ*, φ).
 
-    Assumes ∇_θ g(θ*, φ) = 0 (solve the lower level to tolerance) and H SPD (ρ in Eq. (5), or
+    Assumes ∇_θ g(θ*, φ) = 0 (solve the inner problem to tolerance) and H SPD (ρ in Eq. (5), or
     damping). An error in v propagates linearly: ∇F is off by ∂_φ[∇_θ g · (v - v_exact)].
 
     Args:

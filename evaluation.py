@@ -210,7 +210,7 @@ def rlhf_figure(cfg, s: dict, logs: list, seeds: list, rounds: int = 4) -> dict:
 def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: dict, domain: str = "restaurant",
                         ns=(1, 2, 4, 8, 16, 32), timed: bool = False) -> dict:
     """Error of dF/dr against a reference vs HVPs, for CG (n iterations), Neumann and unrolled (4n terms
-    or steps), on the real lower level of one training domain at seed 0's vanilla RM (float64 copies).
+    or steps), on the real inner problem of one training domain at seed 0's vanilla RM (float64 copies).
     CG and Neumann solve at theta* (Newton, |grad g| <= 1e-9); unrolled runs its own inner steps from
     theta_ref. Reference: CG at theta* to a relative residual of 1e-12, itself checked against a central
     finite difference of F. training_setting: the hypergradient as training computes it (T inner steps
@@ -226,17 +226,17 @@ def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: di
     prob = {"cand": cand, "chosen": pairs[0], "rejected": pairs[1]}
     g, f = metarm.level_functions(model, prob, bcfg, theta_ref)
     with torch.no_grad():
-        upper = {"r": metarm.candidate_rewards(rm, phi, cand, bcfg.K)}
-    theta_gd, _ = bilevel.inner_solve(g, theta_ref, upper, 10 * bcfg.T, bcfg.inner_lr)   # g is not convex at theta_ref
-    theta_star, newton = bilevel.newton_solve(g, theta_gd, upper, tol=1e-9)
-    ref, _ = bilevel.hypergrad_implicit(f, g, theta_star, upper, "cg", max_iter=2000, tol=1e-12)
+        outer = {"r": metarm.candidate_rewards(rm, phi, cand, bcfg.K)}
+    theta_gd, _ = bilevel.inner_solve(g, theta_ref, outer, 10 * bcfg.T, bcfg.inner_lr)   # g is not convex at theta_ref
+    theta_star, newton = bilevel.newton_solve(g, theta_gd, outer, tol=1e-9)
+    ref, _ = bilevel.hypergrad_implicit(f, g, theta_star, outer, "cg", max_iter=2000, tol=1e-12)
     F = lambda up: f(bilevel.newton_solve(g, theta_star, up, tol=1e-9)[0], up)
-    u = {"r": torch.randn(upper["r"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
-    fd = bilevel.hypergrad_fd(F, upper, u, eps=1e-4)
-    solvers = {"cg": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, upper, "cg", max_iter=n, tol=0.0),
-               "neumann": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, upper, "neumann",
+    u = {"r": torch.randn(outer["r"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
+    fd = bilevel.hypergrad_fd(F, outer, u, eps=1e-4)
+    solvers = {"cg": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, outer, "cg", max_iter=n, tol=0.0),
+               "neumann": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, outer, "neumann",
                                                                alpha=bcfg.inner_lr, J=4 * n),
-               "unrolled": lambda n: bilevel.hypergrad_unrolled(f, g, theta_ref, upper, 4 * n, bcfg.inner_lr)}
+               "unrolled": lambda n: bilevel.hypergrad_unrolled(f, g, theta_ref, outer, 4 * n, bcfg.inner_lr)}
     error = lambda gr: bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)
     curves = {name: [] for name in solvers}
     with warnings.catch_warnings():
@@ -247,8 +247,8 @@ def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: di
                 gr, info = solve(n)
                 row = {"iters": n if name == "cg" else 4 * n, "hvps": info["hvps"], "error": error(gr)}
                 curves[name].append({**row, "seconds": time.perf_counter() - t} if timed else row)
-        theta_T, inner = bilevel.inner_solve(g, theta_ref, upper, bcfg.T, bcfg.inner_lr)
-        gr, info = bilevel.hypergrad_implicit(f, g, theta_T, upper, "cg", max_iter=bcfg.cg_iters, tol=bcfg.cg_tol)
+        theta_T, inner = bilevel.inner_solve(g, theta_ref, outer, bcfg.T, bcfg.inner_lr)
+        gr, info = bilevel.hypergrad_implicit(f, g, theta_T, outer, "cg", max_iter=bcfg.cg_iters, tol=bcfg.cg_tol)
     training = {"T": bcfg.T, "cg_iters": bcfg.cg_iters, "cg_tol": bcfg.cg_tol, "hvps": info["hvps"],
                 "inner_grad_norm": inner["grad_norm"], "error": error(gr)}
     return {"domain": domain, "newton_grad_norm": newton["grad_norm"],

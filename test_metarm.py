@@ -25,13 +25,13 @@ import copy
 import json
 import math
 import os
-import warnings
 from itertools import combinations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import bilevel
 import data
 import evaluation
@@ -39,13 +39,11 @@ import metarm
 import policy as P
 import train
 
-THREADS = int(os.environ.get("METARM_TEST_THREADS", "1"))   # 1: safe on a busy 2-core machine
-torch.set_num_threads(THREADS)
+torch.set_num_threads(THREADS := int(os.environ.get("METARM_TEST_THREADS", "1")))   # 1: safe on a busy 2-core machine
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated", "ignore:cg did not converge")
 f64 = torch.float64
 TINY_WORLD = data.WorldConfig(n_sft_per_domain=60, n_sft_per_new_domain=20, n_pairs_per_domain=40, n_eval_pairs_per_domain=20)
-G = lambda seed: torch.Generator().manual_seed(seed)
-T64 = lambda *xs: torch.tensor(xs, dtype=f64)
+G, T64 = (lambda seed: torch.Generator().manual_seed(seed)), (lambda *xs: torch.tensor(xs, dtype=f64))
 
 
 # ---- fixtures, helpers and the written-out reference forward ------------------------------------------------------
@@ -507,7 +505,7 @@ def test_s3_reward_spread_by_hand():
     assert metarm.reward_spread(shifted, 2) == pytest.approx(math.sqrt(2) / shifted.std().item())
 
 def test_s3_rm_accuracy_evaluate_and_premises_by_hand(monkeypatch):
-    """train.py, reward/sample/logprob stubbed: rm_accuracy (gold ties out, RM ties 1/2, MetaRM's repeats averaged); evaluate
+    """evaluation.py, reward/sample/logprob stubbed: rm_accuracy (gold ties out, RM ties 1/2, MetaRM's repeats averaged); evaluate
     (win rate, ties 1/2; KL = mean log-ratio); measure_premises (rows i, i + n/2 share a prompt): accuracy, §3 spread."""
     monkeypatch.setattr(evaluation.P, "reward", lambda rm, phi, b: b["r"] * phi)
     B = lambda **k: {key: torch.tensor(v, dtype=f64) for key, v in k.items()}
@@ -871,10 +869,11 @@ def one_line_error(capsys) -> str:  # the stderr of a refused command: one line,
 @pytest.mark.parametrize("args", [["--seeds", "99999999999999999999"], ["--adapt-steps", "10000000000"], ["--repeats", "-1"],
                                   ["--threads", "-2"], ["--seeds", "0"], ["--seeds", "1.5"], ["--beta", "-1"], ["--beta", "nan"],
                                   ["--eta", "inf"], ["--device", "tpu"], ["--methods", "sft,ppo"], ["--figures", "maybe"],
-                                  ["--eval-samples", "3"], ["--K", "1"], ["--rounds", "1"], ["--no-such-flag"]])
+                                  ["--eval-samples", "3"], ["--K", "1"], ["--rounds", "1"], ["--no-such-flag"],
+                                  ["bench", "--device", "tpu"], ["bench", "--repeats", "-1"], ["bench", "--quick", "sometimes"]])
 def test_bad_input_exits_2_with_one_line_naming_the_flag_and_keeps_earlier_results(tmp_path, capsys, args):
-    out = earlier_run(tmp_path)
-    assert train.main(args + ["--out", str(out)]) == 2
+    out, (main, args) = earlier_run(tmp_path), (bench.main, args[1:]) if args[0] == "bench" else (train.main, args)
+    assert main(args + ["--out", str(out)]) == 2
     assert (args[0] if args[0] != "--no-such-flag" else "unrecognized") in one_line_error(capsys)
     assert (out / "results.json").read_text() == "earlier run" and not (tmp_path / "out.partial").exists()
 
