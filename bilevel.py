@@ -4,9 +4,8 @@ The bilevel paper (Jia, arXiv 2402.14760) differentiates F(φ) = f(θ*(φ), φ) 
 θ*(φ) = argmin_θ g(θ, φ). Here are the pieces of Eq. (8) -- Hessian-vector products (HVPs), the
 mixed product, the CG and Neumann solvers, Lanczos for the curvature of §2.1 -- the inner solve of
 Eq. (6), the unrolled alternative and the finite-difference reference: pure functions over
-parameter dicts (name -> tensor); a vector is a dict with the same keys and shapes. Each solver
-and hypergradient returns (result, info), info holding the HVPs used and the residual norm.
-Nothing here knows about language models. `python bilevel.py` prints error vs HVPs.
+parameter dicts (name -> tensor; a vector is a dict with the same keys and shapes) that know nothing
+of language models. Each returns (result, info: HVPs used, residual norm). `python bilevel.py`: error vs HVPs.
 
 Symbols (METHOD.md) -> names:
     θ, φ                theta, phi    inner (lower-level) and outer (upper-level) parameter dicts
@@ -336,50 +335,53 @@ def hypergrad_fd_full(F: Callable[[Params], torch.Tensor], phi: Params,
     return grad
 
 
-# ---- self-demonstration: python bilevel.py ------------------------------------------------------
-def _demo_quadratic(gen, n=30, p=5, cond=50.0):
-    """g = ½θᵀAθ - θᵀ(Bφ + c), f = ½‖θ - θ_t‖² + ½‖φ‖², A's spectrum in [1, cond]; closed forms
-    θ* = A⁻¹(Bφ + c) and ∇F = BᵀA⁻¹(θ* - θ_t) + φ."""
-    randn = lambda *shape: torch.randn(*shape, generator=gen)
+# ---- closed-form problems (the self-demonstration's and the tests'): python bilevel.py ------------
+def quadratic_problem(gen, n=30, p=5, cond=50.0, gamma=1.0) -> dict:
+    """g = ½θᵀAθ - θᵀ(Bφ + c), f = ½‖θ - θ_t‖² + ½γ‖φ‖², A's spectrum log-spaced in [1, cond]; θ is
+    split into two tensors {"a", "b"} (flat(θ) joins them). Closed forms: θ* = A⁻¹(Bφ + c),
+    v* = A⁻¹(θ* - θ_t) (the solve of Eq. (8)) and ∇F = Bᵀv* + γφ."""
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
     Q = torch.linalg.qr(randn(n, n))[0]
-    A = Q @ torch.diag(torch.logspace(0, math.log10(cond), n)) @ Q.T
+    A = Q @ torch.diag(torch.logspace(0, math.log10(cond), n, dtype=torch.float64)) @ Q.T
     B, c, target, phi = randn(n, p), randn(n), randn(n), {"phi": randn(p)}
-    g = lambda th, ph: 0.5 * th["w"] @ A @ th["w"] - th["w"] @ (B @ ph["phi"] + c)
-    f = lambda th, ph: 0.5 * ((th["w"] - target) ** 2).sum() + 0.5 * (ph["phi"] ** 2).sum()
+    flat, split = (lambda th: torch.cat([th["a"], th["b"]])), (lambda w: {"a": w[:3], "b": w[3:]})
+    g = lambda th, ph: 0.5 * flat(th) @ A @ flat(th) - flat(th) @ (B @ ph["phi"] + c)
+    f = lambda th, ph: 0.5 * ((flat(th) - target) ** 2).sum() + 0.5 * gamma * (ph["phi"] ** 2).sum()
     theta_star = torch.linalg.solve(A, B @ phi["phi"] + c)
-    exact = {"phi": B.T @ torch.linalg.solve(A, theta_star - target) + phi["phi"]}
-    return f, g, {"w": theta_star}, {"w": torch.zeros(n)}, phi, exact
+    v_star = torch.linalg.solve(A, theta_star - target)
+    return dict(f=f, g=g, phi=phi, theta_star=split(theta_star), theta0=split(torch.zeros(n, dtype=torch.float64)),
+                v_star=v_star, exact={"phi": B.T @ v_star + gamma * phi["phi"]}, A=A, B=B,
+                eigs=torch.linalg.eigvalsh(A), flat=flat)
 
 
-def _demo_logistic(gen, m=200, d=10):
+def logistic_problem(gen, m=200, d=10, log_lam=-4.0) -> dict:
     """L2-regularised logistic regression, φ = log per-feature strengths, f = validation log-loss;
-    reference ∇F by central differences of F, θ* solved by Newton to 1e-13."""
-    randn = lambda *shape: torch.randn(*shape, generator=gen)
-    softplus = torch.nn.functional.softplus
+    F(φ) = f(θ*(φ), φ) with θ* by Newton to 1e-13 (for central differences of F)."""
+    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
     X, X_val, w_true = randn(m, d), randn(m, d), randn(d)
     y, y_val = torch.sign(X @ w_true + randn(m)), torch.sign(X_val @ w_true + randn(m))
-    g = lambda th, ph: (softplus(-y * (X @ th["w"])).mean()
-                        + 0.5 * (ph["log_lam"].exp() * th["w"] ** 2).sum())
+    softplus = torch.nn.functional.softplus
+    g = lambda th, ph: softplus(-y * (X @ th["w"])).mean() + 0.5 * (ph["log_lam"].exp() * th["w"] ** 2).sum()
     f = lambda th, ph: softplus(-y_val * (X_val @ th["w"])).mean()
-    phi, theta0 = {"log_lam": -4.0 + randn(d)}, {"w": torch.zeros(d)}
-    F = lambda ph: f(newton_solve(g, theta0, ph, tol=1e-13)[0], ph)
-    return f, g, newton_solve(g, theta0, phi, tol=1e-13)[0], theta0, phi, hypergrad_fd_full(F, phi)
+    theta0 = {"w": torch.zeros(d, dtype=torch.float64)}
+    return dict(f=f, g=g, phi={"log_lam": log_lam + randn(d)}, theta0=theta0,
+                F=lambda ph: f(newton_solve(g, theta0, ph, tol=1e-13)[0], ph))
 
 
 def _demo():
     gen = torch.Generator().manual_seed(0)
     print(f"{'problem':<10} {'method':<9} {'iters':>6} {'HVPs':>6} {'rel. error':>11}")
-    for name, problem in [("quadratic", _demo_quadratic), ("logistic", _demo_logistic)]:
-        f, g, theta_star, theta0, phi, exact = problem(gen)
-        g_phi, v0 = (lambda th: g(th, phi)), {"w": torch.randn(theta0["w"].shape, generator=gen)}
-        alpha = 1 / lanczos_eigs(lambda u: hvp(g_phi, theta_star, u), v0, 20)[1]  # 1/λ_max at θ*
-        lr = 1 / lanczos_eigs(lambda u: hvp(g_phi, theta0, u), v0, 20)[1]  # logistic: max at θ_0
-        runs = {"cg": ([2, 5, 10, 20, 40], lambda n: hypergrad_implicit(
-                    f, g, theta_star, phi, "cg", max_iter=n, tol=1e-14)),
-                "neumann": ([10, 100, 1000], lambda n: hypergrad_implicit(
-                    f, g, theta_star, phi, "neumann", alpha=alpha, J=n)),
-                "unrolled": ([10, 100, 1000],
-                             lambda n: hypergrad_unrolled(f, g, theta0, phi, n, lr))}
+    for name, problem in [("quadratic", quadratic_problem), ("logistic", logistic_problem)]:
+        q = problem(gen)
+        f, g, theta0, phi = q["f"], q["g"], q["theta0"], q["phi"]
+        theta_star = q.get("theta_star") or newton_solve(g, theta0, phi, tol=1e-13)[0]
+        exact = q.get("exact") or hypergrad_fd_full(q["F"], phi)
+        v0 = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in theta0.items()}
+        lam_max = lambda th: lanczos_eigs(lambda u: hvp(lambda t: g(t, phi), th, u), v0, 20)[1]
+        alpha, lr = 1 / lam_max(theta_star), 1 / lam_max(theta0)     # logistic: larger at θ_0
+        runs = {"cg": ([2, 5, 10, 20, 40], lambda n: hypergrad_implicit(f, g, theta_star, phi, "cg", max_iter=n, tol=1e-14)),
+                "neumann": ([10, 100, 1000], lambda n: hypergrad_implicit(f, g, theta_star, phi, "neumann", alpha=alpha, J=n)),
+                "unrolled": ([10, 100, 1000], lambda n: hypergrad_unrolled(f, g, theta0, phi, n, lr))}
         for method, (sizes, run) in runs.items():
             for n in sizes:
                 with warnings.catch_warnings():  # truncated solves warn by design
@@ -390,10 +392,9 @@ def _demo():
                       f"{info['hvps']:>6} {error:>11.2e}")
                 if info.get("converged"):
                     break
-    print("HVPs include the mixed product of Eq. (8) and Neumann's residual check.\nReference: "
-          "closed form (quadratic); central differences, θ* by Newton (logistic; floor ≈ 1e-9)")
+    print("HVPs include the mixed product of Eq. (8) and Neumann's residual check. Reference: closed form (quadratic),\n"
+          "central differences of F with θ* by Newton (logistic; floor ≈ 1e-9)")
 
 
 if __name__ == "__main__":
-    torch.set_default_dtype(torch.float64)
-    _demo()
+    _demo()                                  # float64 throughout: the problems are built in it

@@ -134,12 +134,13 @@ def verdict(ci, direction: int = 1) -> str:
 
 
 # ==== The figures' experiments ==================================================================
-def figure_experiments(cfg, s: dict, logs: list, sft_losses: list, timings: dict, bcfg: metarm.BilevelConfig) -> dict:
+def figure_experiments(cfg, s: dict, logs: list, per_seed: list, sft_losses: list, timings: dict,
+                       bcfg: metarm.BilevelConfig) -> dict:
     """Reward-vs-KL frontier, RLHF rounds, hypergradient error, outer convergence, training curves."""
     seeds = [k for k in range(min(3, cfg.seeds))]
     out = {}
     with clock(timings, "figure_frontier"):
-        out["frontier"] = frontier(cfg, s, logs, seeds)
+        out["frontier"] = frontier(cfg, s, logs, per_seed, seeds)
     if "metarm" in s["methods"]:
         with clock(timings, "figure_rlhf_rounds"):
             out["rlhf_rounds"] = rlhf_figure(cfg, s, logs, seeds)
@@ -155,13 +156,15 @@ def figure_experiments(cfg, s: dict, logs: list, sft_losses: list, timings: dict
     return out
 
 
-def frontier(cfg, s: dict, logs: list, seeds: list) -> dict:
+def frontier(cfg, s: dict, logs: list, per_seed: list, seeds: list) -> dict:
     """Gold reward and KL after adaptation at beta in {0.25, 0.5, 1} for the vanilla and bilevel RMs and
-    the oracle, on the first two evaluation domains, one repeat, per seed (paired over seeds)."""
+    the oracle, on the first two evaluation domains, per seed (paired over seeds): one adaptation at
+    0.25 and 1; at cfg.beta the main table's own adaptations (per_seed)."""
     methods = [m for m in ("vanilla_rm", "bilevel", "oracle") if m in s["methods"]]
-    points = {m: {} for m in methods}
+    points = {m: {str(cfg.beta): {seed: [per_seed[seed]["metrics"][m][d] for d in s["domains"][:2]] for seed in seeds}}
+              for m in methods}
     gold, gen = gold_fn(s["world"]), lambda k: torch.Generator(s["device"]).manual_seed(k)
-    for beta in (0.25, 0.5, 1.0):
+    for beta in [b for b in (0.25, 0.5, 1.0) if b != cfg.beta]:
         acfg = metarm.AdaptConfig(**{**asdict(s["adapt_cfg"]), "beta": beta})
         for seed in seeds:
             for i, d in enumerate(s["domains"][:2]):
@@ -173,21 +176,21 @@ def frontier(cfg, s: dict, logs: list, seeds: list) -> dict:
                     theta = metarm.adapt(s["model"], prompts, rewards[m], acfg, gen(key))[0]
                     res = evaluate(s["model"], theta, prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)[0]
                     points[m].setdefault(str(beta), {}).setdefault(seed, []).append(res)
-    per_seed = {m: {beta: {k: [mean([r[k] for r in per[seed]]) for seed in seeds] for k in ("gold_reward", "kl")}
-                    for beta, per in by_beta.items()} for m, by_beta in points.items()}
+    values = {m: {beta: {k: [mean([r[k] for r in per[seed]]) for seed in seeds] for k in ("gold_reward", "kl")}
+                  for beta, per in by_beta.items()} for m, by_beta in points.items()}
     out = {"domains": s["domains"][:2], "seeds": seeds,
            "points": {m: {beta: {k: interval(v) for k, v in p.items()} for beta, p in by_beta.items()}
-                      for m, by_beta in per_seed.items()}}
-    if "bilevel" in per_seed:                           # paired over seeds at each beta
-        out["bilevel - vanilla_rm"] = {beta: {k: interval([a - b for a, b in zip(per_seed["bilevel"][beta][k],
-                                                                                   per_seed["vanilla_rm"][beta][k])])
-                                              for k in ("gold_reward", "kl")} for beta in per_seed["bilevel"]}
+                      for m, by_beta in values.items()}}
+    if "bilevel" in values:                             # paired over seeds at each beta
+        out["bilevel - vanilla_rm"] = {beta: {k: interval([a - b for a, b in zip(values["bilevel"][beta][k],
+                                                                                   values["vanilla_rm"][beta][k])])
+                                              for k in ("gold_reward", "kl")} for beta in values["bilevel"]}
     return out
 
 
-def rlhf_figure(cfg, s: dict, logs: list, seeds: list, rounds: int = 4) -> dict:
+def rlhf_figure(cfg, s: dict, logs: list, seeds: list, rounds: int = 3) -> dict:
     """§3, the paper's main setting: iterative RLHF on the training domains' prompts, MetaRM vs eta = 0,
-    4 rounds, per seed: the RM's normalised spread and the gold reward of each round's policy."""
+    3 rounds, per seed: the RM's normalised spread and the gold reward of each round's policy."""
     prompts = torch.cat([s["prompts"][d][::4] for d in data.TRAIN_DOMAINS])
     runs = {"metarm": [], "metarm_eta0": []}
     for seed in seeds:

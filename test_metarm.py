@@ -534,21 +534,10 @@ def _sym(n, cond, gen, shift=0.0):
     return Q @ torch.diag(torch.logspace(0, math.log10(cond), n, dtype=f64) - shift) @ Q.T
 
 _mv = lambda A: (lambda u: {"x": A @ u["x"]})
-_flat = lambda th: torch.cat([th["a"], th["b"].reshape(-1)])
-_unflat = lambda w: {"a": w[:3], "b": w[3:].reshape(2, -1)}
 _rel = lambda a, b: float((a - b).norm() / b.norm())
 _eye = lambda n: torch.eye(n, dtype=f64)
-
-def quadratic(n=9, p=4, cond=20.0, gamma=0.3):
-    """g = ½θᵀAθ - θᵀ(Bφ + c), f = ½‖θ - θ_t‖² + ½γ‖φ‖²: θ* = A⁻¹(Bφ + c), v* = A⁻¹(θ* - θ_t), ∇F = Bᵀv* + γφ."""
-    gen = G(0)
-    A, B, c, target, phi = _sym(n, cond, gen), _randn(gen, n, p), _randn(gen, n), _randn(gen, n), {"phi": _randn(gen, p)}
-    g = lambda th, ph: 0.5 * _flat(th) @ A @ _flat(th) - _flat(th) @ (B @ ph["phi"] + c)
-    f = lambda th, ph: 0.5 * ((_flat(th) - target) ** 2).sum() + 0.5 * gamma * (ph["phi"] ** 2).sum()
-    theta_star = torch.linalg.solve(A, B @ phi["phi"] + c)
-    v_star = torch.linalg.solve(A, theta_star - target)
-    return dict(A=A, B=B, g=g, f=f, phi=phi, theta_star=_unflat(theta_star), v_star=v_star, theta0=_unflat(torch.zeros(n, dtype=f64)),
-                grad=B.T @ v_star + gamma * phi["phi"], eigs=torch.linalg.eigvalsh(A))
+# bilevel.quadratic_problem's closed forms (θ*, v*, ∇F by torch.linalg.solve) share no code with the solvers under test
+quadratic = lambda: bilevel.quadratic_problem(G(0), n=9, p=4, cond=20.0, gamma=0.3)
 
 def test_hvp_both_modes_and_mixed_vjp_match_explicit_derivatives():
     """hvp (both modes) = explicit Hessian @ v; mixed_vjp = (d_phi grad_theta g)^T v from the explicit Jacobian."""
@@ -590,9 +579,9 @@ def test_neumann_error_within_spectral_bound_and_damping():
     rate, B_norm = float((1 - alpha * q["eigs"]).abs().max()), float(torch.linalg.matrix_norm(q["B"], 2))
     for J in [5, 20, 80]:
         grad, info = bilevel.hypergrad_implicit(q["f"], q["g"], q["theta_star"], q["phi"], "neumann", alpha=alpha, J=J)
-        error = -torch.linalg.matrix_power(_eye(9) - alpha * q["A"], J + 1) @ q["v_star"]
-        torch.testing.assert_close(_flat(info["v"]) - q["v_star"], error, rtol=0, atol=1e-10)
-        assert float((grad["phi"] - q["grad"]).norm()) <= B_norm * rate ** (J + 1) * float(q["v_star"].norm()) * (1 + 1e-8)
+        error = -torch.linalg.matrix_power(_eye(len(q["eigs"])) - alpha * q["A"], J + 1) @ q["v_star"]
+        torch.testing.assert_close(q["flat"](info["v"]) - q["v_star"], error, rtol=0, atol=1e-10)
+        assert float((grad["phi"] - q["exact"]["phi"]).norm()) <= B_norm * rate ** (J + 1) * float(q["v_star"].norm()) * (1 + 1e-8)
         assert info["hvps"] == J + 2                       # J terms, the residual check, the mixed product
     H, b = _sym(8, 5.0, G(6)), {"x": _randn(G(7), 8)}
     x, info = bilevel.neumann(_mv(H), b, alpha=1 / 5.5, J=300, damping=0.5, tol=1e-10)
@@ -611,19 +600,19 @@ def test_lanczos_extremes_and_inner_solvers_on_quadratic():
     q, T = quadratic(), 50
     lam_min, lam_max = float(q["eigs"].min()), float(q["eigs"].max())
     theta, info = bilevel.inner_solve(q["g"], q["theta0"], q["phi"], T, 1 / lam_max)
-    assert float((_flat(theta) - _flat(q["theta_star"])).norm()) <= (1 - lam_min / lam_max) ** T * float(_flat(q["theta_star"]).norm())
+    assert float((q["flat"](theta) - q["flat"](q["theta_star"])).norm()) <= (1 - lam_min / lam_max) ** T * float(q["flat"](q["theta_star"]).norm())
     assert info["steps"] == T and len(info["grad_norms"]) == T
     theta, info = bilevel.newton_solve(q["g"], q["theta0"], q["phi"], tol=1e-10)
-    assert info["converged"] and _rel(_flat(theta), _flat(q["theta_star"])) < 1e-12
+    assert info["converged"] and _rel(q["flat"](theta), q["flat"](q["theta_star"])) < 1e-12
 
 def test_implicit_cg_closed_form_and_unrolled_error_shrinks():
     """(8) by CG = B^T A^-1 (theta* - theta_t) + gamma phi (both HVP modes); unrolled error(T = 1000) < 1e-3 error(T = 10)."""
     q = quadratic()
     for mode in ["rev", "fwd"]:
         grad, info = bilevel.hypergrad_implicit(q["f"], q["g"], q["theta_star"], q["phi"], "cg", hvp_mode=mode, max_iter=100, tol=1e-12)
-        assert info["converged"] and _rel(grad["phi"], q["grad"]) < 1e-8
+        assert info["converged"] and _rel(grad["phi"], q["exact"]["phi"]) < 1e-8
     lr = 1 / float(q["eigs"].max())
-    error = {T: _rel(bilevel.hypergrad_unrolled(q["f"], q["g"], q["theta0"], q["phi"], T, lr)[0]["phi"], q["grad"]) for T in [10, 1000]}
+    error = {T: _rel(bilevel.hypergrad_unrolled(q["f"], q["g"], q["theta0"], q["phi"], T, lr)[0]["phi"], q["exact"]["phi"]) for T in [10, 1000]}
     assert error[1000] < 1e-3 * error[10]
 
 def test_implicit_ridge_analytic_and_logistic_finite_differences():
@@ -636,15 +625,10 @@ def test_implicit_ridge_analytic_and_logistic_finite_differences():
     expected = (2 / 20) * (Xv.T @ (Xv @ theta_star - yv)) @ -torch.linalg.solve(K, theta_star)
     grad, _ = bilevel.hypergrad_implicit(f, g, {"w": theta_star}, {"lam": T64(0.7)[0]}, "cg", max_iter=50, tol=1e-13)
     assert float(grad["lam"]) == pytest.approx(float(expected), rel=1e-9)
-    X, Xv, w = _randn(gen, 60, 5), _randn(gen, 60, 5), _randn(gen, 5)
-    y, yv = torch.sign(X @ w + _randn(gen, 60)), torch.sign(Xv @ w + _randn(gen, 60))
-    g = lambda th, ph: F.softplus(-y * (X @ th["w"])).mean() + 0.5 * (ph["log_lam"].exp() * th["w"] ** 2).sum()
-    f = lambda th, ph: F.softplus(-yv * (Xv @ th["w"])).mean()
-    phi, theta0 = {"log_lam": -3.0 + _randn(gen, 5)}, {"w": torch.zeros(5, dtype=f64)}
-    theta_star, info = bilevel.newton_solve(g, theta0, phi, tol=1e-12)
-    grad, _ = bilevel.hypergrad_implicit(f, g, theta_star, phi, "cg", max_iter=100, tol=1e-12)
-    Fn = lambda ph: f(bilevel.newton_solve(g, theta0, ph, tol=1e-12)[0], ph)
-    assert info["converged"] and _rel(grad["log_lam"], bilevel.hypergrad_fd_full(Fn, phi)["log_lam"]) < 1e-5
+    q = bilevel.logistic_problem(gen, m=60, d=5, log_lam=-3.0)
+    theta_star, info = bilevel.newton_solve(q["g"], q["theta0"], q["phi"], tol=1e-12)
+    grad, _ = bilevel.hypergrad_implicit(q["f"], q["g"], theta_star, q["phi"], "cg", max_iter=100, tol=1e-12)
+    assert info["converged"] and _rel(grad["log_lam"], bilevel.hypergrad_fd_full(q["F"], q["phi"])["log_lam"]) < 1e-5
     p, d = {"p": T64(0.3, -1.2)}, {"p": T64(1.0, 2.0)}
     assert bilevel.hypergrad_fd(lambda ph: torch.sin(ph["p"]).sum(), p, d) == pytest.approx(dot({"p": torch.cos(p["p"])}, d), abs=1e-9)
 

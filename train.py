@@ -111,7 +111,8 @@ def run(cfg: Config, tmp: Path) -> dict:
     results.update(world_version=data.WORLD_VERSION, sft_val_perplexity=ppl,
                    bilevel_curvature=[l["curvature"] for l in logs if "curvature" in l])
     if cfg.figures:
-        results["figures"] = evaluation.figure_experiments(cfg, setup, logs, sft_losses, timings, bilevel_config(cfg))
+        results["figures"] = evaluation.figure_experiments(cfg, setup, logs, per_seed, sft_losses, timings,
+                                                            bilevel_config(cfg))
     write_outputs(tmp, cfg, results, samples)
     timings["total"] = time.perf_counter() - t0
     cli.write_json(tmp / "timings.json", timings)
