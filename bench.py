@@ -3,7 +3,7 @@
 Measures, in one run, on this machine:
   hvp_over_grad      time of one Hessian-vector product (double backward) of the real inner problem g_d
                      (Eq. 5) over one gradient of it, theta = the policy's head (the default);
-  hvp_over_grad_fwd  the same for forward-over-reverse (torch.func.jvp of grad; see README on LayerNorm);
+  hvp_over_grad_fwd  the same for forward-over-reverse (torch.func.jvp of grad);
   *_all              the same with theta = all of the policy's parameters;
   adaptation_step    seconds of one RLOO step of (3) (16 prompts x 4 samples), split into sampling (which
                      collects the features), log-probabilities with backward, and reward-model scoring;
@@ -29,7 +29,7 @@ import cli
 import data
 import evaluation
 import metarm
-import policy as P
+import policy
 
 
 @dataclass
@@ -59,14 +59,14 @@ def hvp_ratios(model, world, device: str, repeats: int) -> dict:
     model = model.to(device)
     gen = torch.Generator(device).manual_seed(0)
     prompts = torch.tensor(world.prompts["restaurant"], device=device)
-    cand = P.sample(model, {}, prompts.repeat_interleave(4, 0), evaluation.MAX_NEW, gen)
+    cand = policy.sample(model, {}, prompts.repeat_interleave(4, 0), evaluation.MAX_NEW, gen)
     r = torch.randn(len(prompts), 4, generator=gen, device=device)
     out = {}
     for which in ("head", "all"):
-        theta = {n: p.detach() for n, p in P.adapted_params(model, which).items()}
+        theta = {n: p.detach() for n, p in policy.adapted_params(model, which).items()}
         g = lambda th: metarm.inner_loss(model, th, r, cand, 4, 0.5, 1.0, theta)
         v = {n: torch.randn(p.shape, generator=gen, device=device) for n, p in theta.items()}
-        t_grad = median_seconds(lambda: torch.autograd.grad(g(th := P.copy_params(theta)), list(th.values())),
+        t_grad = median_seconds(lambda: torch.autograd.grad(g(th := policy.copy_params(theta)), list(th.values())),
                                 repeats, device)
         t_rev = median_seconds(lambda: bilevel.hvp(g, theta, v, "rev"), repeats, device)
         t_fwd = median_seconds(lambda: bilevel.hvp(g, theta, v, "fwd"), repeats, device)
@@ -80,17 +80,17 @@ def hvp_ratios(model, world, device: str, repeats: int) -> dict:
 def adaptation_step(model, world, repeats: int) -> dict:
     """Seconds of the parts of one RLOO step of (3) on the CPU, 16 prompts x 4 samples."""
     gen = torch.Generator().manual_seed(0)
-    rm, phi = P.make_reward_model(model, gen)
-    theta = P.adapted_params(model)
+    rm, phi = policy.make_reward_model(model, gen)
+    theta = policy.adapted_params(model)
     x = torch.tensor(world.prompts["bakery"][:16]).repeat_interleave(4, 0)
-    batch = P.sample(model, theta, x, evaluation.MAX_NEW, gen)
+    batch = policy.sample(model, theta, x, evaluation.MAX_NEW, gen)
 
     def logprob_backward():
-        th = P.copy_params(theta)
-        P.logprob(model, th, batch).sum().backward()
+        th = policy.copy_params(theta)
+        policy.logprob(model, th, batch).sum().backward()
     with torch.no_grad():
-        score = lambda: P.reward(rm, phi, batch)
-        parts = {"sampling": median_seconds(lambda: P.sample(model, theta, x, evaluation.MAX_NEW, gen), repeats, "cpu"),
+        score = lambda: policy.reward(rm, phi, batch)
+        parts = {"sampling": median_seconds(lambda: policy.sample(model, theta, x, evaluation.MAX_NEW, gen), repeats, "cpu"),
                  "reward_model": median_seconds(score, repeats, "cpu")}
     parts["logprob_backward"] = median_seconds(logprob_backward, repeats, "cpu")
     return parts
@@ -99,12 +99,12 @@ def adaptation_step(model, world, repeats: int) -> dict:
 def hypergrad_rows(model, world, quick: bool) -> list:
     """The real bilevel problem of one training domain at a fresh reward model (float64 copies)."""
     gen = torch.Generator().manual_seed(0)
-    rm, phi = P.make_reward_model(model, gen)
-    theta_ref = {n: p.detach() for n, p in P.adapted_params(model).items()}
+    rm, phi = policy.make_reward_model(model, gen)
+    theta_ref = {n: p.detach() for n, p in policy.adapted_params(model).items()}
     s = {"model": model, "rm": rm, "theta_ref": theta_ref, "world": world,
          "prompts": {d: torch.tensor(world.prompts[d]) for d in data.DOMAINS}}
     bcfg = metarm.BilevelConfig()
-    pairs = P.encode_pairs(model, world.pairs["restaurant"])
+    pairs = policy.encode_pairs(model, world.pairs["restaurant"])
     probe = {"restaurant": metarm.draw_problem(model, s["prompts"]["restaurant"], pairs, bcfg, gen)}
     curv = metarm.calibrate(model, rm, phi, probe, bcfg, theta_ref)
     res = evaluation.hypergradient_error(s, phi, bcfg, curv, ns=(1, 4, 8) if quick else (1, 2, 4, 8, 16, 32), timed=True)
@@ -123,8 +123,8 @@ def measure(cfg: Config) -> dict:
     """Every measurement of the module docstring, as the dict written to bench.json."""
     world = data.World()
     torch.manual_seed(0)
-    model = P.GPT(P.GPTConfig(vocab_size=len(world.vocab)))
-    P.sft(model, world.sft[1000:], 100 if cfg.quick else 1500, 64, 1.5e-3, torch.Generator().manual_seed(0))
+    model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab)))
+    policy.sft(model, world.sft[1000:], 100 if cfg.quick else 1500, 64, 1.5e-3, torch.Generator().manual_seed(0))
     model.requires_grad_(False)
     result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": hvp_ratios(model, world, "cpu", cfg.repeats),

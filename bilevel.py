@@ -82,10 +82,8 @@ def hvp(fn: Callable[[Params], torch.Tensor], params: Params, v: Params,
     Args:
         fn: params dict -> scalar tensor, twice differentiable.  v: dict shaped like params.
         params: the point where H is taken (treated as a constant; not modified).
-        mode: "rev" = double backward, ∇[∇fn · v] (the default: cheaper on CPU); "fwd" =
+        mode: "rev" = double backward, ∇[∇fn · v] (the default: the cheaper one here, bench.py); "fwd" =
             forward-over-reverse, the JVP of ∇fn along v (torch.func: no in-place ops, no .item()).
-            Caution: in torch 2.13 "fwd" is wrong through nn.LayerNorm (pytorch#196700; the GPT's
-            Hessian comes out asymmetric, see README), so the models here use "rev".
     Returns: H v, a dict of detached tensors.
     """
     if mode == "rev":

@@ -39,7 +39,7 @@ P(y1 > y2) = sigmoid((r*(y1) - r*(y2)) / tau). Held-out domains have labelled pa
 sees them: they train only the in-domain RM ceiling, and their evaluation pairs only measure accuracy.
 
 The world is frozen: every parameter is in WorldConfig (versioned) and the word tables below, chosen
-with baseline diagnostics on the dev domains only (README, "The toy world").
+with baseline diagnostics on the dev domains only (the ceilings and premises of the README's results).
 """
 import json
 import math

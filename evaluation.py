@@ -19,7 +19,7 @@ import torch
 import bilevel
 import data
 import metarm
-import policy as P
+import policy
 from cli import clock
 
 MAX_NEW = metarm.AdaptConfig.max_new_tokens      # the longest response, everywhere
@@ -41,7 +41,7 @@ def reward_functions(s: dict, rms: dict, d: str, ref: dict) -> dict:
             fn = lambda b: torch.tensor(world.gold_rewards(b["idx"].tolist(), agnostic=True), device=b["idx"].device)
         elif m in ("vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt_only", "in_domain_rm"):
             phi = rms[m][d] if m == "in_domain_rm" else rms[m]
-            fn = lambda b, phi=phi: P.reward(s["rm"], phi, b)
+            fn = lambda b, phi=phi: policy.reward(s["rm"], phi, b)
         else:
             continue                                      # sft, dpo: no adaptation; metarm: its own rounds
         out[m] = metarm.standardised(fn, ref)
@@ -56,9 +56,9 @@ def gold_fn(world):
 def evaluate(model, theta, prompts, ref_eval, gold, gen, n: int):
     """Gold reward of pi_theta's samples, win rate against pi_ref's samples ref_eval of the same prompts
     (judged by the gold reward, ties 1/2) and KL(pi_theta || pi_ref) (k1 on the policy's samples)."""
-    batch = P.sample(model, theta, prompts.repeat(n, 1), MAX_NEW, gen)
+    batch = policy.sample(model, theta, prompts.repeat(n, 1), MAX_NEW, gen)
     g = gold(batch)
-    kl = (P.logprob(model, theta, batch) - batch["logp_ref"]).mean()
+    kl = (policy.logprob(model, theta, batch) - batch["logp_ref"]).mean()
     return {"gold_reward": g.mean().item(), "win_rate": metarm.tie_accuracy(g - gold(ref_eval)).item(),
             "kl": kl.item()}, batch, g
 
@@ -71,7 +71,7 @@ def rm_accuracy(s: dict, rms: dict, m: str, d: str) -> float:
     phis = [phis[d]] if m == "in_domain_rm" else [phis] if m not in ("metarm", "metarm_eta0") else \
         [p for (dd, _), p in phis.items() if dd == d]
     chosen, rejected = s["eval_pairs"][d]
-    return mean([metarm.tie_accuracy(P.reward(s["rm"], phi, chosen) - P.reward(s["rm"], phi, rejected),
+    return mean([metarm.tie_accuracy(policy.reward(s["rm"], phi, chosen) - policy.reward(s["rm"], phi, rejected),
                                      s["gold_margins"][d]).item() for phi in phis])
 
 
@@ -82,7 +82,7 @@ def measure_premises(s: dict, phi: dict, ref_eval: dict, adapted: dict, gold, n:
     reward-difference spread (§3) on the same samples."""
     out = {}
     for name, batch in (("pi_ref", ref_eval), ("adapted", adapted)):
-        r, g = P.reward(s["rm"], phi, batch), gold(batch)
+        r, g = policy.reward(s["rm"], phi, batch), gold(batch)
         half = len(r) // 2                                      # rows i and i + half share a prompt
         acc = metarm.tie_accuracy(r[:half] - r[half:2 * half], g[:half] - g[half:2 * half]).item()
         out[f"acc_{name}_samples"] = None if math.isnan(acc) else acc     # NaN: every pair tied in gold
@@ -169,8 +169,8 @@ def frontier(cfg, s: dict, logs: list, per_seed: list, seeds: list) -> dict:
         for seed in seeds:
             for i, d in enumerate(s["domains"][:2]):
                 prompts, key = s["prompts"][d], crn_seed(seed, i, 7)
-                ref = P.sample(s["model"], {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))
-                ref_eval = P.sample(s["model"], {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
+                ref = policy.sample(s["model"], {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))
+                ref_eval = policy.sample(s["model"], {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
                 rewards = reward_functions({**s, "methods": methods}, logs[seed]["rms"], d, ref)
                 for m in methods:
                     theta = metarm.adapt(s["model"], prompts, rewards[m], acfg, gen(key))[0]
@@ -195,9 +195,9 @@ def rlhf_figure(cfg, s: dict, logs: list, seeds: list, rounds: int = 3) -> dict:
     runs = {"metarm": [], "metarm_eta0": []}
     for seed in seeds:
         gen = torch.Generator(s["device"]).manual_seed(seed + 77)
-        ref = P.sample(s["model"], {}, prompts.repeat(4, 1), MAX_NEW, gen)
+        ref = policy.sample(s["model"], {}, prompts.repeat(4, 1), MAX_NEW, gen)
         for name, eta in (("metarm", cfg.eta), ("metarm_eta0", 0.0)):
-            phi, opt = P.continue_from(logs[seed]["rms"]["vanilla_rm"], logs[seed]["rms"]["vanilla_opt"], cfg.rm_lr)
+            phi, opt = policy.continue_from(logs[seed]["rms"]["vanilla_rm"], logs[seed]["rms"]["vanilla_opt"], cfg.rm_lr)
             mcfg = metarm.MetaRMConfig(**{**asdict(s["metarm_cfg"]), "eta": eta})
             gens = [torch.Generator(s["device"]).manual_seed(seed + k) for k in (78, 79)]   # the same for both
             runs[name].append(rlhf_rounds(s["model"], prompts, ref, s["rm"], phi, opt, s["train_pairs"], mcfg,
@@ -213,7 +213,7 @@ def rlhf_figure(cfg, s: dict, logs: list, seeds: list, rounds: int = 3) -> dict:
 def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: dict, domain: str = "restaurant",
                         ns=(1, 2, 4, 8, 16, 32), timed: bool = False) -> dict:
     """Error of dF/dr against a reference vs HVPs, for CG (n iterations), Neumann and unrolled (4n terms
-    or steps), on the real inner problem of one training domain at seed 0's vanilla RM (float64 copies).
+    or steps), on the real inner problem of one training domain at seed 0's bilevel RM (float64 copies).
     CG and Neumann solve at theta* (Newton, |grad g| <= 1e-9); unrolled runs its own inner steps from
     theta_ref. Reference: CG at theta* to a relative residual of 1e-12, itself checked against a central
     finite difference of F. training_setting: the hypergradient as training computes it (T inner steps
@@ -224,8 +224,8 @@ def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: di
     theta_ref = {n: p.detach().double().cpu() for n, p in s["theta_ref"].items()}
     bcfg = metarm.BilevelConfig(**{**asdict(bcfg), "rho": curv["rho"], "inner_lr": curv["inner_lr"]})
     prompts = s["prompts"][domain].cpu()
-    cand = P.sample(model, {}, prompts.repeat_interleave(bcfg.K, 0), bcfg.max_new_tokens, torch.Generator().manual_seed(0))
-    pairs = P.encode_pairs(model, s["world"].pairs[domain][:64])
+    cand = policy.sample(model, {}, prompts.repeat_interleave(bcfg.K, 0), bcfg.max_new_tokens, torch.Generator().manual_seed(0))
+    pairs = policy.encode_pairs(model, s["world"].pairs[domain][:64])
     prob = {"cand": cand, "chosen": pairs[0], "rejected": pairs[1]}
     g, f = metarm.level_functions(model, prob, bcfg, theta_ref)
     with torch.no_grad():
@@ -268,12 +268,12 @@ def outer_convergence(s: dict, logs: list, seeds: list, base: metarm.BilevelConf
         gen = torch.Generator(s["device"]).manual_seed(seed + 31)
         domains = {d: (s["prompts"][d], s["domain_pairs"][d]) for d in data.TRAIN_DOMAINS[:2]}
         fixed = {d: metarm.draw_problem(s["model"], *domains[d], base, gen) for d in domains}
-        rows = P.draw(len(s["train_pairs"][0]["idx"]), 64, gen)
-        pairs = tuple(P.rows_of(b, rows) for b in s["train_pairs"])
+        rows = policy.draw(len(s["train_pairs"][0]["idx"]), 64, gen)
+        pairs = tuple(policy.rows_of(b, rows) for b in s["train_pairs"])
         metarm.calibrate(s["model"], s["rm"], logs[seed]["rms"]["vanilla_rm"], fixed, base, s["theta_ref"])
         for beta in (0.25, 0.5, 1.0):
             bcfg = metarm.BilevelConfig(**{**asdict(base), "beta": beta, "recalibrate_every": 0})
-            phi = P.copy_params(logs[seed]["rms"]["vanilla_rm"])
+            phi = policy.copy_params(logs[seed]["rms"]["vanilla_rm"])
             opt, norms = torch.optim.Adam(phi.values(), lr=bcfg.lr), []
             for k in range(0, steps + 1, every):
                 with warnings.catch_warnings():
@@ -297,12 +297,12 @@ def rlhf_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: metarm.Meta
     gold reward, then updates the RM with MetaRM (9)-(11) on them (eta = 0: Bradley-Terry steps)."""
     theta, history = None, []
     for t in range(rounds):
-        reward_fn = metarm.standardised(lambda b: P.reward(rm, phi, b), ref_batch)
+        reward_fn = metarm.standardised(lambda b: policy.reward(rm, phi, b), ref_batch)
         theta, _ = metarm.adapt(model, prompts, reward_fn, adapt_cfg, generator, theta0=theta)
-        meta = P.sample(model, theta, prompts.repeat_interleave(cfg.k, dim=0), adapt_cfg.max_new_tokens,
+        meta = policy.sample(model, theta, prompts.repeat_interleave(cfg.k, dim=0), adapt_cfg.max_new_tokens,
                              generator, temperature=cfg.temperature)
         with torch.no_grad():
-            spread = metarm.reward_spread(P.reward(rm, phi, meta), cfg.k)
+            spread = metarm.reward_spread(policy.reward(rm, phi, meta), cfg.k)
         history.append({"round": t, "spread": spread, "gold": gold(meta).mean().item()})
         metarm.train_metarm(rm, phi, opt, pairs, meta, cfg, generator, meta_generator)
     return history

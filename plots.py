@@ -1,7 +1,7 @@
 """The results table and figures of METHOD.md §5, drawn from a results.json: `python plots.py runs/latest`.
 
-train.py calls results_markdown and make_all at the end of a run; this file only formats and draws
-(every interval is computed by train.py), so a figure can be restyled without re-running the experiment.
+train.py calls results_markdown and make_all at the end of a run; this file only formats and draws (the
+run computes every interval, in train.py and evaluation.py), so a figure can be restyled without re-running.
 """
 import json
 import sys
@@ -62,7 +62,7 @@ def errorbar(ax, x, ivs, **kw):
 
 
 def gold_and_paired(results, path):
-    """(1) Gold reward per method with its interval; (2) the paired differences with theirs."""
+    """Figure 1: gold reward per method with its interval, and the paired differences with theirs."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
     methods = list(results["methods"])
     for i, m in enumerate(methods):
@@ -83,7 +83,7 @@ def gold_and_paired(results, path):
 
 
 def frontier(fig_data, path):
-    """(3) Gold reward vs KL as beta varies, mean and 95 % CI over seeds for both axes."""
+    """Figure 2: gold reward vs KL as beta varies, mean and 95 % CI over seeds for both axes."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for m, by_beta in fig_data["points"].items():
         betas = sorted(by_beta, key=float)
@@ -103,7 +103,7 @@ def frontier(fig_data, path):
 
 
 def hypergradient_error(fig_data, path):
-    """(4) Relative error of the hypergradient vs HVPs for CG, Neumann and unrolled."""
+    """Figure 3: relative error of the hypergradient vs HVPs for CG, Neumann and unrolled."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, rows in fig_data["curves"].items():
         ax.loglog([r["hvps"] for r in rows], [max(r["error"], 1e-16) for r in rows], "o-", color=COLORS[name], label=name)
@@ -118,7 +118,7 @@ def hypergradient_error(fig_data, path):
 
 
 def outer_convergence(fig_data, path):
-    """(5) ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 and its running minimum, per beta, 95 % CI over seeds."""
+    """Figure 4: ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 and its running minimum, per beta, 95 % CI over seeds."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, key in zip(axes, ("ratio", "running_min")):
         for i, (beta, ivs) in enumerate(fig_data[key].items()):
@@ -132,7 +132,7 @@ def outer_convergence(fig_data, path):
 
 
 def rlhf_rounds(fig_data, path):
-    """(6) Iterative RLHF: the RM's normalised spread and the policy's gold reward per round."""
+    """Figure 5: iterative RLHF: the RM's normalised spread and the policy's gold reward per round."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     rounds = list(range(1, fig_data["rounds"] + 1))
     for ax, key in zip(axes, ("spread", "gold")):
@@ -147,7 +147,7 @@ def rlhf_rounds(fig_data, path):
 
 
 def training_curves(fig_data, path):
-    """(7) SFT loss, the vanilla RM's loss and the bilevel objective F (seed 0)."""
+    """Figure 6: SFT loss, the vanilla RM's loss and the bilevel objective F (seed 0)."""
     panels = [(k, v) for k, v in fig_data.items() if v]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3))
     for ax, (name, values) in zip(axes if len(panels) > 1 else [axes], panels):

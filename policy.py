@@ -6,7 +6,7 @@ so that double backward and forward-mode AD (torch.func.jvp) work through it on 
 After SFT, pi_ref is frozen and shared: every adapted policy and every reward model starts from
 features it computes once per sequence.
     pi_theta   pi_ref's trunk + an output head to |V| logits on its final features h; theta = the head
-               (22 k parameters, the default adapter of §2.4) or every parameter ("all").
+               (23 k parameters, the default adapter of §2.4) or every parameter ("all").
     r_phi      a reward model: its own copy of pi_ref's last block and final LayerNorm, and a scalar
                head, on pi_ref's features *before* that block (h_mid); r_phi(x, y) is the head's value
                summed over the response tokens. phi = the copy and the head (the same set for every
@@ -332,8 +332,8 @@ def sft(model: GPT, corpus, steps: int, batch_size: int, lr: float, generator: t
         device="cpu", progress: bool = True) -> list:
     """Train pi_ref on the unlabelled corpus with AdamW, 100 warm-up steps and a cosine schedule.
 
-    Returns the training losses. (A learning rate much above 1.5e-3 leaves this model on a plateau
-    where it ignores the previous adjective and never learns word polarity; see README.)
+    Returns the training losses. (A learning rate much above 1.5e-3 left an earlier, 2-layer version of
+    this model on a plateau where it ignored the previous adjective and never learned word polarity.)
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(

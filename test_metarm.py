@@ -36,7 +36,7 @@ import bilevel
 import data
 import evaluation
 import metarm
-import policy as P
+import policy
 import train
 
 torch.set_num_threads(THREADS := int(os.environ.get("METARM_TEST_THREADS", "1")))   # 1: safe on a busy 2-core machine
@@ -49,7 +49,7 @@ G, T64 = (lambda seed: torch.Generator().manual_seed(seed)), (lambda *xs: torch.
 # ---- fixtures, helpers and the written-out reference forward ------------------------------------------------------
 def noisy_gpt(cfg, scale):
     torch.manual_seed(0)
-    model = P.GPT(cfg).double()
+    model = policy.GPT(cfg).double()
     with torch.no_grad():
         [p.add_(scale * torch.randn_like(p)) for p in model.parameters()]
     return model.requires_grad_(False)
@@ -61,12 +61,12 @@ def world():
 @pytest.fixture(scope="session")
 def tiny_gpt(world):
     """float64 GPT over the world's vocabulary, 2 layers (so that h_mid is not the embedding)."""
-    return noisy_gpt(P.GPTConfig(vocab_size=len(world.vocab), n_layer=2, n_head=2, n_embd=16), 0.3)
+    return noisy_gpt(policy.GPTConfig(vocab_size=len(world.vocab), n_layer=2, n_head=2, n_embd=16), 0.3)
 
 @pytest.fixture(scope="session")
 def micro():
     """float64 GPT over 12 tokens: a 108-parameter head, so that Hessians over theta are explicit."""
-    return noisy_gpt(P.GPTConfig(vocab_size=12, block_size=12, n_layer=2, n_head=2, n_embd=8), 0.3)
+    return noisy_gpt(policy.GPTConfig(vocab_size=12, block_size=12, n_layer=2, n_head=2, n_embd=8), 0.3)
 
 def jitter(params, scale, seed):
     gen = G(seed)
@@ -84,7 +84,7 @@ def manual_logprob(model, idx, mask, theta=None, h=None):
     h = manual_stream(model, idx)[0] if h is None else h
     th = theta or {"head.weight": model.head.weight, "head.bias": model.head.bias}
     vocab = torch.arange(th["head.bias"].shape[0])
-    logits = (h @ th["head.weight"].T + th["head.bias"]).masked_fill((vocab == P.PAD_ID) | (vocab == P.BOS_ID), -math.inf)
+    logits = (h @ th["head.weight"].T + th["head.bias"]).masked_fill((vocab == policy.PAD_ID) | (vocab == policy.BOS_ID), -math.inf)
     logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, idx[:, 1:, None])[..., 0]
     return torch.where(mask[:, 1:] > 0, logp, torch.zeros_like(logp)).sum(-1)
 
@@ -95,13 +95,13 @@ def manual_reward(model, rm, phi, idx, mask):
         getattr(rm, name), {k[len(name) + 1:]: v for k, v in params.items() if k.startswith(name + ".")}, (x,))
     return (sub("head", sub("ln", sub("block", manual_stream(model, idx)[1])[0]))[..., 0] * mask).sum(1)
 
-batch_of = lambda model, prompts, responses: P.encode(model, *P.join(prompts, responses))
+batch_of = lambda model, prompts, responses: policy.encode(model, *policy.join(prompts, responses))
 
 def micro_batches(model, gen, n):
     """n random prompts [<bos>, t, t] and two random responses each (1-3 tokens and <eos>), encoded."""
     tok = lambda k: torch.randint(3, 12, (k,), generator=gen).tolist()
-    prompts = [[P.BOS_ID] + tok(2) for _ in range(n)]
-    resp = lambda: [tok(int(torch.randint(1, 4, (1,), generator=gen))) + [P.EOS_ID] for _ in range(n)]
+    prompts = [[policy.BOS_ID] + tok(2) for _ in range(n)]
+    resp = lambda: [tok(int(torch.randint(1, 4, (1,), generator=gen))) + [policy.EOS_ID] for _ in range(n)]
     return prompts, batch_of(model, prompts, resp()), batch_of(model, prompts, resp())
 
 def flat_fn(params, fn):
@@ -129,7 +129,7 @@ def test_eq1_bt_loss_and_tie_accuracy_by_hand():
 
 def test_eq1_rm_bt_loss_of_manual_rewards(micro):
     """(1) on the reward model: rm_bt_loss = -mean log sigmoid of the difference of manual_reward."""
-    rm, phi = P.make_reward_model(micro, G(3))
+    rm, phi = policy.make_reward_model(micro, G(3))
     phi, (_, c, r) = jitter(phi, 0.5, 3), micro_batches(micro, G(3), 6)
     want = -F.logsigmoid(manual_reward(micro, rm, phi, c["idx"], c["mask"]) - manual_reward(micro, rm, phi, r["idx"], r["mask"]))
     assert metarm.rm_bt_loss(rm, phi, c, r)[0].item() == pytest.approx(want.mean().item(), rel=1e-12)
@@ -141,7 +141,7 @@ def test_eq2_dpo_loss_by_hand_and_outer_dpo_of_a_manual_forward(micro):
     loss, acc, margins = metarm.dpo_loss(T64(3.0, -1.0), T64(1.0, 2.0), 0.1)
     assert loss.item() == pytest.approx((math.log(1 + math.exp(-0.2)) + math.log(1 + math.exp(0.3))) / 2, rel=1e-12)
     assert acc.item() == 0.5 and margins.tolist() == pytest.approx([0.2, -0.3], rel=1e-12)
-    (_, c, r), theta = micro_batches(micro, G(4), 5), jitter(P.adapted_params(micro), 0.5, 4)
+    (_, c, r), theta = micro_batches(micro, G(4), 5), jitter(policy.adapted_params(micro), 0.5, 4)
     d = lambda b: manual_logprob(micro, b["idx"], b["mask"], theta) - manual_logprob(micro, b["idx"], b["mask"])
     assert metarm.outer_dpo(micro, theta, c, r, 0.3).item() == pytest.approx(-F.logsigmoid(0.3 * (d(c) - d(r))).mean().item(), rel=1e-12)
 
@@ -150,12 +150,12 @@ def test_eq2_dpo_loss_by_hand_and_outer_dpo_of_a_manual_forward(micro):
 @pytest.fixture(scope="module")
 def enumerable():
     """A policy over 5 tokens (pad, bos, eos, a, b), prompt <bos>, responses of at most 2 tokens: 7 in all."""
-    model = noisy_gpt(P.GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=8), 0.5)
+    model = noisy_gpt(policy.GPTConfig(vocab_size=5, block_size=4, n_layer=1, n_head=1, n_embd=8), 0.5)
     ys = [[2], [3, 2], [4, 2], [3, 3], [3, 4], [4, 3], [4, 4]]
     reward = T64(0.0, 1.0, -1.0, 2.0, 0.5, -0.5, 1.5)
     table = {tuple(y): r for y, r in zip(ys, reward.tolist())}
     reward_fn = lambda b: torch.tensor([table[tuple(t for t in row[1:].tolist() if t)] for row in b["idx"]], dtype=f64)
-    return model, *P.join([[1]] * len(ys), ys), reward, reward_fn
+    return model, *policy.join([[1]] * len(ys), ys), reward, reward_fn
 
 def exact_logprobs(model, theta, idx, mask):
     """log pi_theta(y) of every enumerated response (checked to sum to one) and log pi_ref(y)."""
@@ -167,15 +167,15 @@ def test_eq3_adapt_step_is_the_rloo_k1_gradient(enumerable, monkeypatch):
     """(3): one adapt step (Adam -> SGD, lr 0.1) on a batch sampled from theta moves theta by -lr grad -mean(A log pi) with
     A = R - (sum of the prompt's other R) / (n - 1), R = r - beta (log pi_theta - log pi_ref) (k1), all by manual_logprob."""
     model, _, _, _, reward_fn = enumerable
-    theta0, seen, sample = jitter(P.adapted_params(model), 0.7, 0), [], P.sample
-    monkeypatch.setattr(metarm.policy, "sample", lambda m, th, *a, **k: seen.append((P.copy_params(th), sample(m, th, *a, **k)))
+    theta0, seen, sample = jitter(policy.adapted_params(model), 0.7, 0), [], policy.sample
+    monkeypatch.setattr(metarm.policy, "sample", lambda m, th, *a, **k: seen.append((policy.copy_params(th), sample(m, th, *a, **k)))
                         or seen[-1][1])
     monkeypatch.setattr(torch.optim, "Adam", lambda params, lr: torch.optim.SGD(params, lr=lr))
     cfg = metarm.AdaptConfig(beta=0.7, steps=1, prompts_per_step=3, samples=3, lr=0.1, max_new_tokens=2)
     theta1, log = metarm.adapt(model, torch.ones(2, 1, dtype=torch.long), reward_fn, cfg, G(0), theta0=theta0)
     (th_used, batch), = seen
     assert all(torch.equal(th_used[n], theta0[n]) for n in theta0)
-    logp = manual_logprob(model, batch["idx"], batch["mask"], leaf := P.copy_params(theta0))
+    logp = manual_logprob(model, batch["idx"], batch["mask"], leaf := policy.copy_params(theta0))
     k1 = (logp - manual_logprob(model, batch["idx"], batch["mask"])).detach()
     R = (reward_fn(batch) - 0.7 * k1).view(3, 3)
     A = torch.stack([R[:, i] - (R.sum(1) - R[:, i]) / 2 for i in range(3)], 1).view(-1)
@@ -186,11 +186,11 @@ def test_eq3_adapt_step_is_the_rloo_k1_gradient(enumerable, monkeypatch):
 
 def test_eq3_kl_estimates_match_exact_kl(enumerable):
     """k1 and k3 on 20000 samples of pi_theta are within 5 standard errors of KL(pi_theta || pi_ref) by enumeration."""
-    (model, idx, mask, _, _), theta = enumerable, jitter(P.adapted_params(enumerable[0]), 0.8, 0)
+    (model, idx, mask, _, _), theta = enumerable, jitter(policy.adapted_params(enumerable[0]), 0.8, 0)
     logp, logp_ref = exact_logprobs(model, theta, idx, mask)
     exact = (logp.exp() * (logp - logp_ref)).sum().item()
-    batch = P.sample(model, theta, torch.ones(20000, 1, dtype=torch.long), 2, G(0))
-    k1, k3 = metarm.kl_estimates(P.logprob(model, theta, batch), batch["logp_ref"])
+    batch = policy.sample(model, theta, torch.ones(20000, 1, dtype=torch.long), 2, G(0))
+    k1, k3 = metarm.kl_estimates(policy.logprob(model, theta, batch), batch["logp_ref"])
     torch.testing.assert_close(k3, torch.expm1(-k1) + k1)
     assert exact > 0.05 and all(abs(e.mean().item() - exact) < 5 * e.std().item() / math.sqrt(len(e)) for e in (k1, k3))
 
@@ -212,9 +212,9 @@ def test_s1_standardised_by_hand_and_every_adaptation_reward_is_standardised(wor
     fn = metarm.standardised(lambda x: 2 * x + 1, x)
     assert fn(T64(4.0)).item() == pytest.approx((9 - 7) / math.sqrt(56 / 3), rel=1e-12)
     assert fn(x).mean().item() == pytest.approx(0, abs=1e-12) and fn(x).std().item() == pytest.approx(1, rel=1e-12)
-    rm, phi = P.make_reward_model(tiny_gpt, G(5))
+    rm, phi = policy.make_reward_model(tiny_gpt, G(5))
     phi, prompts = jitter(phi, 0.3, 5), torch.tensor(world.prompts["bar"])
-    ref, other = (P.sample(tiny_gpt, {}, prompts, 8, G(s)) for s in (5, 6))
+    ref, other = (policy.sample(tiny_gpt, {}, prompts, 8, G(s)) for s in (5, 6))
     methods = ["vanilla_rm", "bilevel", "in_domain_rm", "oracle", "agnostic_oracle", "sft", "metarm"]
     rms = {"vanilla_rm": phi, "bilevel": phi, "in_domain_rm": {"bar": phi}}
     out = evaluation.reward_functions({"world": world, "methods": methods, "rm": rm}, rms, "bar", ref)
@@ -231,14 +231,14 @@ def test_s1_standardised_by_hand_and_every_adaptation_reward_is_standardised(wor
 def test_s1_metarm_and_rlhf_rounds_standardise_every_round(micro, monkeypatch):
     """§1, §3: metarm_rounds adapts R times (R - 1 MetaRM updates between), rlhf_rounds R times (R updates), each time
     with the current RM's reward standardised on pi_ref's samples."""
-    (rm, phi), (prompts, c, r), calls = P.make_reward_model(micro, G(6)), micro_batches(micro, G(6), 4), []
+    (rm, phi), (prompts, c, r), calls = policy.make_reward_model(micro, G(6)), micro_batches(micro, G(6), 4), []
     prompts = torch.tensor(prompts)
-    ref = P.sample(micro, {}, prompts.repeat(4, 1), 4, G(7))
+    ref = policy.sample(micro, {}, prompts.repeat(4, 1), 4, G(7))
 
     def fake_adapt(model, pr, reward_fn, cfg, generator, theta0=None):
         z = reward_fn(ref)
         calls.append((z.mean().item(), z.std().item(), manual_reward(micro, rm, phi, ref["idx"], ref["mask"]).tolist()))
-        return P.adapted_params(micro), []
+        return policy.adapted_params(micro), []
     monkeypatch.setattr(metarm, "adapt", fake_adapt)
     args = (metarm.MetaRMConfig(eta=0.5, k=2, meta_prompts=2, steps=3, rounds=3, batch_size=4), metarm.AdaptConfig(max_new_tokens=4))
     sgd = lambda: torch.optim.SGD(phi.values(), lr=0.5)
@@ -251,9 +251,9 @@ def test_s1_metarm_and_rlhf_rounds_standardise_every_round(micro, monkeypatch):
 # ==== (4)(5) the inner problem =======================================================================================
 def test_eq4_importance_weights_against_a_full_forward(world, tiny_gpt):
     """(4): w = 1/K at theta_ref, else softmax_k(log pi_theta - log pi_ref) from plain model(idx) passes (theta in a deepcopy)."""
-    K, theta_ref = 4, P.adapted_params(tiny_gpt)
+    K, theta_ref = 4, policy.adapted_params(tiny_gpt)
     prompts = torch.tensor([world.prompts[d][0] for d in ("bar", "hotel", "phone")]).repeat_interleave(K, 0)
-    cand = P.sample(tiny_gpt, {}, prompts, 8, G(0))
+    cand = policy.sample(tiny_gpt, {}, prompts, 8, G(0))
     w = metarm.importance_weights(metarm.implicit_reward(tiny_gpt, theta_ref, cand), K)
     torch.testing.assert_close(w, torch.full((3, K), 1 / K, dtype=f64), rtol=0, atol=1e-12)
     theta, moved = jitter(theta_ref, 0.3, 1), copy.deepcopy(tiny_gpt)
@@ -269,15 +269,15 @@ def test_eq4_importance_weights_against_a_full_forward(world, tiny_gpt):
 def test_eq5_inner_loss_by_hand(micro):
     """(5): g = mean_x[-sum w r + beta sum w log(K w)] + rho/2 |theta - theta_ref|^2 by hand; inner_objective w/o prox."""
     K, beta, rho = 4, 0.7, 0.3
-    cand = P.sample(micro, {}, torch.tensor(micro_batches(micro, G(7), 3)[0]).repeat_interleave(K, 0), 5, G(7))
+    cand = policy.sample(micro, {}, torch.tensor(micro_batches(micro, G(7), 3)[0]).repeat_interleave(K, 0), 5, G(7))
     cand_im = cand["idx"], cand["mask"]
-    theta, r = jitter(theta_ref := P.adapted_params(micro), 0.4, 7), torch.randn(3, K, generator=G(8), dtype=f64)
+    theta, r = jitter(theta_ref := policy.adapted_params(micro), 0.4, 7), torch.randn(3, K, generator=G(8), dtype=f64)
     w = torch.softmax((manual_logprob(micro, *cand_im, theta) - manual_logprob(micro, *cand_im)).view(3, K), -1)
-    lower = (-(w * r).sum(1) + beta * (w * torch.log(K * w)).sum(1)).mean().item()
+    objective = (-(w * r).sum(1) + beta * (w * torch.log(K * w)).sum(1)).mean().item()
     prox = rho / 2 * sum(((theta[n] - theta_ref[n]) ** 2).sum().item() for n in theta)
-    assert abs(lower) > 0.1 and prox > 0.1
-    assert metarm.inner_loss(micro, theta, r, cand, K, beta, rho, theta_ref).item() == pytest.approx(lower + prox, rel=1e-7)
-    assert metarm.inner_objective(metarm.implicit_reward(micro, theta, cand), r, K, beta).item() == pytest.approx(lower, rel=1e-7)
+    assert abs(objective) > 0.1 and prox > 0.1
+    assert metarm.inner_loss(micro, theta, r, cand, K, beta, rho, theta_ref).item() == pytest.approx(objective + prox, rel=1e-7)
+    assert metarm.inner_objective(metarm.implicit_reward(micro, theta, cand), r, K, beta).item() == pytest.approx(objective, rel=1e-7)
 
 def test_eq5_inner_objective_is_exact_in_float64():
     """(5) in float64 to 1e-12: w = 1/2, 1/2, r = 0: beta sum w log(K w) = 0 exactly; log K must not be rounded to float32."""
@@ -299,13 +299,13 @@ def test_eq5_free_weight_minimiser_is_softmax_r_over_beta():
 def bl(micro):
     """Domains a, b, c: 3 prompts x K = 4 candidates, 6 pairs each; an RM with a unit-scale head; rho, inner step from calibrate;
     beta_dpo 0.3. warm: theta*_d by 300 GD steps + Newton (rho is sized at theta*: Newton from theta_ref does not converge)."""
-    rm, phi = P.make_reward_model(micro, gen := G(0))
+    rm, phi = policy.make_reward_model(micro, gen := G(0))
     phi["head.weight"] = torch.randn(phi["head.weight"].shape, generator=gen, dtype=f64).requires_grad_()
     cfg = metarm.BilevelConfig(beta=0.5, beta_dpo=0.3, lam=0.0, K=4, prompts_per_domain=3, pairs_per_domain=6, cg_iters=300,
                                cg_tol=1e-12, max_new_tokens=5)
     domains = {d: (lambda pr, c, r: (torch.tensor(pr), (c, r)))(*micro_batches(micro, gen, 8)) for d in "abc"}
     problems = {d: metarm.draw_problem(micro, *domains[d], cfg, gen) for d in domains}
-    theta_ref = {n: p.detach() for n, p in P.adapted_params(micro).items()}
+    theta_ref = {n: p.detach() for n, p in policy.adapted_params(micro).items()}
     s = dict(model=micro, rm=rm, phi=phi, cfg=cfg, problems=problems, domains=domains, theta_ref=theta_ref,
              pairs=domains["a"][1], curv=metarm.calibrate(micro, rm, phi, problems, cfg, theta_ref), warm={})
     for d, prob in problems.items():
@@ -428,11 +428,11 @@ def test_s22_reduction_to_rescaled_bradley_terry():
 
 def test_eq6_train_bilevel_needs_rho_and_nan_stops_training(bl):
     """train_bilevel refuses an uncalibrated inner step; an RM gone NaN stops bilevel and BT training at step 0, named."""
-    s, bad = bl, P.copy_params(bl["phi"])
+    s, bad = bl, policy.copy_params(bl["phi"])
     run = lambda phi, cfg: metarm.train_bilevel(s["model"], s["rm"], phi, s["domains"], s["pairs"], cfg, s["theta_ref"], G(0), G(1),
                                                 steps=2)
     with pytest.raises(ValueError, match="inner_lr"):
-        run(P.copy_params(s["phi"]), metarm.BilevelConfig(K=4))
+        run(policy.copy_params(s["phi"]), metarm.BilevelConfig(K=4))
     bad["head.weight"] = torch.full_like(bad["head.weight"], math.nan)
     with pytest.raises(FloatingPointError, match=r"^bilevel, seed 3: .*finite.* at step 0$"), train.stage("bilevel", 3):
         run(bad, metarm.BilevelConfig(**{**s["cfg"].__dict__, "domains_per_step": 2}))
@@ -456,7 +456,7 @@ def test_eq9_difference_loss_by_hand():
 @pytest.fixture(scope="module")
 def meta(micro):
     """phi = head, LayerNorm and c_proj of the micro RM (97 parameters: explicit grad^2 J); 6 pairs; 3 prompts x k = 3."""
-    rm, phi = P.make_reward_model(micro, G(8))
+    rm, phi = policy.make_reward_model(micro, G(8))
     phi = jitter({n: p for n, p in phi.items() if n.startswith(("head", "ln", "block.c_proj"))}, 0.5, 8)
     prompts, c, r = micro_batches(micro, G(8), 6)
     meta = batch_of(micro, [p for p in prompts[:3] for _ in range(3)], [[3 + i, 4 + j, 2] for i in range(3) for j in range(3)])
@@ -467,7 +467,7 @@ def test_eq10_eq11_second_minus_first_order_is_eta_hessian_term(meta):
     (explicit Hessian); second = central difference of L_BT(phi + eta grad J(phi)); eta = 0: both grad L_BT(phi)."""
     rm, phi, c, r, batch, distinct = meta
     eta = 0.3
-    Jx, x = flat_fn(phi, lambda p: metarm.difference_loss(P.reward(rm, p, batch), 3, distinct))
+    Jx, x = flat_fn(phi, lambda p: metarm.difference_loss(policy.reward(rm, p, batch), 3, distinct))
     BTx, _ = flat_fn(phi, lambda p: metarm.rm_bt_loss(rm, p, c, r)[0])
     g_prime, H_J = torch.func.grad(BTx)(x + eta * torch.func.grad(Jx)(x)), torch.autograd.functional.hessian(Jx, x)
     grad = lambda e, so: torch.cat([t.flatten() for t in metarm.metarm_grad(rm, phi, c, r, batch, distinct, 3, e, so)[0].values()])
@@ -484,15 +484,15 @@ def test_eq10_eq11_second_minus_first_order_is_eta_hessian_term(meta):
 def test_eq11_eta0_metarm_is_plain_bradley_terry(meta):
     """(11), eta = 0: train_metarm's Adam steps = train_reward_model's on the same draws; continue_from leaves phi, opt be."""
     rm, phi, c, r, batch, _ = meta
-    rm_cfg, a, b = train.RMConfig(steps=3, batch_size=4, lr=0.05), P.copy_params(phi), P.copy_params(phi)
+    rm_cfg, a, b = train.RMConfig(steps=3, batch_size=4, lr=0.05), policy.copy_params(phi), policy.copy_params(phi)
     metarm.train_metarm(rm, a, torch.optim.Adam(a.values(), lr=0.05), (c, r), batch,
                         metarm.MetaRMConfig(eta=0.0, k=3, meta_prompts=2, steps=3, batch_size=4), G(9), G(10))
     opt = train.train_reward_model(rm, b, (c, r), rm_cfg, G(9))[1]
     for n in phi:
         torch.testing.assert_close(a[n], b[n], rtol=0, atol=1e-14)
         assert not torch.equal(a[n], phi[n])
-    before, b_before = copy.deepcopy(opt.state_dict()), P.copy_params(b)      # continue_from: a copy, its own optimiser state
-    train.train_reward_model(rm, (b2 := P.continue_from(b, opt, 0.05))[0], (c, r), rm_cfg, G(11), b2[1])
+    before, b_before = copy.deepcopy(opt.state_dict()), policy.copy_params(b)      # continue_from: a copy, its own optimiser state
+    train.train_reward_model(rm, (b2 := policy.continue_from(b, opt, 0.05))[0], (c, r), rm_cfg, G(11), b2[1])
     assert all(torch.equal(b[n], b_before[n]) and not torch.equal(b2[0][n], b[n]) for n in b)
     assert all(torch.equal(v, before["state"][i][k]) for i, st in opt.state_dict()["state"].items() for k, v in st.items())
 
@@ -507,15 +507,15 @@ def test_s3_reward_spread_by_hand():
 def test_s3_rm_accuracy_evaluate_and_premises_by_hand(monkeypatch):
     """evaluation.py, reward/sample/logprob stubbed: rm_accuracy (gold ties out, RM ties 1/2, MetaRM's repeats averaged); evaluate
     (win rate, ties 1/2; KL = mean log-ratio); measure_premises (rows i, i + n/2 share a prompt): accuracy, §3 spread."""
-    monkeypatch.setattr(evaluation.P, "reward", lambda rm, phi, b: b["r"] * phi)
+    monkeypatch.setattr(evaluation.policy, "reward", lambda rm, phi, b: b["r"] * phi)
     B = lambda **k: {key: torch.tensor(v, dtype=f64) for key, v in k.items()}
     s = {"rm": None, "eval_pairs": {"d": (B(r=[1.0, 0.0, 2.0, -1.0, 0.0]), B(r=[0.0] * 5))}, "gold_margins": {"d": T64(1, 1, 1, 0, 0)}}
     assert evaluation.rm_accuracy(s, {"vanilla_rm": 1.0}, "vanilla_rm", "d") == pytest.approx((1 + 0.5 + 1) / 3)
     rms = {"metarm": {("d", 0): 1.0, ("d", 1): -1.0, ("e", 0): 5.0}}                 # d's two repeats: 5/6 and 1/6
     assert evaluation.rm_accuracy(s, rms, "metarm", "d") == pytest.approx((5 / 6 + 1 / 6) / 2)
     batch = B(g=[1.0, 0.0, 2.0, 1.0], logp_ref=[0.0, -1.0, 0.0, 0.0], lp=[0.5, 0.0, -0.5, 1.0])
-    monkeypatch.setattr(evaluation.P, "sample", lambda *a, **k: batch)
-    monkeypatch.setattr(evaluation.P, "logprob", lambda model, theta, b: b["lp"])
+    monkeypatch.setattr(evaluation.policy, "sample", lambda *a, **k: batch)
+    monkeypatch.setattr(evaluation.policy, "logprob", lambda model, theta, b: b["lp"])
     res = evaluation.evaluate(None, {}, torch.zeros(4, 1), B(g=[0.0, 0.0, 2.0, 1.0]), lambda b: b["g"], None, 1)[0]
     assert [res[k] for k in ("win_rate", "kl", "gold_reward")] == pytest.approx([(1 + 0.5 + 0.5 + 0.5) / 4, 0.5, 1.0])
     ref, adapted = B(r=[0, 0, 0, 1, 2, 4], g=[0, 5, 1, 2, 1, 0]), B(r=[2, 1, 0, 0, 1, 2], g=[1, 0, 0, 0, 0, 1])   # 3 prompts, n = 2
@@ -722,56 +722,56 @@ def test_features_and_logits_match_the_manual_forward(world, tiny_gpt):
 def test_logprob_is_sum_of_per_prefix_log_softmax(world, tiny_gpt):
     """logprob (head path) = sum of log-softmax of each prefix run alone = logp_ref at theta_ref = logprob("all" path)."""
     b = texts(world, tiny_gpt)
-    got = P.logprob(tiny_gpt, P.adapted_params(tiny_gpt), b)
+    got = policy.logprob(tiny_gpt, policy.adapted_params(tiny_gpt), b)
     for i, (x, y) in enumerate(SOME_TEXTS):
         x, y = world.encode(x), world.encode(y)
         want = sum(torch.log_softmax(tiny_gpt(torch.tensor([x + y[:t]]))[0][0, -1], -1)[y[t]].item() for t in range(len(y)))
         assert got[i].item() == pytest.approx(want, abs=1e-10)
     torch.testing.assert_close(got, b["logp_ref"], rtol=0, atol=1e-12)
-    torch.testing.assert_close(P.logprob(tiny_gpt, P.adapted_params(tiny_gpt, "all"), b), got, rtol=0, atol=1e-12)
+    torch.testing.assert_close(policy.logprob(tiny_gpt, policy.adapted_params(tiny_gpt, "all"), b), got, rtol=0, atol=1e-12)
     with pytest.raises(ValueError):
-        P.adapted_params(tiny_gpt, "trunk")
+        policy.adapted_params(tiny_gpt, "trunk")
 
 def test_sample_structure_and_collected_features(world, tiny_gpt):
     """Samples: [prompt | response ending in <eos> | pad], mask on the response, reproducible; the features collected while
     sampling (key/value cache) equal a fresh encode; theta is the policy that samples."""
     prompts = torch.tensor([world.prompts["bar"][0]] * 64)
-    b = P.sample(tiny_gpt, {}, prompts, 12, G(3))
-    assert torch.equal(b["idx"], P.sample(tiny_gpt, {}, prompts, 12, G(3))["idx"])
+    b = policy.sample(tiny_gpt, {}, prompts, 12, G(3))
+    assert torch.equal(b["idx"], policy.sample(tiny_gpt, {}, prompts, 12, G(3))["idx"])
     for row, m in zip(b["idx"], b["mask"]):
         resp = row[data.PROMPT_LEN:].tolist()
-        n = resp.index(P.EOS_ID) + 1 if P.EOS_ID in resp else len(resp)
-        assert P.PAD_ID not in resp[:n] and all(t == P.PAD_ID for t in resp[n:]) and m[data.PROMPT_LEN:].sum() == n == m.sum()
-    fresh = P.encode(tiny_gpt, b["idx"], b["mask"])
+        n = resp.index(policy.EOS_ID) + 1 if policy.EOS_ID in resp else len(resp)
+        assert policy.PAD_ID not in resp[:n] and all(t == policy.PAD_ID for t in resp[n:]) and m[data.PROMPT_LEN:].sum() == n == m.sum()
+    fresh = policy.encode(tiny_gpt, b["idx"], b["mask"])
     for k in ("h", "h_mid", "logp_ref"):
         torch.testing.assert_close(b[k], fresh[k], rtol=0, atol=1e-10)
-    theta = {**P.adapted_params(tiny_gpt), "head.bias": tiny_gpt.head.bias.index_fill(0, torch.tensor([P.EOS_ID]), 1e4)}  # stops
-    assert (P.sample(tiny_gpt, theta, prompts, 12, G(0))["idx"][:, data.PROMPT_LEN] == P.EOS_ID).all()
+    theta = {**policy.adapted_params(tiny_gpt), "head.bias": tiny_gpt.head.bias.index_fill(0, torch.tensor([policy.EOS_ID]), 1e4)}  # stops
+    assert (policy.sample(tiny_gpt, theta, prompts, 12, G(0))["idx"][:, data.PROMPT_LEN] == policy.EOS_ID).all()
 
 def test_reward_model_is_a_copy_of_the_last_block_summed_over_the_response(world, tiny_gpt):
     """make_reward_model copies pi_ref's last block and ln_f, new head; reward = manual_reward, unchanged by batch or padding."""
-    rm, phi = P.make_reward_model(tiny_gpt, G(0))
+    rm, phi = policy.make_reward_model(tiny_gpt, G(0))
     assert all(torch.equal(phi["block." + n], p) for n, p in tiny_gpt.h[-1].named_parameters())
     assert torch.equal(phi["ln.weight"], tiny_gpt.ln_f.weight) and (phi["head.bias"] == 0).all() and phi["head.weight"].std() > 0
     phi, b = jitter(phi, 0.3, 1), texts(world, tiny_gpt)
-    r = P.reward(rm, phi, b)
+    r = policy.reward(rm, phi, b)
     torch.testing.assert_close(r, manual_reward(tiny_gpt, rm, phi, b["idx"], b["mask"]), rtol=0, atol=1e-12)
     for i, item in enumerate(SOME_TEXTS):
         one = texts(world, tiny_gpt, [item])
-        for bb in (one, P.encode(tiny_gpt, F.pad(one["idx"], (0, 5)), F.pad(one["mask"], (0, 5)))):
-            assert P.reward(rm, phi, bb).item() == pytest.approx(r[i].item(), abs=1e-10)
-            assert P.logprob(tiny_gpt, P.adapted_params(tiny_gpt), bb).item() == pytest.approx(b["logp_ref"][i].item(), abs=1e-10)
+        for bb in (one, policy.encode(tiny_gpt, F.pad(one["idx"], (0, 5)), F.pad(one["mask"], (0, 5)))):
+            assert policy.reward(rm, phi, bb).item() == pytest.approx(r[i].item(), abs=1e-10)
+            assert policy.logprob(tiny_gpt, policy.adapted_params(tiny_gpt), bb).item() == pytest.approx(b["logp_ref"][i].item(), abs=1e-10)
 
 def test_jvp_of_logprob_and_sft(world, tiny_gpt):
     """jvp of log pi_theta over every parameter = a central difference; 60 SFT steps halve held-out perplexity."""
-    b, theta = texts(world, tiny_gpt), {n: p.detach() for n, p in P.adapted_params(tiny_gpt, "all").items()}
-    v, fn = randn_like(theta, 1), lambda th: P.logprob(tiny_gpt, th, b)
+    b, theta = texts(world, tiny_gpt), {n: p.detach() for n, p in policy.adapted_params(tiny_gpt, "all").items()}
+    v, fn = randn_like(theta, 1), lambda th: policy.logprob(tiny_gpt, th, b)
     torch.testing.assert_close(torch.func.jvp(fn, (theta,), (v,))[1], directional_fd(fn, theta, v, 1e-6), rtol=1e-6, atol=1e-8)
     torch.manual_seed(0)
-    model = P.GPT(P.GPTConfig(vocab_size=len(world.vocab), n_layer=1, n_head=2, n_embd=32))
-    before = P.perplexity(model, world.sft[:100])
-    P.sft(model, world.sft[100:], steps=60, batch_size=32, lr=3e-3, generator=G(0), progress=False)
-    assert P.perplexity(model, world.sft[:100]) < 0.5 * before
+    model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab), n_layer=1, n_head=2, n_embd=32))
+    before = policy.perplexity(model, world.sft[:100])
+    policy.sft(model, world.sft[100:], steps=60, batch_size=32, lr=3e-3, generator=G(0), progress=False)
+    assert policy.perplexity(model, world.sft[:100]) < 0.5 * before
 
 
 # ==== train.py: statistics, the pipeline, bad input (evaluation: §3 above) ===========================================
@@ -877,7 +877,7 @@ def test_interrupted_run_leaves_earlier_results_and_no_partial_folder(tmp_path, 
     def interrupt(*args, **kwargs):
         assert (tmp_path / "out.partial" / "train_pairs.jsonl").is_file()
         raise KeyboardInterrupt
-    monkeypatch.setattr(train.P, "sft", interrupt)
+    monkeypatch.setattr(train.policy, "sft", interrupt)
     assert train.main(["--quick", "--out", str(out)]) == 130 and "interrupted" in capsys.readouterr().err
     assert (out / "results.json").read_text() == "earlier run"
     assert not (tmp_path / "out.partial").exists() and not (tmp_path / "out.old").exists()

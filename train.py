@@ -23,7 +23,7 @@ import data
 import evaluation
 import metarm
 import plots
-import policy as P
+import policy
 from cli import BadInput, clock
 from evaluation import MAX_NEW, crn_seed, mean
 
@@ -32,7 +32,7 @@ METHODS = ("sft", "dpo", "vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt
            "metarm_eta0", "oracle", "in_domain_rm", "agnostic_oracle")
 RM_METHODS = ("vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt_only", "metarm", "metarm_eta0", "in_domain_rm")
 CEILINGS = ("oracle", "in_domain_rm", "agnostic_oracle")
-# (method, control, the paper's direction): each comparison is a paired difference over seeds
+# (method, control): a paired difference over seeds; each paper predicts method - control > 0
 COMPARISONS = (("bilevel", "vanilla_rm"), ("bilevel", "bilevel_bt_only"), ("metarm", "vanilla_rm"),
                ("metarm", "metarm_eta0"), ("vanilla_rm_long", "vanilla_rm"))
 METRICS = ("gold_reward", "win_rate", "rm_accuracy", "kl")
@@ -93,10 +93,11 @@ def run(cfg: Config, tmp: Path) -> dict:
     write_datasets(world, tmp)
     with clock(timings, "sft"):
         torch.manual_seed(0)
-        model = P.GPT(P.GPTConfig(vocab_size=len(world.vocab))).to(device)
-        sft_losses = P.sft(model, world.sft[1000:], cfg.sft_steps, 64, 1.5e-3, torch.Generator(device).manual_seed(0), device)
+        model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab))).to(device)
+        sft_losses = policy.sft(model, world.sft[1000:], cfg.sft_steps, 64, 1.5e-3,
+                                torch.Generator(device).manual_seed(0), device)
         model.requires_grad_(False)
-        ppl = P.perplexity(model, world.sft[:1000], device)
+        ppl = policy.perplexity(model, world.sft[:1000], device)
     print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
     with clock(timings, "encode"):
         setup = make_setup(cfg, world, model, device)
@@ -123,21 +124,21 @@ def make_setup(cfg: Config, world, model, device) -> dict:
     """What every seed shares: pi_ref, the reward model's architecture, encoded pairs, prompts."""
     methods = cfg.methods.split(",")
     domains = data.TEST_DOMAINS if cfg.domains == "test" else data.DEV_DOMAINS
-    enc = lambda pairs: P.encode_pairs(model, pairs, device)
+    enc = lambda pairs: policy.encode_pairs(model, pairs, device)
     eval_pairs = {d: enc(world.eval_pairs[d]) for d in domains}
     train_pairs = enc(world.pooled_pairs(data.TRAIN_DOMAINS))
     n = world.cfg.n_pairs_per_domain
     gold_margins = {d: torch.tensor([world.gold_reward(d, p.chosen) - world.gold_reward(d, p.rejected)
                                      for p in world.eval_pairs[d]], device=device) for d in domains}
     return {"world": world, "model": model, "device": device, "methods": methods, "domains": domains,
-            "rm": P.RewardModel(model).to(device).requires_grad_(False),
+            "rm": policy.RewardModel(model).to(device).requires_grad_(False),
             "train_pairs": train_pairs,
-            "domain_pairs": {d: tuple(P.rows_of(b, slice(n * i, n * (i + 1))) for b in train_pairs)
+            "domain_pairs": {d: tuple(policy.rows_of(b, slice(n * i, n * (i + 1))) for b in train_pairs)
                              for i, d in enumerate(data.TRAIN_DOMAINS)},     # pooled_pairs is in domain order
             "own_pairs": {d: enc(world.pairs[d]) for d in domains} if "in_domain_rm" in methods else {},
             "eval_pairs": eval_pairs, "gold_margins": gold_margins,
             "prompts": {d: torch.tensor(world.prompts[d], device=device) for d in data.DOMAINS},
-            "theta_ref": {n: p.detach() for n, p in P.adapted_params(model).items()},
+            "theta_ref": {n: p.detach() for n, p in policy.adapted_params(model).items()},
             "adapt_cfg": metarm.AdaptConfig(beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=MAX_NEW),
             "rm_cfg": RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr),
             "metarm_cfg": metarm.MetaRMConfig(eta=cfg.eta, k=cfg.metarm_k, temperature=cfg.temperature,
@@ -159,24 +160,24 @@ def train_reward_model(rm, phi: dict, pairs, cfg: RMConfig, generator, opt=None,
     chosen, rejected = pairs
     log = []
     for step in range(cfg.steps if steps is None else steps):
-        rows = P.draw(len(chosen["idx"]), cfg.batch_size, generator)
-        loss, acc, _ = metarm.rm_bt_loss(rm, phi, P.rows_of(chosen, rows), P.rows_of(rejected, rows))
-        P.check_finite(loss.detach(), "reward-model loss (1)", step)
-        P.apply_gradient(opt, phi, torch.autograd.grad(loss, list(phi.values())))
+        rows = policy.draw(len(chosen["idx"]), cfg.batch_size, generator)
+        loss, acc, _ = metarm.rm_bt_loss(rm, phi, policy.rows_of(chosen, rows), policy.rows_of(rejected, rows))
+        policy.check_finite(loss.detach(), "reward-model loss (1)", step)
+        policy.apply_gradient(opt, phi, torch.autograd.grad(loss, list(phi.values())))
         log.append({"loss": loss.item(), "acc": acc.item()})
     return log, opt
 
 
 def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: float, generator):
     """Eq. (2) on the pooled training pairs, Adam on the same theta as meta-test adaptation."""
-    theta = P.adapted_params(model)
+    theta = policy.adapted_params(model)
     opt = torch.optim.Adam(theta.values(), lr=lr)
     chosen, rejected = pairs
     for step in range(steps):
-        rows = P.draw(len(chosen["idx"]), batch_size, generator)
-        loss = metarm.dpo_loss(metarm.implicit_reward(model, theta, P.rows_of(chosen, rows)),
-                               metarm.implicit_reward(model, theta, P.rows_of(rejected, rows)), beta_dpo)[0]
-        P.check_finite(loss.detach(), "DPO loss (2)", step)
+        rows = policy.draw(len(chosen["idx"]), batch_size, generator)
+        loss = metarm.dpo_loss(metarm.implicit_reward(model, theta, policy.rows_of(chosen, rows)),
+                               metarm.implicit_reward(model, theta, policy.rows_of(rejected, rows)), beta_dpo)[0]
+        policy.check_finite(loss.detach(), "DPO loss (2)", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -189,25 +190,25 @@ def train_reward_models(seed: int, cfg: Config, s: dict, timings: dict):
     methods, rm, model, gen = s["methods"], s["rm"], s["model"], lambda k: torch.Generator(s["device"]).manual_seed(k)
     out, logs = {}, {}
     with clock(timings, "vanilla_rm"), stage("vanilla_rm", seed):
-        _, phi = P.make_reward_model(model, gen(seed))
+        _, phi = policy.make_reward_model(model, gen(seed))
         logs["vanilla_rm"], opt = train_reward_model(rm, phi, s["train_pairs"], s["rm_cfg"], gen(seed))
         out["vanilla_rm"], out["vanilla_opt"] = phi, opt
     if "vanilla_rm_long" in methods:
         with clock(timings, "vanilla_rm_long"), stage("vanilla_rm_long", seed):
-            out["vanilla_rm_long"], opt_long = P.continue_from(phi, opt, cfg.rm_lr)
+            out["vanilla_rm_long"], opt_long = policy.continue_from(phi, opt, cfg.rm_lr)
             train_reward_model(rm, out["vanilla_rm_long"], s["train_pairs"], s["rm_cfg"], gen(seed + 1),
                                       opt_long, steps=cfg.extra_steps)
     if "in_domain_rm" in methods:
         with clock(timings, "in_domain_rm"), stage("in_domain_rm", seed):
             out["in_domain_rm"] = {}
             for d in s["domains"]:                     # a ceiling: the domain's own labels, seen by no method
-                out["in_domain_rm"][d], opt_d = P.continue_from(phi, opt, cfg.rm_lr)
+                out["in_domain_rm"][d], opt_d = policy.continue_from(phi, opt, cfg.rm_lr)
                 train_reward_model(rm, out["in_domain_rm"][d], s["own_pairs"][d], s["rm_cfg"], gen(seed + 2), opt_d,
                                           steps=cfg.ceiling_steps)
     domains = {d: (s["prompts"][d], s["domain_pairs"][d]) for d in data.TRAIN_DOMAINS}
     if "bilevel" in methods:
         with clock(timings, "bilevel"), stage("bilevel", seed):
-            bcfg, out["bilevel"] = bilevel_config(cfg), P.copy_params(phi)
+            bcfg, out["bilevel"] = bilevel_config(cfg), policy.copy_params(phi)
             probe = {d: metarm.draw_problem(model, *domains[d], bcfg, gen(seed + 3)) for d in data.TRAIN_DOMAINS[:4]}
             logs["curvature"] = metarm.calibrate(model, rm, out["bilevel"], probe, bcfg, s["theta_ref"])
             logs["bilevel"] = metarm.train_bilevel(model, rm, out["bilevel"], domains, s["train_pairs"], bcfg,
@@ -216,7 +217,7 @@ def train_reward_models(seed: int, cfg: Config, s: dict, timings: dict):
             logs["curvature"]["rho_final"] = bcfg.rho
     if "bilevel_bt_only" in methods:
         with clock(timings, "bilevel_bt_only"), stage("bilevel_bt_only", seed):
-            out["bilevel_bt_only"] = P.copy_params(phi)
+            out["bilevel_bt_only"] = policy.copy_params(phi)
             metarm.train_bilevel(model, rm, out["bilevel_bt_only"], domains, s["train_pairs"], bilevel_config(cfg),
                                  s["theta_ref"], gen(seed + 4), gen(seed + 5), dpo_term=False)
     if "dpo" in methods:
@@ -235,12 +236,12 @@ def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
     premises, samples = {}, []
     for i, d in enumerate(s["domains"]):
         prompts = s["prompts"][d]
-        ref = P.sample(model, {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))   # the reward scale (§1)
+        ref = policy.sample(model, {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))   # the reward scale (§1)
         rewards = evaluation.reward_functions(s, rms, d, ref)
         runs = {m: [] for m in methods}
         for j in range(cfg.repeats):
             key = crn_seed(seed, i, j)
-            ref_eval = P.sample(model, {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
+            ref_eval = policy.sample(model, {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
             thetas = {"sft": s["theta_ref"], "dpo": rms.get("dpo")}
             with clock(timings, "adaptation"):
                 for m in methods:
@@ -251,7 +252,7 @@ def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
                 for m, eta in (("metarm", cfg.eta), ("metarm_eta0", 0.0)):
                     if m in methods:
                         with stage(m, seed):
-                            phi, opt = P.continue_from(rms["vanilla_rm"], rms["vanilla_opt"], cfg.rm_lr)
+                            phi, opt = policy.continue_from(rms["vanilla_rm"], rms["vanilla_opt"], cfg.rm_lr)
                             mcfg = metarm.MetaRMConfig(**{**asdict(s["metarm_cfg"]), "eta": eta})
                             thetas[m], _ = metarm.metarm_rounds(model, prompts, ref, s["rm"], phi, opt, s["train_pairs"],
                                                                 mcfg, s["adapt_cfg"], (key, key + 1, key + 2, key + 3),
@@ -293,10 +294,11 @@ def summarise(cfg: Config, per_seed: list) -> dict:
         if a in methods and b in methods:
             diffs = [seed_value(s, a, "gold_reward") - seed_value(s, b, "gold_reward") for s in per_seed]
             iv = evaluation.interval(diffs)
+            per_domain = {d: mean([s["metrics"][a][d]["gold_reward"] - s["metrics"][b][d]["gold_reward"] for s in per_seed])
+                          for d in domains}
+            trend = evaluation.verdict(iv["ci95"]) if (a, b) in COMPARISONS else "n/a (a ceiling)"
             out["paired"][f"{a} - {b}"] = {**iv, "wins": sum(x > 0 for x in diffs), "per_seed": diffs,
-                                           "per_domain": {d: mean([s["metrics"][a][d]["gold_reward"] - s["metrics"][b][d]["gold_reward"]
-                                                                   for s in per_seed]) for d in domains},
-                                           "verdict": evaluation.verdict(iv["ci95"])}
+                                           "per_domain": per_domain, "verdict": trend}
     out["ceilings"] = {m: evaluation.interval([seed_value(s, m, "gold_reward") for s in per_seed]) for m in CEILINGS if m in methods}
     if "vanilla_rm" in methods:
         keys = list(per_seed[0]["premises"][domains[0]])
