@@ -124,7 +124,7 @@ def measure(cfg: Config) -> dict:
     world = data.World()
     torch.manual_seed(0)
     model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab)))
-    policy.sft(model, world.sft[1000:], 100 if cfg.quick else 1500, 64, 1.5e-3, torch.Generator().manual_seed(0))
+    policy.sft(model, world.sft[1000:], 100 if cfg.quick else 1500, torch.Generator().manual_seed(0))
     model.requires_grad_(False)
     result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpu": hvp_ratios(model, world, "cpu", cfg.repeats),

@@ -328,8 +328,8 @@ def perplexity(model: GPT, seqs, device="cpu", batch_size: int = 512) -> float:
     return math.exp(total / n)
 
 
-def sft(model: GPT, corpus, steps: int, batch_size: int, lr: float, generator: torch.Generator,
-        device="cpu", progress: bool = True) -> list:
+def sft(model: GPT, corpus, steps: int, generator: torch.Generator, device="cpu", batch_size: int = 64,
+        lr: float = 1.5e-3, progress: bool = True) -> list:
     """Train pi_ref on the unlabelled corpus with AdamW, 100 warm-up steps and a cosine schedule.
 
     Returns the training losses. (A learning rate much above 1.5e-3 left an earlier, 2-layer version of

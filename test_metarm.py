@@ -110,10 +110,6 @@ def flat_fn(params, fn):
     unflat = lambda x: {n: t.view(p.shape) for (n, p), t in zip(params.items(), x.split(sizes))}
     return (lambda x: fn(unflat(x))), torch.cat([p.detach().flatten() for p in params.values()])
 
-def directional_fd(fn, x, u, eps=1e-5):
-    """Central difference of fn (a function of a dict) at x along u."""
-    return (fn({n: x[n] + eps * u[n] for n in x}) - fn({n: x[n] - eps * u[n] for n in x})) / (2 * eps)
-
 dot = lambda a, b: sum((a[n] * b[n]).sum() for n in a).item()
 randn_like = lambda params, seed: jitter({n: 0 * p.detach() for n, p in params.items()}, 1.0, seed)
 
@@ -360,7 +356,7 @@ def test_eq8_dF_dr_matches_finite_differences(bl):
     assert info["converged"] and info["F"] == pytest.approx(F_of_r(bl, "a", r.detach()), rel=1e-10)
     for seed in (1, 2):
         u = torch.randn(r.shape, generator=G(seed), dtype=f64)
-        fd = directional_fd(lambda x: F_of_r(bl, "a", x["r"]), {"r": r.detach()}, {"r": u})
+        fd = bilevel.hypergrad_fd(lambda x: F_of_r(bl, "a", x["r"]), {"r": r.detach()}, {"r": u})
         assert (dF_dr * u).sum().item() == pytest.approx(fd, rel=1e-6)
 
 def test_eq7_eq8_outer_gradient_matches_finite_differences(bl):
@@ -368,7 +364,7 @@ def test_eq7_eq8_outer_gradient_matches_finite_differences(bl):
     grad, Fv = outer(bl)
     assert Fv == pytest.approx(F_ref(bl, bl["phi"]), rel=1e-10)
     for u in (randn_like(bl["phi"], 3), grad):
-        assert dot(grad, u) == pytest.approx(directional_fd(lambda p: F_ref(bl, p), bl["phi"], u), rel=1e-5)
+        assert dot(grad, u) == pytest.approx(bilevel.hypergrad_fd(lambda p: F_ref(bl, p), bl["phi"], u), rel=1e-5)
 
 def test_eq7_lam_term_is_lam_grad_bt(bl):
     """(7): the lam term adds lam L_BT to F and lam grad L_BT (central differences of the written-out L_BT) to grad F."""
@@ -376,7 +372,7 @@ def test_eq7_lam_term_is_lam_grad_bt(bl):
     bt = lambda p: F_ref(bl, p, lam=1.0, domains="")
     assert F1 - F0 == pytest.approx(lam * bt(bl["phi"]), rel=1e-10)
     for u in (randn_like(bl["phi"], 4), randn_like(bl["phi"], 5)):
-        assert dot({n: g1[n] - g0[n] for n in g0}, u) == pytest.approx(lam * directional_fd(bt, bl["phi"], u), rel=1e-6)
+        assert dot({n: g1[n] - g0[n] for n in g0}, u) == pytest.approx(lam * bilevel.hypergrad_fd(bt, bl["phi"], u), rel=1e-6)
 
 def test_eq7_domain_subsets_rescaled_by_N_over_n(bl):
     """(7)(8): the mean of outer_gradient(n_domains = 3) over the C(3, 2) domain pairs = over all 3 domains (lam = 0), 1e-10."""
@@ -476,7 +472,7 @@ def test_eq10_eq11_second_minus_first_order_is_eta_hessian_term(meta):
     assert (H_J @ g_prime).norm() > 1e-3 * g_prime.norm()                    # the Hessian term matters
     torch.testing.assert_close(second - first, eta * H_J @ g_prime, rtol=1e-8, atol=1e-13)
     u = torch.randn(x.shape, generator=G(2), dtype=f64)
-    fd = directional_fd(lambda y: BTx(y["x"] + eta * torch.func.grad(Jx)(y["x"])).item(), {"x": x}, {"x": u}, 1e-6)
+    fd = bilevel.hypergrad_fd(lambda y: BTx(y["x"] + eta * torch.func.grad(Jx)(y["x"])).item(), {"x": x}, {"x": u}, 1e-6)
     assert (second @ u).item() == pytest.approx(fd, rel=1e-6)
     for so in (True, False):
         torch.testing.assert_close(grad(0.0, so), torch.func.grad(BTx)(x), rtol=1e-12, atol=1e-14)
@@ -766,7 +762,8 @@ def test_jvp_of_logprob_and_sft(world, tiny_gpt):
     """jvp of log pi_theta over every parameter = a central difference; 60 SFT steps halve held-out perplexity."""
     b, theta = texts(world, tiny_gpt), {n: p.detach() for n, p in policy.adapted_params(tiny_gpt, "all").items()}
     v, fn = randn_like(theta, 1), lambda th: policy.logprob(tiny_gpt, th, b)
-    torch.testing.assert_close(torch.func.jvp(fn, (theta,), (v,))[1], directional_fd(fn, theta, v, 1e-6), rtol=1e-6, atol=1e-8)
+    fd = (fn(bilevel.add(theta, v, 1e-6)) - fn(bilevel.add(theta, v, -1e-6))) / 2e-6      # per row: not a scalar F
+    torch.testing.assert_close(torch.func.jvp(fn, (theta,), (v,))[1], fd, rtol=1e-6, atol=1e-8)
     torch.manual_seed(0)
     model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab), n_layer=1, n_head=2, n_embd=32))
     before = policy.perplexity(model, world.sft[:100])

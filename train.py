@@ -94,8 +94,7 @@ def run(cfg: Config, tmp: Path) -> dict:
     with clock(timings, "sft"):
         torch.manual_seed(0)
         model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab))).to(device)
-        sft_losses = policy.sft(model, world.sft[1000:], cfg.sft_steps, 64, 1.5e-3,
-                                torch.Generator(device).manual_seed(0), device)
+        sft_losses = policy.sft(model, world.sft[1000:], cfg.sft_steps, torch.Generator(device).manual_seed(0), device)
         model.requires_grad_(False)
         ppl = policy.perplexity(model, world.sft[:1000], device)
     print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
@@ -274,7 +273,7 @@ def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
             metrics[m][d]["rm_accuracy"] = evaluation.rm_accuracy(s, {**rms, **metarm_rms}, m, d) if m in RM_METHODS else None
         if d in premises:
             premises[d] = {k: mean([p[k] for p in premises[d]]) for k in premises[d][0]}
-            premises[d]["acc_behaviour_pairs"] = evaluation.rm_accuracy(s, rms, "vanilla_rm", d)
+            premises[d]["acc_behaviour_pairs"] = metrics["vanilla_rm"][d]["rm_accuracy"]   # its held-out pairs' accuracy
     return metrics, premises, samples
 
 
