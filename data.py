@@ -1,4 +1,4 @@
-"""The toy world v2: review domains, a word vocabulary, gold rewards and preference data (METHOD.md §4).
+"""The toy world v3: review domains, a word vocabulary, gold rewards and preference data (METHOD.md §4).
 
 A text is a short review in (simple) English. A prompt x is a domain tag and the start of a review,
 always 6 tokens, e.g. ``<bos> <hotel> honestly the room was``; a response y is its continuation,
@@ -7,8 +7,9 @@ imitates) always write two clauses of two adjectives, so pi_ref's responses have
 policy can only gain reward by choosing better words, not by writing more or less.
 
 Every domain belongs to one of five latent *categories* (food, tech, travel, wellness, entertainment),
-two training domains each. Gold reward r*_d(x, y) of domain d (the hidden "human" preference) sums
-word polarities over the *distinct* words of y (a reader does not reward repetition):
+two training domains each, and every dev and held-out domain shares its category with two training
+domains. Gold reward r*_d(x, y) of domain d (the hidden "human" preference) sums word polarities
+over the *distinct* words of y (a reader does not reward repetition):
   * shared sentiment words, same sign everywhere:    great +1, nice +0.5, bad -0.5, awful -1, ...
   * context-flip words (weight 1.5) whose sign is fixed by the domain's *category*: cold is -1.5 in
     food (cold soup) but +1.5 in tech (a laptop that runs cold); long is +1.5 in wellness (a long
@@ -20,7 +21,7 @@ Worked example, d = bakery (food), y = "flaky and cold , but the baker was great
 flaky +1, cold -1.5 (a cold pastry), great +1, all else 0  =>  r*_bakery(x, y) = +0.5.
 
 Why out-of-distribution preference learning is a real problem here, and what makes it learnable
-(world v2, "reachable headroom"): preference pairs are training data only for the ten training
+(worlds v2 and v3, "reachable headroom"): preference pairs are training data only for the ten training
 domains; a dev or held-out domain's aspect words never occur in those pairs nor in any training
 domain's text, and it departs from the training majority's sign on 2-4 of the 8 flip words. What its
 reward depends on beyond the shared words is nevertheless *observable* in unlabelled text: (1) its
@@ -40,6 +41,9 @@ sees them: they train only the in-domain RM ceiling, and their evaluation pairs 
 
 The world is frozen: every parameter is in WorldConfig (versioned) and the word tables below, chosen
 with baseline diagnostics on the dev domains only (the ceilings and premises of the README's results).
+v3 is v2 with two more dev domains (tablet, yoga; four, like the held-out set): with two, the dev
+headroom's interval was too wide to decide the headroom rule (README). Every word weight and writer is
+v2's, but the corpus and pairs are drawn again (the generator meets more domains), so pi_ref differs.
 """
 import json
 import math
@@ -47,7 +51,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-WORLD_VERSION = "2.0"
+WORLD_VERSION = "3.0"
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 PROMPT_LEN = 6                                                # <bos> <d> opener the NOUN was
@@ -60,6 +64,7 @@ SHARED = {"great": 1.0, "excellent": 1.0, "lovely": 1.0, "wonderful": 1.0, "good
 FLIP = ["cold", "hot", "long", "quiet", "loud", "soft", "sweet", "busy"]
 OFF_TOPIC, UNFINISHED = -0.5, -1.0
 FLIP_WEIGHT = 1.5                                             # |r*| of a flip word
+ASPECT_WEIGHT = 1.0                                           # |r*| of a domain's own aspect word
 
 # category: (its two nouns, shared by all its domains; flip-word signs in FLIP order)
 CATEGORIES = {
@@ -91,9 +96,13 @@ DOMAINS = {
                 "painful careless unhygienic"),
     "concert": ("entertainment", "band singer venue setlist encore", "electric tight unforgettable",
                 "muddy tuneless underwhelming"),
+    # added in v3 (two more dev domains, so that the dev headroom is measured on four domains, as on held-out)
+    "tablet": ("tech", "stylus app touchscreen port cover", "fluid vivid durable", "unresponsive buggy brittle"),
+    "yoga": ("wellness", "mat instructor studio pose breathing", "calming peaceful balanced",
+             "strained overheated chaotic"),
 }
 TRAIN_DOMAINS = ["restaurant", "bar", "phone", "laptop", "hotel", "airline", "gym", "spa", "cinema", "bookstore"]
-DEV_DOMAINS = ["taxi", "pizzeria"]            # kept aside to choose hyperparameters (their pairs: tuning only)
+DEV_DOMAINS = ["taxi", "pizzeria", "tablet", "yoga"]   # kept aside to choose hyperparameters (their pairs: tuning only)
 TEST_DOMAINS = ["bakery", "camera", "dentist", "concert"]   # held out: no training pairs, unseen aspect words
 
 
@@ -162,8 +171,8 @@ class World:
             self.category[d] = cat
             pol = dict(SHARED)
             pol.update({w: FLIP_WEIGHT if s == "+" else -FLIP_WEIGHT for w, s in zip(FLIP, CATEGORIES[cat][1])})
-            pol.update({w: 1.0 for w in pos.split()})
-            pol.update({w: -1.0 for w in neg.split()})
+            pol.update({w: ASPECT_WEIGHT for w in pos.split()})
+            pol.update({w: -ASPECT_WEIGHT for w in neg.split()})
             self.polarity[d] = pol
         assert len(set(words)) == len(words), "vocabulary words must be distinct"
         self.vocab = words

@@ -41,6 +41,11 @@ def results_markdown(results: dict) -> str:
     for name, p in results["paired"].items():
         ci = "n/a" if p["ci95"] is None else f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
         lines.append(f"| {name} | {p['mean']:+.3f} | {ci} | {p['wins']}/{p['n_seeds']} | {p['verdict']} |")
+    rule = results.get("headroom_rule")
+    if rule:
+        lines += ["", f"Headroom rule: in_domain_rm - vanilla_rm = {rule['headroom']:+.3f} is {rule['ratio']:.1f} x the widest "
+                      f"half-width of the comparisons ({rule['widest_half_width']:.3f}); 3 x is required: "
+                      f"{'met' if rule['met'] else 'NOT met'}."]
     if results.get("premises"):
         lines += ["", "Premises, measured with the vanilla RM:", "", "| measurement | value |", "|---|---|"]
         lines += [f"| {k} | {fmt(v)} |" for k, v in results["premises"].items()]

@@ -6,7 +6,7 @@ so that double backward and forward-mode AD (torch.func.jvp) work through it on 
 After SFT, pi_ref is frozen and shared: every adapted policy and every reward model starts from
 features it computes once per sequence.
     pi_theta   pi_ref's trunk + an output head to |V| logits on its final features h; theta = the head
-               (23 k parameters, the default adapter of §2.4) or every parameter ("all").
+               (26 k parameters, the default adapter of §2.4) or every parameter ("all").
     r_phi      a reward model: its own copy of pi_ref's last block and final LayerNorm, and a scalar
                head, on pi_ref's features *before* that block (h_mid); r_phi(x, y) is the head's value
                summed over the response tokens. phi = the copy and the head (the same set for every

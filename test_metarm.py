@@ -19,7 +19,7 @@ Index, equation -> tests:
   (9)-(11) MetaRM       test_eq9_difference_loss_by_hand, test_eq10_eq11_second_minus_first_order_is_eta_hessian_term,
                         test_eq11_eta0_metarm_is_plain_bradley_terry
   §3 spread             test_s3_reward_spread_by_hand, test_s3_rm_accuracy_evaluate_and_premises_by_hand
-  bilevel.py, data.py (world v2), policy.py, train.py (statistics, pipeline, bad input): the sections below.
+  bilevel.py, data.py (world v3), policy.py, train.py (statistics, pipeline, bad input): the sections below.
 """
 import copy
 import json
@@ -629,7 +629,7 @@ def test_implicit_ridge_analytic_and_logistic_finite_differences():
     assert bilevel.hypergrad_fd(lambda ph: torch.sin(ph["p"]).sum(), p, d) == pytest.approx(dot({"p": torch.cos(p["p"])}, d), abs=1e-9)
 
 
-# ==== data.py: the world (v2) ========================================================================================
+# ==== data.py: the world (v3) ========================================================================================
 def test_world_is_deterministic_and_round_trips(world, tmp_path):
     """Same seed, same world; decode(encode) round trip, unknown words refused; JSONL round trip, a bad line named file:line."""
     again, other = data.World(TINY_WORLD), data.World(data.WorldConfig(**{**TINY_WORLD.__dict__, "seed": 1}))
@@ -655,7 +655,7 @@ def test_gold_reward_worked_example_and_agnostic_reward(world):
     assert world.agnostic_reward(y) == 1.0 and world.agnostic_reward(world.encode("cold and bad")) == -1.5
     assert world.gold_rewards([world.encode("<bos> <laptop> honestly the fan was cold . <eos>")]) == [1.5]
 
-def test_world_v2_categories_fix_the_flip_signs(world):
+def test_world_categories_fix_the_flip_signs(world):
     """Flip-word polarity = +-FLIP_WEIGHT by the category's signs (cold: food -, tech +); each new domain's category has
     exactly two training domains and departs from their majority on 2-4 flip words; prompts use the category's nouns."""
     assert set(world.category) == set(data.DOMAINS) and set(world.category.values()) == set(data.CATEGORIES)
@@ -783,8 +783,10 @@ def test_t_quantile_interval_and_verdict():
     assert [evaluation.verdict(ci, d) for ci, d, _ in cases] == [v for _, _, v in cases]
 
 def test_summarise_pairs_methods_by_seed_and_crn_seeds():
-    """summarise: seeds' means over domains, paired difference with wins and interval by hand, ceilings; crn_seed distinct."""
-    doms, methods = ("taxi", "pizzeria"), lambda v, o: (("vanilla_rm", v), ("bilevel", v + o), ("oracle", 3.0))
+    """summarise: seeds' means over domains, paired difference with wins and interval by hand, ceilings, the headroom
+    rule; crn_seed distinct."""
+    doms = ("taxi", "pizzeria")
+    methods = lambda v, o: (("vanilla_rm", v), ("bilevel", v + o), ("oracle", 3.0), ("in_domain_rm", v + 20 + o))
     metrics = lambda v, o: {m: {d: {"gold_reward": x + i, "win_rate": 0.5, "kl": 1.0, "rm_accuracy": 0.7 if m == "vanilla_rm" else None}
                                 for i, d in enumerate(doms)} for m, x in methods(v, o)}
     prem = {d: {"acc_pi_ref_samples": 0.6} for d in doms}
@@ -794,6 +796,9 @@ def test_summarise_pairs_methods_by_seed_and_crn_seeds():
     assert pd["per_seed"] == [1.0, 3.0] and pd["wins"] == 2 and pd["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-4)
     assert pd["verdict"] == "undetermined" and out["ceilings"]["oracle"]["mean"] == pytest.approx(3.5)
     assert out["methods"]["bilevel"]["rm_accuracy"] is None and out["premises"]["acc_pi_ref_samples"]["mean"] == pytest.approx(0.6)
+    rule = out["headroom_rule"]                                                           # headroom 21, 23: mean 22
+    assert rule["widest_half_width"] == pytest.approx(half, abs=1e-5) and rule["ratio"] == pytest.approx(22 / half, abs=1e-5)
+    assert rule["met"] is False
     assert len({evaluation.crn_seed(s, d, j) for s in range(12) for d in range(6) for j in range(3)}) == 12 * 6 * 3
 
 SMALL_WORLD = data.WorldConfig(n_sft_per_domain=150, n_sft_per_new_domain=40, n_pairs_per_domain=100, n_eval_pairs_per_domain=40)
