@@ -36,7 +36,7 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 240
+    vocab_size: int = 264      # world v3; train.py passes len(world.vocab)
     block_size: int = 24       # prompts have 6 tokens, responses at most 16
     n_layer: int = 1
     n_head: int = 4

@@ -36,6 +36,7 @@ import bilevel
 import data
 import evaluation
 import metarm
+import plots
 import policy
 import train
 
@@ -783,10 +784,8 @@ def test_t_quantile_interval_and_verdict():
     assert [evaluation.verdict(ci, d) for ci, d, _ in cases] == [v for _, _, v in cases]
 
 def test_summarise_pairs_methods_by_seed_and_crn_seeds():
-    """summarise: seeds' means over domains, paired difference with wins and interval by hand, ceilings, the headroom
-    rule; crn_seed distinct."""
-    doms = ("taxi", "pizzeria")
-    methods = lambda v, o: (("vanilla_rm", v), ("bilevel", v + o), ("oracle", 3.0), ("in_domain_rm", v + 20 + o))
+    """summarise: seeds' means over domains, paired difference with wins and interval by hand, ceilings; crn_seed distinct."""
+    doms, methods = ("taxi", "pizzeria"), lambda v, o: (("vanilla_rm", v), ("bilevel", v + o), ("oracle", 3.0))
     metrics = lambda v, o: {m: {d: {"gold_reward": x + i, "win_rate": 0.5, "kl": 1.0, "rm_accuracy": 0.7 if m == "vanilla_rm" else None}
                                 for i, d in enumerate(doms)} for m, x in methods(v, o)}
     prem = {d: {"acc_pi_ref_samples": 0.6} for d in doms}
@@ -796,10 +795,23 @@ def test_summarise_pairs_methods_by_seed_and_crn_seeds():
     assert pd["per_seed"] == [1.0, 3.0] and pd["wins"] == 2 and pd["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-4)
     assert pd["verdict"] == "undetermined" and out["ceilings"]["oracle"]["mean"] == pytest.approx(3.5)
     assert out["methods"]["bilevel"]["rm_accuracy"] is None and out["premises"]["acc_pi_ref_samples"]["mean"] == pytest.approx(0.6)
-    rule = out["headroom_rule"]                                                           # headroom 21, 23: mean 22
-    assert rule["widest_half_width"] == pytest.approx(half, abs=1e-5) and rule["ratio"] == pytest.approx(22 / half, abs=1e-5)
-    assert rule["met"] is False
     assert len({evaluation.crn_seed(s, d, j) for s in range(12) for d in range(6) for j in range(3)}) == 12 * 6 * 3
+
+def test_headroom_rule_by_hand():
+    """The headroom rule: in_domain_rm - vanilla_rm against 3 x the widest half-width of the compared methods only (the
+    ceilings' wider intervals do not count); met just above 3 x, not met just below; the line in results.md."""
+    doms, t = ("taxi", "pizzeria"), 12.706205                        # 2 seeds: half-width = t * |d1 - d2| / 2
+    seed = lambda v, o, h: {m: {d: {"gold_reward": x, "win_rate": 0.5, "kl": 1.0, "rm_accuracy": None} for d in doms}
+                            for m, x in (("vanilla_rm", v), ("bilevel", v + o), ("metarm", v + 2 * o - 1),
+                                         ("in_domain_rm", v + h), ("oracle", v + 4 * o))}
+    for headroom, met in ((3.02 * 2 * t, True), (2.98 * 2 * t, False)):  # bilevel: diffs 1, 3; metarm: 1, 5 (the widest)
+        per_seed = [{"metrics": seed(v, o, headroom + 3 * (o - 2)), "premises": {d: {"acc": 0.5} for d in doms}} for v, o in ((0.0, 1.0), (5.0, 3.0))]
+        rule = train.summarise(train.Config(), per_seed)["headroom_rule"]  # in_domain: headroom -+ 3 (half-width 3 t)
+        assert rule["compared"] == ["bilevel - vanilla_rm", "metarm - vanilla_rm"] and rule["met"] is met
+        assert rule["widest_half_width"] == pytest.approx(2 * t, rel=1e-6) and rule["ratio"] == pytest.approx(headroom / (2 * t), rel=1e-6)
+        line = [x for x in plots.results_markdown(train.summarise(train.Config(), per_seed)).splitlines() if x.startswith("Headroom")]
+        assert line == [f"Headroom rule: in_domain_rm - vanilla_rm = {headroom:+.3f} is {headroom / (2 * t):.2f} x the widest half-width "
+                        f"of the 2 comparisons ({2 * t:.3f}); 3 x is required: {'met' if met else 'NOT met'}."]
 
 SMALL_WORLD = data.WorldConfig(n_sft_per_domain=150, n_sft_per_new_domain=40, n_pairs_per_domain=100, n_eval_pairs_per_domain=40)
 TINY_RUN = ["--quick", "--domains", "dev", "--sft-steps", "100", "--rm-steps", "20", "--adapt-steps", "5", "--eval-samples", "2",

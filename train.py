@@ -298,12 +298,12 @@ def summarise(cfg: Config, per_seed: list) -> dict:
             trend = evaluation.verdict(iv["ci95"]) if (a, b) in COMPARISONS else "n/a (a ceiling)"
             out["paired"][f"{a} - {b}"] = {**iv, "wins": sum(x > 0 for x in diffs), "per_seed": diffs,
                                            "per_domain": per_domain, "verdict": trend}
-    compared = [out["paired"][f"{a} - {b}"] for a, b in COMPARISONS if f"{a} - {b}" in out["paired"]]
+    compared = [f"{a} - {b}" for a, b in COMPARISONS if f"{a} - {b}" in out["paired"]]
     head = out["paired"].get("in_domain_rm - vanilla_rm")
     if head and head["ci95"] and compared:          # the headroom rule (README): headroom >= 3 x the widest half-width
-        widest = max((p["ci95"][1] - p["ci95"][0]) / 2 for p in compared)
-        out["headroom_rule"] = {"headroom": head["mean"], "widest_half_width": widest,
-                                "ratio": head["mean"] / widest, "met": head["mean"] >= 3 * widest}
+        widest = max((out["paired"][c]["ci95"][1] - out["paired"][c]["ci95"][0]) / 2 for c in compared)
+        out["headroom_rule"] = {"headroom": head["mean"], "widest_half_width": widest, "compared": compared,
+                                "ratio": head["mean"] / widest if widest > 0 else None, "met": head["mean"] >= 3 * widest}
     out["ceilings"] = {m: evaluation.interval([seed_value(s, m, "gold_reward") for s in per_seed]) for m in CEILINGS if m in methods}
     if "vanilla_rm" in methods:
         keys = list(per_seed[0]["premises"][domains[0]])
