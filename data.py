@@ -43,7 +43,8 @@ The world is frozen: every parameter is in WorldConfig (versioned) and the word 
 with baseline diagnostics on the dev domains only (the ceilings and premises of the README's results).
 v3 is v2 with two more dev domains (tablet, yoga; four, like the held-out set): with two, the dev
 headroom's interval was too wide to decide the headroom rule (README). Every word weight and writer is
-v2's, but the corpus and pairs are drawn again (the generator meets more domains), so pi_ref differs.
+v2's and so are the old domains' reviews, but the corpus gains 160 reviews and is shuffled anew, and
+every set of pairs (training pairs too) is drawn again, so pi_ref and the vanilla RM differ.
 """
 import json
 import math
