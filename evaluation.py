@@ -217,7 +217,8 @@ def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: di
     CG and Neumann solve at theta* (Newton, |grad g| <= 1e-9); unrolled runs its own inner steps from
     theta_ref. Reference: CG at theta* to a relative residual of 1e-12, itself checked against a central
     finite difference of F. training_setting: the hypergradient as one outer step would compute it from a
-    cold start (T inner steps from theta_ref, then CG with cg_iters / cg_tol; training warm-starts). timed: add each row's seconds (bench.py only)."""
+    cold start (T inner steps from theta_ref, then CG with cg_iters / cg_tol; training warm-starts).
+    timed: add each row's seconds (bench.py only)."""
     model = copy.deepcopy(s["model"]).double().cpu()
     rm = copy.deepcopy(s["rm"]).double().cpu()
     phi = {n: p.detach().double().cpu() for n, p in phi.items()}
