@@ -806,10 +806,11 @@ def test_headroom_rule_by_hand():
                                          ("in_domain_rm", v + h), ("oracle", v + 4 * o))}
     for headroom, met in ((3.02 * 2 * t, True), (2.98 * 2 * t, False)):  # bilevel: diffs 1, 3; metarm: 1, 5 (the widest)
         per_seed = [{"metrics": seed(v, o, headroom + 3 * (o - 2)), "premises": {d: {"acc": 0.5} for d in doms}} for v, o in ((0.0, 1.0), (5.0, 3.0))]
-        rule = train.summarise(train.Config(), per_seed)["headroom_rule"]  # in_domain: headroom -+ 3 (half-width 3 t)
+        out = train.summarise(train.Config(), per_seed)                # in_domain: headroom -+ 3 (half-width 3 t)
+        rule = out["headroom_rule"]
         assert rule["compared"] == ["bilevel - vanilla_rm", "metarm - vanilla_rm"] and rule["met"] is met
         assert rule["widest_half_width"] == pytest.approx(2 * t, rel=1e-6) and rule["ratio"] == pytest.approx(headroom / (2 * t), rel=1e-6)
-        line = [x for x in plots.results_markdown(train.summarise(train.Config(), per_seed)).splitlines() if x.startswith("Headroom")]
+        line = [x for x in plots.results_markdown(out).splitlines() if x.startswith("Headroom")]
         assert line == [f"Headroom rule: in_domain_rm - vanilla_rm = {headroom:+.3f} is {headroom / (2 * t):.2f} x the widest half-width "
                         f"of the 2 comparisons ({2 * t:.3f}); 3 x is required: {'met' if met else 'NOT met'}."]
 
