@@ -67,7 +67,7 @@ def standardised(reward_fn, ref_batch: dict):
 @dataclass
 class AdaptConfig:
     beta: float = 0.5          # KL coefficient beta of Eq. (3)
-    steps: int = 40            # policy-gradient steps
+    steps: int = 25            # policy-gradient steps
     prompts_per_step: int = 16
     samples: int = 4           # responses per prompt (RLOO needs >= 2)
     lr: float = 1e-2           # Adam on theta

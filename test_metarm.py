@@ -478,9 +478,17 @@ def test_eq10_eq11_second_minus_first_order_is_eta_hessian_term(meta):
     for so in (True, False):
         torch.testing.assert_close(grad(0.0, so), torch.func.grad(BTx)(x), rtol=1e-12, atol=1e-14)
 
-def test_eq11_eta0_metarm_is_plain_bradley_terry(meta):
-    """(11), eta = 0: train_metarm's Adam steps = train_reward_model's on the same draws; continue_from leaves phi, opt be."""
+def test_eq11_eta0_metarm_is_plain_bradley_terry(meta, micro, monkeypatch):
+    """(11), eta = 0: train_metarm's Adam steps = train_reward_model's on the same draws, and metarm_rounds' over R - 1
+    rounds too (train.py's metarm_eta0 is vanilla_rm_long); continue_from leaves phi, opt be."""
     rm, phi, c, r, batch, _ = meta
+    monkeypatch.setattr(metarm, "adapt", lambda model, *args, **kw: (policy.adapted_params(model), []))
+    a, b, rm_cfg = policy.copy_params(phi), policy.copy_params(phi), train.RMConfig(steps=6, batch_size=4, lr=0.05)
+    metarm.metarm_rounds(micro, batch["idx"][::3, :3], batch, rm, a, torch.optim.Adam(a.values(), lr=0.05), (c, r),
+                         metarm.MetaRMConfig(eta=0.0, k=3, meta_prompts=2, steps=2, rounds=4, batch_size=4),
+                         metarm.AdaptConfig(max_new_tokens=2), (1, 2, 9, 4))
+    train.train_reward_model(rm, b, (c, r), rm_cfg, G(9))
+    assert all(torch.equal(a[n], b[n]) for n in phi)
     rm_cfg, a, b = train.RMConfig(steps=3, batch_size=4, lr=0.05), policy.copy_params(phi), policy.copy_params(phi)
     metarm.train_metarm(rm, a, torch.optim.Adam(a.values(), lr=0.05), (c, r), batch,
                         metarm.MetaRMConfig(eta=0.0, k=3, meta_prompts=2, steps=3, batch_size=4), G(9), G(10))
@@ -868,7 +876,8 @@ def one_line_error(capsys) -> str:  # the stderr of a refused command: one line,
 @pytest.mark.parametrize("args", [["--seeds", "99999999999999999999"], ["--adapt-steps", "10000000000"], ["--repeats", "-1"],
                                   ["--threads", "-2"], ["--seeds", "0"], ["--seeds", "1.5"], ["--beta", "-1"], ["--beta", "nan"],
                                   ["--eta", "inf"], ["--device", "tpu"], ["--methods", "sft,ppo"], ["--figures", "maybe"],
-                                  ["--eval-samples", "3"], ["--K", "1"], ["--rounds", "1"], ["--no-such-flag"],
+                                  ["--eval-samples", "3"], ["--K", "1"], ["--rounds", "1"], ["--rounds", "4"], ["--no-such-flag"],
+                                  ["--methods", "vanilla_rm,metarm_eta0"],
                                   ["bench", "--device", "tpu"], ["bench", "--repeats", "-1"], ["bench", "--quick", "sometimes"]])
 def test_bad_input_exits_2_with_one_line_naming_the_flag_and_keeps_earlier_results(tmp_path, capsys, args):
     out, (main, args) = earlier_run(tmp_path), (bench.main, args[1:]) if args[0] == "bench" else (train.main, args)

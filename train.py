@@ -248,15 +248,16 @@ def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
                         with stage(m, seed):
                             thetas[m] = metarm.adapt(model, prompts, rewards[m], s["adapt_cfg"], gen(key))[0]
             with clock(timings, "metarm"):
-                for m, eta in (("metarm", cfg.eta), ("metarm_eta0", 0.0)):
-                    if m in methods:
-                        with stage(m, seed):
-                            phi, opt = policy.continue_from(rms["vanilla_rm"], rms["vanilla_opt"], cfg.rm_lr)
-                            mcfg = metarm.MetaRMConfig(**{**asdict(s["metarm_cfg"]), "eta": eta})
-                            thetas[m], _ = metarm.metarm_rounds(model, prompts, ref, s["rm"], phi, opt, s["train_pairs"],
-                                                                mcfg, s["adapt_cfg"], (key, key + 1, key + 2, key + 3),
-                                                                theta_first=thetas.get("vanilla_rm"))
-                            metarm_rms.setdefault(m, {})[(d, j)] = phi
+                if "metarm" in methods:
+                    with stage("metarm", seed):
+                        phi, opt = policy.continue_from(rms["vanilla_rm"], rms["vanilla_opt"], cfg.rm_lr)
+                        thetas["metarm"], _ = metarm.metarm_rounds(model, prompts, ref, s["rm"], phi, opt, s["train_pairs"],
+                                                                   s["metarm_cfg"], s["adapt_cfg"], (key, key + 1, seed + 1, key + 3),
+                                                                   theta_first=thetas.get("vanilla_rm"))
+                        metarm_rms.setdefault("metarm", {})[(d, j)] = phi
+                if "metarm_eta0" in methods:   # (10) at eta = 0: phi' = phi, so its rounds are vanilla_rm_long's extra
+                    thetas["metarm_eta0"] = thetas["vanilla_rm_long"]   # BT steps on the same X_t draws (seed + 1)
+                    metarm_rms.setdefault("metarm_eta0", {})[(d, j)] = rms["vanilla_rm_long"]
             with clock(timings, "evaluation"):
                 for m in methods:
                     res, batch, g = evaluation.evaluate(model, thetas[m], prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)
@@ -332,7 +333,10 @@ def parse_config(argv) -> Config:
                    cfg.T) >= 1, "step counts, --repeats, --eval-samples and --T must be integers >= 1"),
               (cfg.K >= 2 and cfg.metarm_k >= 2 and cfg.eval_samples % 2 == 0,
                "--K and --metarm-k must be >= 2 and --eval-samples even"),
-              (cfg.rounds >= 2, "--rounds must be >= 2 (round 1 is the vanilla RM's)"),
+              (cfg.rounds >= 2 and cfg.extra_steps % (cfg.rounds - 1) == 0,
+               "--rounds must be >= 2 (round 1 is the vanilla RM's) and --rounds - 1 must divide --extra-steps"),
+              ("metarm_eta0" not in cfg.methods.split(",") or "vanilla_rm_long" in cfg.methods.split(","),
+               "--methods: metarm_eta0 needs vanilla_rm_long (at eta = 0 MetaRM's rounds are its Bradley-Terry steps)"),
               (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but no GPU is visible")]
     for ok, message in checks:
         if not ok:
