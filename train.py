@@ -36,6 +36,7 @@ CEILINGS = ("oracle", "in_domain_rm", "agnostic_oracle")
 COMPARISONS = (("bilevel", "vanilla_rm"), ("bilevel", "bilevel_bt_only"), ("metarm", "vanilla_rm"),
                ("metarm", "metarm_eta0"), ("vanilla_rm_long", "vanilla_rm"))
 METRICS = ("gold_reward", "win_rate", "rm_accuracy", "kl")
+X_T = 1   # seed + X_T draws X_t for vanilla_rm_long's extra steps and MetaRM's updates: at eta = 0 MetaRM is vanilla_rm_long
 
 
 @dataclass
@@ -195,7 +196,7 @@ def train_reward_models(seed: int, cfg: Config, s: dict, timings: dict):
     if "vanilla_rm_long" in methods:
         with clock(timings, "vanilla_rm_long"), stage("vanilla_rm_long", seed):
             out["vanilla_rm_long"], opt_long = policy.continue_from(phi, opt, cfg.rm_lr)
-            train_reward_model(rm, out["vanilla_rm_long"], s["train_pairs"], s["rm_cfg"], gen(seed + 1),
+            train_reward_model(rm, out["vanilla_rm_long"], s["train_pairs"], s["rm_cfg"], gen(seed + X_T),
                                       opt_long, steps=cfg.extra_steps)
     if "in_domain_rm" in methods:
         with clock(timings, "in_domain_rm"), stage("in_domain_rm", seed):
@@ -252,11 +253,11 @@ def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
                     with stage("metarm", seed):
                         phi, opt = policy.continue_from(rms["vanilla_rm"], rms["vanilla_opt"], cfg.rm_lr)
                         thetas["metarm"], _ = metarm.metarm_rounds(model, prompts, ref, s["rm"], phi, opt, s["train_pairs"],
-                                                                   s["metarm_cfg"], s["adapt_cfg"], (key, key + 1, seed + 1, key + 3),
+                                                                   s["metarm_cfg"], s["adapt_cfg"], (key, key + 1, seed + X_T, key + 3),
                                                                    theta_first=thetas.get("vanilla_rm"))
                         metarm_rms.setdefault("metarm", {})[(d, j)] = phi
                 if "metarm_eta0" in methods:   # (10) at eta = 0: phi' = phi, so its rounds are vanilla_rm_long's extra
-                    thetas["metarm_eta0"] = thetas["vanilla_rm_long"]   # BT steps on the same X_t draws (seed + 1)
+                    thetas["metarm_eta0"] = thetas["vanilla_rm_long"]   # BT steps on the same X_t draws (seed + X_T)
                     metarm_rms.setdefault("metarm_eta0", {})[(d, j)] = rms["vanilla_rm_long"]
             with clock(timings, "evaluation"):
                 for m in methods:
