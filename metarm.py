@@ -376,8 +376,8 @@ def metarm_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMCon
     the current RM -> sample the policy at cfg.temperature, k per prompt -> MetaRM update on the training
     pairs with those samples as X_s]; the last round stops after its adaptation, whose policy counts.
     ref_batch: pi_ref's samples (§1). phi, opt: the vanilla RM's copy and optimiser, updated in place.
-    seeds: of (adaptation -- shared with the other methods --, sampling, pairs, shifted prompts).
-    theta_first: round 1's policy if known. Returns (theta, per round: the RM's spread on X_s, J)."""
+    seeds: of (adaptation -- shared with the other methods --, sampling, pairs -- vanilla_rm_long's in train.py
+    --, shifted prompts). theta_first: round 1's policy if known. Returns (theta, per round: spread on X_s, J)."""
     gen = lambda s: torch.Generator(prompts.device).manual_seed(s)
     adapt_seed, sample_seed, pair_seed, meta_seed = seeds
     pair_gen, meta_gen, sample_gen = gen(pair_seed), gen(meta_seed), gen(sample_seed)

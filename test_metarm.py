@@ -479,14 +479,12 @@ def test_eq10_eq11_second_minus_first_order_is_eta_hessian_term(meta):
         torch.testing.assert_close(grad(0.0, so), torch.func.grad(BTx)(x), rtol=1e-12, atol=1e-14)
 
 def test_eq11_eta0_metarm_is_plain_bradley_terry(meta, micro, monkeypatch):
-    """(11), eta = 0: metarm_rounds' Adam steps over R - 1 rounds (train_metarm) = train_reward_model's on the same draws,
-    exactly (train.py's metarm_eta0 is vanilla_rm_long); continue_from leaves phi, opt be."""
+    """(11), eta = 0: metarm_rounds over R - 1 rounds = train_reward_model on the same draws, exactly; continue_from leaves phi, opt be."""
     rm, phi, c, r, batch, _ = meta
     monkeypatch.setattr(metarm, "adapt", lambda model, *args, **kw: (policy.adapted_params(model), []))
-    a, b, mcfg = policy.copy_params(phi), policy.copy_params(phi), metarm.MetaRMConfig(eta=0.0, k=3, meta_prompts=2, steps=2,
-                                                                                        rounds=4, batch_size=4)   # 3 x 2 updates
+    a, b, mcfg = policy.copy_params(phi), policy.copy_params(phi), metarm.MetaRMConfig(0.0, 3, 2, steps=2, rounds=4, batch_size=4)
     metarm.metarm_rounds(micro, batch["idx"][::3, :3], batch, rm, a, torch.optim.Adam(a.values(), lr=0.05), (c, r), mcfg,
-                         metarm.AdaptConfig(max_new_tokens=2), (1, 2, 9, 4))
+                         metarm.AdaptConfig(max_new_tokens=2), (1, 2, 9, 4))     # eta 0, k 3, 2 prompts: 3 rounds x 2 updates
     opt = train.train_reward_model(rm, b, (c, r), rm_cfg := train.RMConfig(steps=6, batch_size=4, lr=0.05), G(9))[1]
     assert all(torch.equal(a[n], b[n]) and not torch.equal(a[n], phi[n]) for n in phi)
     before, b_before = copy.deepcopy(opt.state_dict()), policy.copy_params(b)      # continue_from: a copy, its own optimiser state
@@ -826,18 +824,20 @@ def small_world(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Two tiny runs of the whole pipeline with the same seed, into two folders."""
-    outs = [tmp_path_factory.mktemp("run") / "out" for _ in range(2)]
+    """Two tiny runs of the whole pipeline with the same seed, into two folders; a third of metarm and its controls at eta = 0."""
+    outs = [tmp_path_factory.mktemp("run") / "out" for _ in range(3)]
+    eta0 = ["--eta", "0", "--methods", "vanilla_rm,vanilla_rm_long,metarm,metarm_eta0"]
     with pytest.MonkeyPatch.context() as mp:
         small_world(mp)
-        assert [train.main(TINY_RUN + ["--out", str(out)]) for out in outs] == [0, 0]
+        assert [train.main(TINY_RUN + x + ["--out", str(o)]) for o, x in zip(outs, ([], [], eta0))] == [0, 0, 0]
     return outs
 
 def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(tiny_run):
     """Byte-identical results.json; every output; results.json's schema (paired, ceilings, premises); samples' gold rewards
-    recomputed from their text; SFT has KL 0; the oracle beats SFT."""
+    recomputed from their text; SFT has KL 0; the oracle beats SFT; at eta = 0 metarm's own rounds give metarm_eta0's numbers."""
     out = tiny_run[0]
     assert (out / "results.json").read_bytes() == (tiny_run[1] / "results.json").read_bytes()
+    assert json.loads((tiny_run[2] / "results.json").read_text())["paired"]["metarm - metarm_eta0"]["per_seed"] == [0.0]
     names = ("results.json", "results.md", "samples.jsonl", "timings.json", "train_pairs.jsonl", "dev_pairs.jsonl", "eval_pairs.jsonl")
     assert all((out / n).is_file() for n in names) and not out.with_name("out.partial").exists() and not out.with_name("out.old").exists()
     res = json.loads((out / "results.json").read_text())
@@ -870,8 +870,8 @@ def one_line_error(capsys) -> str:  # the stderr of a refused command: one line,
                                   ["--threads", "-2"], ["--seeds", "0"], ["--seeds", "1.5"], ["--beta", "-1"], ["--beta", "nan"],
                                   ["--eta", "inf"], ["--device", "tpu"], ["--methods", "sft,ppo"], ["--figures", "maybe"],
                                   ["--eval-samples", "3"], ["--K", "1"], ["--rounds", "1"], ["--rounds", "4"], ["--no-such-flag"],
-                                  ["--methods", "vanilla_rm,metarm_eta0"],
-                                  ["bench", "--device", "tpu"], ["bench", "--repeats", "-1"], ["bench", "--quick", "sometimes"]])
+                                  ["--methods", "vanilla_rm,metarm_eta0"], ["bench", "--device", "tpu"], ["bench", "--repeats", "-1"],
+                                  ["bench", "--quick", "sometimes"]])
 def test_bad_input_exits_2_with_one_line_naming_the_flag_and_keeps_earlier_results(tmp_path, capsys, args):
     out, (main, args) = earlier_run(tmp_path), (bench.main, args[1:]) if args[0] == "bench" else (train.main, args)
     assert main(args + ["--out", str(out)]) == 2
