@@ -68,7 +68,7 @@ def rm_accuracy(s: dict, rms: dict, m: str, d: str) -> float:
     """The RM's accuracy on d's labelled evaluation pairs against the noise-free gold ordering (gold
     ties excluded, RM ties 1/2); MetaRM's RMs (one per repeat) are averaged."""
     phis = rms[m]
-    phis = [phis[d]] if m == "in_domain_rm" else [phis] if m not in ("metarm", "metarm_eta0") else \
+    phis = [phis[d]] if m == "in_domain_rm" else [phis] if m != "metarm" else \
         [p for (dd, _), p in phis.items() if dd == d]
     chosen, rejected = s["eval_pairs"][d]
     return mean([metarm.tie_accuracy(policy.reward(s["rm"], phi, chosen) - policy.reward(s["rm"], phi, rejected),

@@ -834,10 +834,10 @@ def tiny_run(tmp_path_factory):
 
 def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(tiny_run):
     """Byte-identical results.json; every output; results.json's schema (paired, ceilings, premises); samples' gold rewards
-    recomputed from their text; SFT has KL 0; the oracle beats SFT; at eta = 0 metarm's own rounds give metarm_eta0's numbers."""
+    recomputed from their text; SFT has KL 0; the oracle beats SFT; at eta = 0 metarm's own rounds give metarm_eta0's every metric."""
     out = tiny_run[0]
     assert (out / "results.json").read_bytes() == (tiny_run[1] / "results.json").read_bytes()
-    assert json.loads((tiny_run[2] / "results.json").read_text())["paired"]["metarm - metarm_eta0"]["per_seed"] == [0.0]
+    assert (eta0 := json.loads((tiny_run[2] / "results.json").read_text())["methods"])["metarm"] == eta0["metarm_eta0"]
     names = ("results.json", "results.md", "samples.jsonl", "timings.json", "train_pairs.jsonl", "dev_pairs.jsonl", "eval_pairs.jsonl")
     assert all((out / n).is_file() for n in names) and not out.with_name("out.partial").exists() and not out.with_name("out.old").exists()
     res = json.loads((out / "results.json").read_text())

@@ -142,7 +142,7 @@ def make_setup(cfg: Config, world, model, device) -> dict:
             "adapt_cfg": metarm.AdaptConfig(beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=MAX_NEW),
             "rm_cfg": RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr),
             "metarm_cfg": metarm.MetaRMConfig(eta=cfg.eta, k=cfg.metarm_k, temperature=cfg.temperature,
-                                              steps=cfg.extra_steps // max(1, cfg.rounds - 1), rounds=cfg.rounds,
+                                              steps=cfg.extra_steps // (cfg.rounds - 1), rounds=cfg.rounds,
                                               batch_size=RMConfig.batch_size,
                                               second_order=cfg.second_order)}
 
@@ -198,6 +198,8 @@ def train_reward_models(seed: int, cfg: Config, s: dict, timings: dict):
             out["vanilla_rm_long"], opt_long = policy.continue_from(phi, opt, cfg.rm_lr)
             train_reward_model(rm, out["vanilla_rm_long"], s["train_pairs"], s["rm_cfg"], gen(seed + X_T),
                                       opt_long, steps=cfg.extra_steps)
+    if "metarm_eta0" in methods:        # (10) at eta = 0: phi' = phi, so MetaRM's updates are the steps above (seed + X_T)
+        out["metarm_eta0"] = out["vanilla_rm_long"]
     if "in_domain_rm" in methods:
         with clock(timings, "in_domain_rm"), stage("in_domain_rm", seed):
             out["in_domain_rm"] = {}
@@ -232,7 +234,7 @@ def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
     Returns (metrics[method][domain] averaged over repeats, premises[domain], a few samples)."""
     world, model, methods, gold = s["world"], s["model"], s["methods"], evaluation.gold_fn(s["world"])
     gen = lambda k: torch.Generator(s["device"]).manual_seed(k)
-    metrics, metarm_rms = {m: {} for m in methods}, {}            # metarm_rms: (domain, repeat) -> phi
+    metrics, metarm_rms = {m: {} for m in methods}, {}            # metarm_rms: (domain, repeat) -> MetaRM's phi
     premises, samples = {}, []
     for i, d in enumerate(s["domains"]):
         prompts = s["prompts"][d]
@@ -255,10 +257,9 @@ def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
                         thetas["metarm"], _ = metarm.metarm_rounds(model, prompts, ref, s["rm"], phi, opt, s["train_pairs"],
                                                                    s["metarm_cfg"], s["adapt_cfg"], (key, key + 1, seed + X_T, key + 3),
                                                                    theta_first=thetas.get("vanilla_rm"))
-                        metarm_rms.setdefault("metarm", {})[(d, j)] = phi
-                if "metarm_eta0" in methods:   # (10) at eta = 0: phi' = phi, so its rounds are vanilla_rm_long's extra
-                    thetas["metarm_eta0"] = thetas["vanilla_rm_long"]   # BT steps on the same X_t draws (seed + X_T)
-                    metarm_rms.setdefault("metarm_eta0", {})[(d, j)] = rms["vanilla_rm_long"]
+                        metarm_rms[(d, j)] = phi
+                if "metarm_eta0" in methods:   # its RM is vanilla_rm_long's (train_reward_models), and so its policy
+                    thetas["metarm_eta0"] = thetas["vanilla_rm_long"]
             with clock(timings, "evaluation"):
                 for m in methods:
                     res, batch, g = evaluation.evaluate(model, thetas[m], prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)
@@ -272,7 +273,7 @@ def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
                                                                                       cfg.eval_samples))
         for m in methods:
             metrics[m][d] = {k: mean([r[k] for r in runs[m]]) for k in ("gold_reward", "win_rate", "kl")}
-            metrics[m][d]["rm_accuracy"] = evaluation.rm_accuracy(s, {**rms, **metarm_rms}, m, d) if m in RM_METHODS else None
+            metrics[m][d]["rm_accuracy"] = evaluation.rm_accuracy(s, {**rms, "metarm": metarm_rms}, m, d) if m in RM_METHODS else None
         if d in premises:
             premises[d] = {k: mean([p[k] for p in premises[d]]) for k in premises[d][0]}
             premises[d]["acc_behaviour_pairs"] = metrics["vanilla_rm"][d]["rm_accuracy"]   # its held-out pairs' accuracy
