@@ -12,6 +12,7 @@ Measures, in one run, on this machine:
   phases             seconds per phase of `python train.py --quick` (its timings.json);
 and the same HVP ratios on cuda when a GPU is visible. Prints a table, writes DIR/bench.json.
 """
+
 import json
 import shutil
 import statistics
@@ -19,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -30,14 +31,15 @@ import data
 import evaluation
 import metarm
 import policy
+from cli import option
 
 
 @dataclass
 class Config:
-    quick: bool = field(default=False, metadata={"help": "a shorter SFT and fewer rows (about a minute)"})
-    out: str = field(default="runs/bench", metadata={"help": "bench.json goes here"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda: HVP ratios also on cuda if visible"})
-    repeats: int = field(default=0, metadata={"help": "timing repeats (median); 0: 10 with --quick, 30 otherwise"})
+    quick: bool = option(False, "a shorter SFT and fewer rows (about a minute)")
+    out: str = option("runs/bench", "bench.json goes here")
+    device: str = option("auto", "auto | cpu | cuda: HVP ratios also on cuda if visible")
+    repeats: int = option(0, "timing repeats (median); 0: 10 with --quick, 30 otherwise")
 
 
 def median_seconds(fn, repeats: int, device: str) -> float:
@@ -64,15 +66,24 @@ def hvp_ratios(model, world, device: str, repeats: int) -> dict:
     out = {}
     for which in ("head", "all"):
         theta = {n: p.detach() for n, p in policy.adapted_params(model, which).items()}
-        g = lambda th: metarm.inner_loss(model, th, r, cand, 4, 0.5, 1.0, theta)
+
+        def g(th):
+            return metarm.inner_loss(model, th, r, cand, 4, 0.5, 1.0, theta)
+
         v = {n: torch.randn(p.shape, generator=gen, device=device) for n, p in theta.items()}
-        t_grad = median_seconds(lambda: torch.autograd.grad(g(th := policy.copy_params(theta)), list(th.values())),
-                                repeats, device)
+        t_grad = median_seconds(
+            lambda: torch.autograd.grad(g(th := policy.copy_params(theta)), list(th.values())), repeats, device
+        )
         t_rev = median_seconds(lambda: bilevel.hvp(g, theta, v, "rev"), repeats, device)
         t_fwd = median_seconds(lambda: bilevel.hvp(g, theta, v, "fwd"), repeats, device)
         suffix = "" if which == "head" else "_all"
-        out.update({f"grad_seconds{suffix}": t_grad, f"hvp_over_grad{suffix}": t_rev / t_grad,
-                    f"hvp_over_grad_fwd{suffix}": t_fwd / t_grad})
+        out.update(
+            {
+                f"grad_seconds{suffix}": t_grad,
+                f"hvp_over_grad{suffix}": t_rev / t_grad,
+                f"hvp_over_grad_fwd{suffix}": t_fwd / t_grad,
+            }
+        )
     model.to("cpu")
     return out
 
@@ -88,10 +99,18 @@ def adaptation_step(model, world, repeats: int) -> dict:
     def logprob_backward():
         th = policy.copy_params(theta)
         policy.logprob(model, th, batch).sum().backward()
+
     with torch.no_grad():
-        score = lambda: policy.reward(rm, phi, batch)
-        parts = {"sampling": median_seconds(lambda: policy.sample(model, theta, x, evaluation.MAX_NEW, gen), repeats, "cpu"),
-                 "reward_model": median_seconds(score, repeats, "cpu")}
+
+        def score():
+            return policy.reward(rm, phi, batch)
+
+        parts = {
+            "sampling": median_seconds(
+                lambda: policy.sample(model, theta, x, evaluation.MAX_NEW, gen), repeats, "cpu"
+            ),
+            "reward_model": median_seconds(score, repeats, "cpu"),
+        }
     parts["logprob_backward"] = median_seconds(logprob_backward, repeats, "cpu")
     return parts
 
@@ -101,18 +120,23 @@ def hypergrad_rows(model, world, quick: bool) -> list:
     gen = torch.Generator().manual_seed(0)
     rm, phi = policy.make_reward_model(model, gen)
     theta_ref = {n: p.detach() for n, p in policy.adapted_params(model).items()}
-    s = {"model": model, "rm": rm, "theta_ref": theta_ref, "world": world,
-         "prompts": {d: torch.tensor(world.prompts[d]) for d in data.DOMAINS}}
     bcfg = metarm.BilevelConfig()
     pairs = policy.encode_pairs(model, world.pairs["restaurant"])
-    probe = {"restaurant": metarm.draw_problem(model, s["prompts"]["restaurant"], pairs, bcfg, gen)}
+    prompts = torch.tensor(world.prompts["restaurant"])
+    probe = {"restaurant": metarm.draw_problem(model, prompts, pairs, bcfg, gen)}
     curv = metarm.calibrate(model, rm, phi, probe, bcfg, theta_ref)
-    res = evaluation.hypergradient_error(s, phi, bcfg, curv, ns=(1, 4, 8) if quick else (1, 2, 4, 8, 16, 32), timed=True)
+    ns = (1, 4, 8) if quick else (1, 2, 4, 8, 16, 32)
+    res = evaluation.hypergradient_error(model, rm, theta_ref, world, phi, bcfg, curv, ns=ns, timed=True)
     training = res["training_setting"]
-    return [{"method": m, **row} for m, rows in res["curves"].items() for row in rows] + \
-        [{"method": f"training_setting (T={training['T']}, then cg)", "iters": training["cg_iters"],
-          "hvps": training["hvps"], "error": training["error"]},
-         {"method": "reference_vs_fd", "error": res["fd_check_rel_error"]}]
+    return [{"method": m, **row} for m, rows in res["curves"].items() for row in rows] + [
+        {
+            "method": f"training_setting (T={training['T']}, then cg)",
+            "iters": training["cg_iters"],
+            "hvps": training["hvps"],
+            "error": training["error"],
+        },
+        {"method": "reference_vs_fd", "error": res["fd_check_rel_error"]},
+    ]
 
 
 class QuickRunFailed(Exception):
@@ -126,16 +150,22 @@ def measure(cfg: Config) -> dict:
     model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab)))
     policy.sft(model, world.sft[1000:], 100 if cfg.quick else 1500, torch.Generator().manual_seed(0))
     model.requires_grad_(False)
-    result = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpu": hvp_ratios(model, world, "cpu", cfg.repeats),
-              "adaptation_step": adaptation_step(model, world, cfg.repeats)}
+    result = {
+        "config": asdict(cfg),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": hvp_ratios(model, world, "cpu", cfg.repeats),
+        "adaptation_step": adaptation_step(model, world, cfg.repeats),
+    }
     if cfg.device != "cpu" and torch.cuda.is_available():
         result["cuda"] = hvp_ratios(model, world, "cuda", cfg.repeats)
         result["gpu"] = torch.cuda.get_device_name()
     result["hypergrad"] = hypergrad_rows(model, world, cfg.quick)
     with tempfile.TemporaryDirectory() as tmp:
-        rc = subprocess.run([sys.executable, "train.py", "--quick", "--out", str(Path(tmp) / "q"), "--device", cfg.device],
-                            cwd=Path(__file__).parent).returncode
+        rc = subprocess.run(
+            [sys.executable, "train.py", "--quick", "--out", str(Path(tmp) / "q"), "--device", cfg.device],
+            cwd=Path(__file__).parent,
+        ).returncode
         if rc != 0:
             raise QuickRunFailed(rc)
         result["phases"] = json.loads((Path(tmp) / "q" / "timings.json").read_text())
@@ -165,7 +195,7 @@ def main(argv=None) -> int:
         print(f"bench.py: error: interrupted; the previous results in {out} are untouched", file=sys.stderr)
         return 130
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)               # (after publish, tmp no longer exists)
+        shutil.rmtree(tmp, ignore_errors=True)  # (after publish, tmp no longer exists)
     for dev in ("cpu", "cuda", "adaptation_step"):
         if dev in result:
             print(f"{dev}: " + ", ".join(f"{k} {v:.3g}" for k, v in result[dev].items()))

@@ -19,12 +19,14 @@ Symbols (METHOD.md) -> names:
     T, lr               T, lr         inner gradient-descent steps and their step size, Eq. (6)
     m, ε                m, eps        Lanczos iterations, finite-difference step
 """
+
 import math
 import warnings
 from typing import Callable
 
 import torch
-from torch.func import grad as func_grad, jvp
+from torch.func import grad as func_grad
+from torch.func import jvp
 
 Params = dict[str, torch.Tensor]
 
@@ -62,9 +64,11 @@ def _leaves(a: Params) -> Params:
 def _grads(out: torch.Tensor, *dicts: Params, create_graph: bool = False) -> list[Params]:
     """∂out/∂(each dict), one dict per argument; zeros where out does not depend on a tensor."""
     flat = [t for d in dicts for t in d.values()]
-    gs = iter(torch.autograd.grad(out, flat, create_graph=create_graph, allow_unused=True,
-                                  materialize_grads=True) if out.requires_grad
-              else [torch.zeros_like(t) for t in flat])
+    gs = iter(
+        torch.autograd.grad(out, flat, create_graph=create_graph, allow_unused=True, materialize_grads=True)
+        if out.requires_grad
+        else [torch.zeros_like(t) for t in flat]
+    )
     return [{k: next(gs) for k in d} for d in dicts]
 
 
@@ -75,8 +79,7 @@ def _check_finite(x, what: str):
 
 
 # ---- second-order products ----------------------------------------------------------------------
-def hvp(fn: Callable[[Params], torch.Tensor], params: Params, v: Params,
-        mode: str = "rev") -> Params:
+def hvp(fn: Callable[[Params], torch.Tensor], params: Params, v: Params, mode: str = "rev") -> Params:
     """Hessian-vector product H v, H = ∇² fn(params): the unit of cost of §2.3.
 
     Args:
@@ -107,8 +110,14 @@ def mixed_vjp(g: Callable, theta: Params, phi: Params, v: Params) -> Params:
 
 
 # ---- linear solvers and curvature ---------------------------------------------------------------
-def cg(matvec: Callable[[Params], Params], b: Params, max_iter: int, tol: float,
-       damping: float = 0.0, x0: Params | None = None) -> tuple[Params, dict]:
+def cg(
+    matvec: Callable[[Params], Params],
+    b: Params,
+    max_iter: int,
+    tol: float,
+    damping: float = 0.0,
+    x0: Params | None = None,
+) -> tuple[Params, dict]:
     """Conjugate gradient for (H + δI) x = b, the solve v = H⁻¹ ∇_θ f of Eq. (8).
 
     Assumes H + δI symmetric positive definite (hence ρ > -λ_min in Eq. (5)). One matvec per
@@ -147,15 +156,23 @@ def cg(matvec: Callable[[Params], Params], b: Params, max_iter: int, tol: float,
     converged = history[-1] <= tol * b_norm
     if not converged:
         why = "pᵀ(H + δI)p ≤ 0: H + δI is not SPD" if negative_curvature else "max_iter"
-        warnings.warn(f"cg did not converge ({why}): residual norm {history[-1]:.3e} > "
-                      f"tol·‖b‖ = {tol * b_norm:.3e} after {iterations} iterations")
-    return x, {"iterations": iterations, "hvps": hvps, "residual_norm": history[-1],
-               "residual_norms": history, "converged": converged,
-               "negative_curvature": negative_curvature}
+        warnings.warn(
+            f"cg did not converge ({why}): residual norm {history[-1]:.3e} > "
+            f"tol·‖b‖ = {tol * b_norm:.3e} after {iterations} iterations"
+        )
+    return x, {
+        "iterations": iterations,
+        "hvps": hvps,
+        "residual_norm": history[-1],
+        "residual_norms": history,
+        "converged": converged,
+        "negative_curvature": negative_curvature,
+    }
 
 
-def neumann(matvec: Callable[[Params], Params], b: Params, alpha: float, J: int,
-            damping: float = 0.0, tol: float | None = None) -> tuple[Params, dict]:
+def neumann(
+    matvec: Callable[[Params], Params], b: Params, alpha: float, J: int, damping: float = 0.0, tol: float | None = None
+) -> tuple[Params, dict]:
     """Neumann series x_J = α Σ_{j=0..J} (I - αA)^j b ≈ A⁻¹ b, A = H + δI: the solve of Eq. (8).
 
     Assumes A symmetric with eigenvalues λ_i in (0, 2/α), i.e. 0 < α < 2/λ_max. Then
@@ -182,14 +199,20 @@ def neumann(matvec: Callable[[Params], Params], b: Params, alpha: float, J: int,
     b_norm = norm(b)
     converged = None if tol is None else history[-1] <= tol * b_norm
     if history[-1] > b_norm or converged is False:
-        warnings.warn(f"neumann: residual norm {history[-1]:.3e} after J = {J} (‖b‖ = "
-                      f"{b_norm:.3e}); it contracts only for 0 < α < 2/λ_max and H + δI PD")
-    return x, {"iterations": J, "hvps": J + 1, "residual_norm": history[-1],
-               "residual_norms": history, "converged": converged}
+        warnings.warn(
+            f"neumann: residual norm {history[-1]:.3e} after J = {J} (‖b‖ = "
+            f"{b_norm:.3e}); it contracts only for 0 < α < 2/λ_max and H + δI PD"
+        )
+    return x, {
+        "iterations": J,
+        "hvps": J + 1,
+        "residual_norm": history[-1],
+        "residual_norms": history,
+        "converged": converged,
+    }
 
 
-def lanczos_eigs(matvec: Callable[[Params], Params], v0: Params,
-                 m: int) -> tuple[float, float, dict]:
+def lanczos_eigs(matvec: Callable[[Params], Params], v0: Params, m: int) -> tuple[float, float, dict]:
     """λ_min and λ_max of a symmetric H by m Lanczos iterations with full reorthogonalisation
     (§2.1: measure λ_min(∇²_θθ g) to choose the proximal ρ > -λ_min). The Ritz values (eigenvalues
     of the tridiagonal T = QᵀHQ) lie in [λ_min, λ_max], approach the extremes first, and are exact
@@ -214,13 +237,17 @@ def lanczos_eigs(matvec: Callable[[Params], Params], v0: Params,
     off = torch.diag(torch.tensor(betas, dtype=torch.float64), 1)  # (len(alphas), len(alphas))
     T = torch.diag(torch.tensor(alphas, dtype=torch.float64)) + off + off.T  # tridiagonal QᵀHQ
     ritz = torch.linalg.eigvalsh(T)
-    return float(ritz[0]), float(ritz[-1]), {"iterations": len(alphas), "hvps": len(alphas),
-                                             "ritz_values": ritz.tolist()}
+    return (
+        float(ritz[0]),
+        float(ritz[-1]),
+        {"iterations": len(alphas), "hvps": len(alphas), "ritz_values": ritz.tolist()},
+    )
 
 
 # ---- the inner problem, Eq. (6) -----------------------------------------------------------------
-def inner_solve(g: Callable, theta0: Params, phi: Params, T: int, lr: float,
-                create_graph: bool = False) -> tuple[Params, dict]:
+def inner_solve(
+    g: Callable, theta0: Params, phi: Params, T: int, lr: float, create_graph: bool = False
+) -> tuple[Params, dict]:
     """Eq. (6): T steps of gradient descent θ_{t+1} = θ_t - lr ∇_θ g(θ_t, φ) from θ_0.
 
     Args:
@@ -244,8 +271,15 @@ def inner_solve(g: Callable, theta0: Params, phi: Params, T: int, lr: float,
     return theta, {"steps": T, "grads": T + 1, "grad_norm": grad_norm, "grad_norms": history}
 
 
-def newton_solve(g: Callable, theta0: Params, phi: Params, tol: float = 1e-10, max_iter: int = 50,
-                 cg_max_iter: int = 200, cg_tol: float = 1e-12) -> tuple[Params, dict]:
+def newton_solve(
+    g: Callable,
+    theta0: Params,
+    phi: Params,
+    tol: float = 1e-10,
+    max_iter: int = 50,
+    cg_max_iter: int = 200,
+    cg_tol: float = 1e-12,
+) -> tuple[Params, dict]:
     """Eq. (6) solved to ‖∇_θ g‖ ≤ tol, so that the IFT's assumption ∇_θ g(θ*, φ) = 0 holds.
 
     Newton steps θ ← θ - H⁻¹ ∇_θ g(θ, φ), with H⁻¹ applied by cg and hvp. Assumes g strongly
@@ -260,19 +294,29 @@ def newton_solve(g: Callable, theta0: Params, phi: Params, tol: float = 1e-10, m
         history.append(norm(grad))
         if history[-1] <= tol or step == max_iter:
             break
-        newton_step, info = cg(lambda u: hvp(lambda th: g(th, phi), theta, u), grad,
-                               cg_max_iter, cg_tol)
+        newton_step, info = cg(lambda u: hvp(lambda th: g(th, phi), theta, u), grad, cg_max_iter, cg_tol)
         theta, hvps = add(theta, newton_step, -1.0), hvps + info["hvps"]
     if history[-1] > tol:
         warnings.warn(f"newton_solve: ‖∇_θ g‖ = {history[-1]:.3e} > tol after {step} steps")
-    return theta, {"steps": step, "hvps": hvps, "grad_norm": history[-1], "grad_norms": history,
-                   "converged": history[-1] <= tol}
+    return theta, {
+        "steps": step,
+        "hvps": hvps,
+        "grad_norm": history[-1],
+        "grad_norms": history,
+        "converged": history[-1] <= tol,
+    }
 
 
 # ---- hypergradients of F(φ) = f(θ*(φ), φ) -------------------------------------------------------
-def hypergrad_implicit(f: Callable, g: Callable, theta_star: Params, phi: Params,
-                       solver: str = "cg", hvp_mode: str = "rev",
-                       **solver_kwargs) -> tuple[Params, dict]:
+def hypergrad_implicit(
+    f: Callable,
+    g: Callable,
+    theta_star: Params,
+    phi: Params,
+    solver: str = "cg",
+    hvp_mode: str = "rev",
+    **solver_kwargs,
+) -> tuple[Params, dict]:
     """Eq. (8) of METHOD.md, by the implicit function theorem:
     ∇F(φ) = ∇_φ f(θ*, φ) - ∂_φ [∇_θ g(θ*, φ) · v],  v = H⁻¹ ∇_θ f(θ*, φ),  H = ∇²_θθ g(θ*, φ).
 
@@ -290,7 +334,10 @@ def hypergrad_implicit(f: Callable, g: Callable, theta_star: Params, phi: Params
     theta, phi = _leaves(theta_star), _leaves(phi)
     f_theta, f_phi = (_detach(d) for d in _grads(f(theta, phi), theta, phi))
     phi_c = _detach(phi)
-    matvec = lambda u: hvp(lambda th: g(th, phi_c), theta, u, hvp_mode)
+
+    def matvec(u):
+        return hvp(lambda th: g(th, phi_c), theta, u, hvp_mode)
+
     if solver not in ("cg", "neumann"):
         raise ValueError(f"solver must be 'cg' or 'neumann', got {solver!r}")
     v, info = (cg if solver == "cg" else neumann)(matvec, f_theta, **solver_kwargs)
@@ -299,8 +346,9 @@ def hypergrad_implicit(f: Callable, g: Callable, theta_star: Params, phi: Params
     return grad, {**info, "solver": solver, "v": v, "hvps": info["hvps"] + 1}
 
 
-def hypergrad_unrolled(f: Callable, g: Callable, theta0: Params, phi: Params, T: int,
-                       lr: float) -> tuple[Params, dict]:
+def hypergrad_unrolled(
+    f: Callable, g: Callable, theta0: Params, phi: Params, T: int, lr: float
+) -> tuple[Params, dict]:
     """Unrolled hypergradient (§2.3): ∇_φ f(θ_T(φ), φ) by reverse mode through the T steps of
     Eq. (6): T HVPs and T mixed products, all T iterates kept. Exact for the truncated problem, it
     tends to Eq. (8) as T → ∞ (lr < 2/λ_max, g strongly convex).
@@ -313,16 +361,14 @@ def hypergrad_unrolled(f: Callable, g: Callable, theta0: Params, phi: Params, T:
     return grad, {**info, "hvps": T, "theta": _detach(theta_T)}
 
 
-def hypergrad_fd(F: Callable[[Params], torch.Tensor], phi: Params, direction: Params,
-                 eps: float = 1e-5) -> float:
+def hypergrad_fd(F: Callable[[Params], torch.Tensor], phi: Params, direction: Params, eps: float = 1e-5) -> float:
     """Central difference (F(φ + εd) - F(φ - εd)) / 2ε = ∇F(φ)·d + O(ε²), the reference that tests
     compare Eq. (8) against (§2.3). F: phi -> scalar, e.g. an inner solve followed by f."""
     phi, direction = _detach(phi), _detach(direction)
     return (float(F(add(phi, direction, eps))) - float(F(add(phi, direction, -eps)))) / (2 * eps)
 
 
-def hypergrad_fd_full(F: Callable[[Params], torch.Tensor], phi: Params,
-                      eps: float = 1e-5) -> Params:
+def hypergrad_fd_full(F: Callable[[Params], torch.Tensor], phi: Params, eps: float = 1e-5) -> Params:
     """∇F(φ) coordinate by coordinate with hypergrad_fd: 2·dim(φ) evaluations of F."""
     grad = {k: torch.zeros_like(t) for k, t in phi.items()}
     for k, t in phi.items():
@@ -338,32 +384,63 @@ def quadratic_problem(gen, n=30, p=5, cond=50.0, gamma=1.0) -> dict:
     """g = ½θᵀAθ - θᵀ(Bφ + c), f = ½‖θ - θ_t‖² + ½γ‖φ‖², A's spectrum log-spaced in [1, cond]; θ is
     split into two tensors {"a", "b"} (flat(θ) joins them). Closed forms: θ* = A⁻¹(Bφ + c),
     v* = A⁻¹(θ* - θ_t) (the solve of Eq. (8)) and ∇F = Bᵀv* + γφ."""
-    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
     Q = torch.linalg.qr(randn(n, n))[0]
     A = Q @ torch.diag(torch.logspace(0, math.log10(cond), n, dtype=torch.float64)) @ Q.T
     B, c, target, phi = randn(n, p), randn(n), randn(n), {"phi": randn(p)}
     flat, split = (lambda th: torch.cat([th["a"], th["b"]])), (lambda w: {"a": w[:3], "b": w[3:]})
-    g = lambda th, ph: 0.5 * flat(th) @ A @ flat(th) - flat(th) @ (B @ ph["phi"] + c)
-    f = lambda th, ph: 0.5 * ((flat(th) - target) ** 2).sum() + 0.5 * gamma * (ph["phi"] ** 2).sum()
+
+    def g(th, ph):
+        return 0.5 * flat(th) @ A @ flat(th) - flat(th) @ (B @ ph["phi"] + c)
+
+    def f(th, ph):
+        return 0.5 * ((flat(th) - target) ** 2).sum() + 0.5 * gamma * (ph["phi"] ** 2).sum()
+
     theta_star = torch.linalg.solve(A, B @ phi["phi"] + c)
     v_star = torch.linalg.solve(A, theta_star - target)
-    return dict(f=f, g=g, phi=phi, theta_star=split(theta_star), theta0=split(torch.zeros(n, dtype=torch.float64)),
-                v_star=v_star, exact={"phi": B.T @ v_star + gamma * phi["phi"]}, A=A, B=B,
-                eigs=torch.linalg.eigvalsh(A), flat=flat)
+    return dict(
+        f=f,
+        g=g,
+        phi=phi,
+        theta_star=split(theta_star),
+        theta0=split(torch.zeros(n, dtype=torch.float64)),
+        v_star=v_star,
+        exact={"phi": B.T @ v_star + gamma * phi["phi"]},
+        A=A,
+        B=B,
+        eigs=torch.linalg.eigvalsh(A),
+        flat=flat,
+    )
 
 
 def logistic_problem(gen, m=200, d=10, log_lam=-4.0) -> dict:
     """L2-regularised logistic regression, φ = log per-feature strengths, f = validation log-loss;
     F(φ) = f(θ*(φ), φ) with θ* by Newton to 1e-13 (for central differences of F)."""
-    randn = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
     X, X_val, w_true = randn(m, d), randn(m, d), randn(d)
     y, y_val = torch.sign(X @ w_true + randn(m)), torch.sign(X_val @ w_true + randn(m))
     softplus = torch.nn.functional.softplus
-    g = lambda th, ph: softplus(-y * (X @ th["w"])).mean() + 0.5 * (ph["log_lam"].exp() * th["w"] ** 2).sum()
-    f = lambda th, ph: softplus(-y_val * (X_val @ th["w"])).mean()
+
+    def g(th, ph):
+        return softplus(-y * (X @ th["w"])).mean() + 0.5 * (ph["log_lam"].exp() * th["w"] ** 2).sum()
+
+    def f(th, ph):
+        return softplus(-y_val * (X_val @ th["w"])).mean()
+
     theta0 = {"w": torch.zeros(d, dtype=torch.float64)}
-    return dict(f=f, g=g, phi={"log_lam": log_lam + randn(d)}, theta0=theta0,
-                F=lambda ph: f(newton_solve(g, theta0, ph, tol=1e-13)[0], ph))
+    return dict(
+        f=f,
+        g=g,
+        phi={"log_lam": log_lam + randn(d)},
+        theta0=theta0,
+        F=lambda ph: f(newton_solve(g, theta0, ph, tol=1e-13)[0], ph),
+    )
 
 
 def _demo():
@@ -375,24 +452,39 @@ def _demo():
         theta_star = q.get("theta_star") or newton_solve(g, theta0, phi, tol=1e-13)[0]
         exact = q.get("exact") or hypergrad_fd_full(q["F"], phi)
         v0 = {k: torch.randn(t.shape, generator=gen, dtype=t.dtype) for k, t in theta0.items()}
-        lam_max = lambda th: lanczos_eigs(lambda u: hvp(lambda t: g(t, phi), th, u), v0, 20)[1]
-        alpha, lr = 1 / lam_max(theta_star), 1 / lam_max(theta0)     # logistic: larger at θ_0
-        runs = {"cg": ([2, 5, 10, 20, 40], lambda n: hypergrad_implicit(f, g, theta_star, phi, "cg", max_iter=n, tol=1e-14)),
-                "neumann": ([10, 100, 1000], lambda n: hypergrad_implicit(f, g, theta_star, phi, "neumann", alpha=alpha, J=n)),
-                "unrolled": ([10, 100, 1000], lambda n: hypergrad_unrolled(f, g, theta0, phi, n, lr))}
+
+        def lam_max(th):
+            return lanczos_eigs(lambda u: hvp(lambda t: g(t, phi), th, u), v0, 20)[1]
+
+        alpha, lr = 1 / lam_max(theta_star), 1 / lam_max(theta0)  # logistic: larger at θ_0
+        runs = {
+            "cg": (
+                [2, 5, 10, 20, 40],
+                lambda n: hypergrad_implicit(f, g, theta_star, phi, "cg", max_iter=n, tol=1e-14),
+            ),
+            "neumann": (
+                [10, 100, 1000],
+                lambda n: hypergrad_implicit(f, g, theta_star, phi, "neumann", alpha=alpha, J=n),
+            ),
+            "unrolled": ([10, 100, 1000], lambda n: hypergrad_unrolled(f, g, theta0, phi, n, lr)),
+        }
         for method, (sizes, run) in runs.items():
             for n in sizes:
                 with warnings.catch_warnings():  # truncated solves warn by design
                     warnings.simplefilter("ignore")
                     grad, info = run(n)
                 error = norm(add(grad, exact, -1.0)) / norm(exact)
-                print(f"{name:<10} {method:<9} {info['iterations'] if method == 'cg' else n:>6} "
-                      f"{info['hvps']:>6} {error:>11.2e}")
+                print(
+                    f"{name:<10} {method:<9} {info['iterations'] if method == 'cg' else n:>6} "
+                    f"{info['hvps']:>6} {error:>11.2e}"
+                )
                 if info.get("converged"):
                     break
-    print("HVPs include the mixed product of Eq. (8) and Neumann's residual check. Reference: closed form (quadratic),\n"
-          "central differences of F with θ* by Newton (logistic; floor ≈ 1e-9)")
+    print(
+        "HVPs include the mixed product of Eq. (8) and Neumann's residual check. Reference: closed form (quadratic),\n"
+        "central differences of F with θ* by Newton (logistic; floor ≈ 1e-9)"
+    )
 
 
 if __name__ == "__main__":
-    _demo()                                  # float64 throughout: the problems are built in it
+    _demo()  # float64 throughout: the problems are built in it

@@ -4,15 +4,21 @@ A script's flags come from the fields of its Config dataclass (help text and def
 a bad value is one line on stderr and exit code 2. Outputs are written into `<out>.partial` and swapped
 in only when complete, so a crash or Ctrl-C never leaves a half-written run nor destroys the last one.
 """
+
 import argparse
 import json
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import fields
+from dataclasses import field, fields
 from pathlib import Path
 
-INT_LIMIT = 10 ** 6                        # an integer flag above this is refused (not a useful run)
+INT_LIMIT = 10**6  # an integer flag above this is refused (not a useful run)
+
+
+def option(default, help: str):
+    """A field of a script's Config: its default and the one-line help of its --flag."""
+    return field(default=default, metadata={"help": help})
 
 
 class BadInput(Exception):
@@ -20,7 +26,7 @@ class BadInput(Exception):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):              # one line and exit code 2, not argparse's usage block
+    def error(self, message):  # one line and exit code 2, not argparse's usage block
         raise BadInput(message)
 
 
@@ -38,10 +44,15 @@ def parse(config_cls, argv, description: str) -> dict:
     parser = Parser(description=description)
     for f in fields(config_cls):
         kind = as_bool if f.type is bool else f.type
-        parser.add_argument("--" + f.name.replace("_", "-"), type=kind, default=None,
-                            nargs="?" if f.type is bool else None, const=True if f.type is bool else None,
-                            metavar="BOOL" if f.type is bool else None,
-                            help=f"{f.metadata.get('help', '')} (default: {f.default})")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind,
+            default=None,
+            nargs="?" if f.type is bool else None,
+            const=True if f.type is bool else None,
+            metavar="BOOL" if f.type is bool else None,
+            help=f"{f.metadata.get('help', '')} (default: {f.default})",
+        )
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     for name, value in given.items():
         if type(value) is int and not 0 <= value <= INT_LIMIT:
@@ -55,8 +66,9 @@ def prepare_out(out: Path, marker: str) -> Path:
     at the end, so it must be empty or an earlier run (holding marker): `--out .` or `--out ~` is
     refused rather than swapped away."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
-        raise BadInput(f"--out {out} exists and is not an earlier run (no {marker} in it); "
-                       "give a new folder or an earlier run's")
+        raise BadInput(
+            f"--out {out} exists and is not an earlier run (no {marker} in it); give a new folder or an earlier run's"
+        )
     tmp = out.with_name(out.name + ".partial")
     try:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -46,6 +46,7 @@ headroom's interval was too wide to decide the headroom rule (README). Every wor
 v2's and so are the old domains' reviews, but the corpus gains 160 reviews and is shuffled anew, and
 every set of pairs (training pairs too) is drawn again, so pi_ref and the vanilla RM differ.
 """
+
 import json
 import math
 import random
@@ -55,17 +56,28 @@ from pathlib import Path
 WORLD_VERSION = "3.0"
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
-PROMPT_LEN = 6                                                # <bos> <d> opener the NOUN was
+PROMPT_LEN = 6  # <bos> <d> opener the NOUN was
 OPENERS = ["honestly", "overall", "frankly", "today"]
 INTENSIFIERS = ["very", "really"]
-FILLERS = ["okay", "fine", "average"]                         # polarity 0, behaviour writers only
-SHARED = {"great": 1.0, "excellent": 1.0, "lovely": 1.0, "wonderful": 1.0, "good": 0.5, "nice": 0.5,
-          "awful": -1.0, "terrible": -1.0, "horrible": -1.0, "disappointing": -1.0, "bad": -0.5,
-          "poor": -0.5}
+FILLERS = ["okay", "fine", "average"]  # polarity 0, behaviour writers only
+SHARED = {
+    "great": 1.0,
+    "excellent": 1.0,
+    "lovely": 1.0,
+    "wonderful": 1.0,
+    "good": 0.5,
+    "nice": 0.5,
+    "awful": -1.0,
+    "terrible": -1.0,
+    "horrible": -1.0,
+    "disappointing": -1.0,
+    "bad": -0.5,
+    "poor": -0.5,
+}
 FLIP = ["cold", "hot", "long", "quiet", "loud", "soft", "sweet", "busy"]
 OFF_TOPIC, UNFINISHED = -0.5, -1.0
-FLIP_WEIGHT = 1.5                                             # |r*| of a flip word
-ASPECT_WEIGHT = 1.0                                           # |r*| of a domain's own aspect word
+FLIP_WEIGHT = 1.5  # |r*| of a flip word
+ASPECT_WEIGHT = 1.0  # |r*| of a domain's own aspect word
 
 # category: (its two nouns, shared by all its domains; flip-word signs in FLIP order)
 CATEGORIES = {
@@ -85,55 +97,76 @@ DOMAINS = {
     "airline": ("travel", "flight seat crew boarding luggage", "punctual roomy smooth", "delayed bumpy lost"),
     "gym": ("wellness", "equipment trainer locker class pool", "motivating energetic modern", "rusty crowded smelly"),
     "spa": ("wellness", "massage sauna therapist towel robe", "relaxing soothing fragrant", "rough rushed lukewarm"),
-    "cinema": ("entertainment", "film popcorn usher trailer auditorium", "gripping thrilling immersive",
-               "boring blurry predictable"),
-    "bookstore": ("entertainment", "shelf clerk novel cafe section", "charming curated inviting",
-                  "dusty disorganized overpriced"),
+    "cinema": (
+        "entertainment",
+        "film popcorn usher trailer auditorium",
+        "gripping thrilling immersive",
+        "boring blurry predictable",
+    ),
+    "bookstore": (
+        "entertainment",
+        "shelf clerk novel cafe section",
+        "charming curated inviting",
+        "dusty disorganized overpriced",
+    ),
     "taxi": ("travel", "driver car ride fare route", "courteous prompt comfortable", "reckless late shabby"),
     "pizzeria": ("food", "crust slice cheese oven topping", "cheesy crunchy generous", "burnt doughy salty"),
     "bakery": ("food", "bread croissant baker pastry cake", "flaky buttery fluffy", "stale crumbly dry"),
     "camera": ("tech", "lens shutter sensor autofocus grip", "sharp accurate compact", "noisy grainy fiddly"),
-    "dentist": ("wellness", "dentist hygienist cleaning appointment clinic", "gentle painless thorough",
-                "painful careless unhygienic"),
-    "concert": ("entertainment", "band singer venue setlist encore", "electric tight unforgettable",
-                "muddy tuneless underwhelming"),
+    "dentist": (
+        "wellness",
+        "dentist hygienist cleaning appointment clinic",
+        "gentle painless thorough",
+        "painful careless unhygienic",
+    ),
+    "concert": (
+        "entertainment",
+        "band singer venue setlist encore",
+        "electric tight unforgettable",
+        "muddy tuneless underwhelming",
+    ),
     # added in v3 (two more dev domains, so that the dev headroom is measured on four domains, as on held-out)
     "tablet": ("tech", "stylus app touchscreen port cover", "fluid vivid durable", "unresponsive buggy brittle"),
-    "yoga": ("wellness", "mat instructor studio pose breathing", "calming peaceful balanced",
-             "strained overheated chaotic"),
+    "yoga": (
+        "wellness",
+        "mat instructor studio pose breathing",
+        "calming peaceful balanced",
+        "strained overheated chaotic",
+    ),
 }
 TRAIN_DOMAINS = ["restaurant", "bar", "phone", "laptop", "hotel", "airline", "gym", "spa", "cinema", "bookstore"]
-DEV_DOMAINS = ["taxi", "pizzeria", "tablet", "yoga"]   # kept aside to choose hyperparameters (their pairs: tuning only)
-TEST_DOMAINS = ["bakery", "camera", "dentist", "concert"]   # held out: no training pairs, unseen aspect words
+DEV_DOMAINS = ["taxi", "pizzeria", "tablet", "yoga"]  # kept aside to choose hyperparameters (their pairs: tuning only)
+TEST_DOMAINS = ["bakery", "camera", "dentist", "concert"]  # held out: no training pairs, unseen aspect words
 
 
 @dataclass(frozen=True)
 class WorldConfig:
     version: str = WORLD_VERSION
     seed: int = 0
-    n_sft_per_domain: int = 1200       # unlabelled reviews per meta-training domain
-    n_sft_per_new_domain: int = 80     # ... per dev and held-out domain: new domains are rarer
-    n_pairs_per_domain: int = 1000     # labelled pairs per training and dev domain; per held-out domain
-                                       # they exist only for the in-domain RM ceiling (no method sees them)
-    n_eval_pairs_per_domain: int = 400 # labelled pairs per domain for evaluation only
-    label_temperature: float = 1.0     # tau of the Bradley-Terry annotators
+    n_sft_per_domain: int = 1200  # unlabelled reviews per meta-training domain
+    n_sft_per_new_domain: int = 80  # ... per dev and held-out domain: new domains are rarer
+    n_pairs_per_domain: int = 1000  # labelled pairs per training and dev domain; per held-out domain
+    # they exist only for the in-domain RM ceiling (no method sees them)
+    n_eval_pairs_per_domain: int = 400  # labelled pairs per domain for evaluation only
+    label_temperature: float = 1.0  # tau of the Bradley-Terry annotators
     # writers of the SFT corpus (what pi_ref imitates) vs the behaviour writers of the pairs
-    sft_mix: tuple = (0.35, 0.35, 0.30, 0.0)      # P(shared, aspect, flip, filler) per adjective
+    sft_mix: tuple = (0.35, 0.35, 0.30, 0.0)  # P(shared, aspect, flip, filler) per adjective
     behaviour_mix: tuple = (0.45, 0.20, 0.25, 0.10)
-    sft_n_adjectives: tuple = (0.0, 1.0)          # P(1, 2 adjectives) per clause
+    sft_n_adjectives: tuple = (0.0, 1.0)  # P(1, 2 adjectives) per clause
     behaviour_n_adjectives: tuple = (0.4, 0.6)
     sft_p_second_clause: float = 1.0
     behaviour_p_second_clause: float = 0.8
-    sft_p_contrast: float = 0.3        # P(the second clause has the opposite polarity: 'but')
+    sft_p_contrast: float = 0.3  # P(the second clause has the opposite polarity: 'but')
     behaviour_p_contrast: float = 0.5
-    sft_p_intensifier: float = 0.15    # P(a clause has one intensified adjective)
+    sft_p_intensifier: float = 0.15  # P(a clause has one intensified adjective)
     behaviour_p_intensifier: float = 0.5
-    p_category_noun: float = 0.3       # P(a review's noun is one of its category's two nouns)
+    p_category_noun: float = 0.3  # P(a review's noun is one of its category's two nouns)
 
 
 @dataclass
 class Pair:
     """One preference pair: token ids of the prompt and of both responses (each ending in <eos>)."""
+
     prompt: list
     chosen: list
     rejected: list
@@ -163,7 +196,7 @@ class World:
         words = [PAD, BOS, EOS] + [f"<{d}>" for d in DOMAINS]
         words += OPENERS + ["the", "was", "and", "but", ",", "."] + INTENSIFIERS + FILLERS
         words += list(SHARED) + FLIP + [w for c in CATEGORIES.values() for w in c[0].split()]
-        self.aspect_of, self.polarity, self.category = {}, {}, {}   # aspect word -> domain; ...
+        self.aspect_of, self.polarity, self.category = {}, {}, {}  # aspect word -> domain; ...
         for d, (cat, aspect_nouns, pos, neg) in DOMAINS.items():
             words += aspect_nouns.split() + pos.split() + neg.split()
             for w in aspect_nouns.split() + pos.split() + neg.split():
@@ -179,8 +212,9 @@ class World:
         self.vocab = words
         self.stoi = {w: i for i, w in enumerate(words)}
         rng = random.Random(cfg.seed)
-        self.prompts = {d: [self.encode(f"{BOS} <{d}> {o} the {n} was") for o in OPENERS for n in nouns(d)]
-                        for d in DOMAINS}
+        self.prompts = {
+            d: [self.encode(f"{BOS} <{d}> {o} the {n} was") for o in OPENERS for n in nouns(d)] for d in DOMAINS
+        }
         n_sft = {d: cfg.n_sft_per_domain if d in TRAIN_DOMAINS else cfg.n_sft_per_new_domain for d in DOMAINS}
         self.sft = [self.encode(self._review(d, rng, "sft")) for d in DOMAINS for _ in range(n_sft[d])]
         rng.shuffle(self.sft)
@@ -210,7 +244,7 @@ class World:
         words = [self.vocab[int(i)] for i in response]
         finished = EOS in words
         if finished:
-            words = words[:words.index(EOS)]
+            words = words[: words.index(EOS)]
         r = 0.0 if finished else UNFINISHED
         pol = self.polarity[domain]
         for w in set(words):
@@ -225,7 +259,7 @@ class World:
         (the reward of the 'domain-agnostic oracle' ceiling)."""
         words = [self.vocab[int(i)] for i in response]
         finished = EOS in words
-        words = words[:words.index(EOS)] if finished else words
+        words = words[: words.index(EOS)] if finished else words
         return (0.0 if finished else UNFINISHED) + sum(SHARED.get(w, 0.0) for w in set(words))
 
     def gold_rewards(self, seqs, agnostic: bool = False) -> list:
@@ -266,7 +300,9 @@ class World:
 
     def _noun(self, d, rng, other_than=None):
         """An aspect noun of d or, with probability p_category_noun, one of its category's nouns."""
-        pool = CATEGORIES[DOMAINS[d][0]][0].split() if rng.random() < self.cfg.p_category_noun else DOMAINS[d][1].split()
+        pool = (
+            CATEGORIES[DOMAINS[d][0]][0].split() if rng.random() < self.cfg.p_category_noun else DOMAINS[d][1].split()
+        )
         return rng.choice([n for n in pool if n != other_than] or pool)
 
     def _response(self, d, rng, kind, noun):
@@ -275,7 +311,9 @@ class World:
         sign = rng.choice([1, -1])
         text = self._clause(d, sign, rng, kind)
         if rng.random() < (self.cfg.sft_p_second_clause if sft else self.cfg.behaviour_p_second_clause):
-            sign2 = -sign if rng.random() < (self.cfg.sft_p_contrast if sft else self.cfg.behaviour_p_contrast) else sign
+            sign2 = (
+                -sign if rng.random() < (self.cfg.sft_p_contrast if sft else self.cfg.behaviour_p_contrast) else sign
+            )
             conj = "and" if sign2 == sign else "but"
             text += f" , {conj} the {self._noun(d, rng, other_than=noun)} was {self._clause(d, sign2, rng, kind)}"
         return text + f" . {EOS}"
@@ -306,8 +344,12 @@ def save_pairs_jsonl(world: World, pairs, path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         for p in pairs:
-            rec = {"prompt": world.decode(p.prompt), "chosen": world.decode(p.chosen),
-                   "rejected": world.decode(p.rejected), "domain": p.domain}
+            rec = {
+                "prompt": world.decode(p.prompt),
+                "chosen": world.decode(p.chosen),
+                "rejected": world.decode(p.rejected),
+                "domain": p.domain,
+            }
             f.write(json.dumps(rec) + "\n")
     tmp.replace(path)
 
@@ -328,20 +370,29 @@ def load_pairs_jsonl(world: World, path) -> list:
                     raise ValueError(f"missing or non-string fields {missing}")
                 if rec["domain"] not in DOMAINS:
                     raise ValueError(f"unknown domain {rec['domain']!r}")
-                pairs.append(Pair(world.encode(rec["prompt"]), world.encode(rec["chosen"]),
-                                  world.encode(rec["rejected"]), rec["domain"]))
-            except ValueError as e:       # json.JSONDecodeError is a ValueError
+                pairs.append(
+                    Pair(
+                        world.encode(rec["prompt"]),
+                        world.encode(rec["chosen"]),
+                        world.encode(rec["rejected"]),
+                        rec["domain"],
+                    )
+                )
+            except ValueError as e:  # json.JSONDecodeError is a ValueError
                 raise ValueError(f"{path}:{lineno}: malformed pair: {e}") from None
     return pairs
 
 
 if __name__ == "__main__":
     import time
+
     t0 = time.time()
     w = World()
     n_pairs = sum(len(v) for v in w.pairs.values()) + sum(len(v) for v in w.eval_pairs.values())
-    print(f"world v{WORLD_VERSION}: {len(DOMAINS)} domains, vocab {len(w.vocab)}, {len(w.sft)} SFT reviews, "
-          f"{n_pairs} pairs, generated in {time.time() - t0:.2f}s")
+    print(
+        f"world v{WORLD_VERSION}: {len(DOMAINS)} domains, vocab {len(w.vocab)}, {len(w.sft)} SFT reviews, "
+        f"{n_pairs} pairs, generated in {time.time() - t0:.2f}s"
+    )
     for d in ["bar", "bakery"]:
         p = w.eval_pairs[d][0]
         print(w.decode(p.prompt), "|", w.decode(p.chosen), "| >", w.decode(p.rejected))

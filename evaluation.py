@@ -5,14 +5,15 @@ premises, the paired statistics over seeds (t-intervals, verdicts), and, at 3 se
 frontier, MetaRM's iterative RLHF rounds, and the §2.5 convergence measurements of the bilevel method.
 train.py runs all of it; bench.py reuses hypergradient_error.
 
-`s` below is train.make_setup's dict of what every seed shares (read only): pi_ref (`model`), the reward
-model's architecture (`rm`), the world, encoded pairs, prompts, theta_ref and the configs.
+`s` below is a `Setup`: what every seed of a run shares, built once by train.make_setup and read only.
+It lives here, not in train.py, because train.py imports this module.
 """
+
 import copy
 import math
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -22,7 +23,29 @@ import metarm
 import policy
 from cli import clock
 
-MAX_NEW = metarm.AdaptConfig.max_new_tokens      # the longest response, everywhere
+MAX_NEW = metarm.AdaptConfig.max_new_tokens  # the longest response, everywhere
+
+
+@dataclass
+class Setup:
+    """What every seed of a run shares (train.make_setup builds it; nothing changes it afterwards)."""
+
+    world: data.World
+    model: policy.GPT  # pi_ref, frozen
+    device: str
+    methods: list  # the methods this run compares (train.METHODS or a subset)
+    domains: list  # the evaluation domains: data.TEST_DOMAINS or data.DEV_DOMAINS
+    rm: policy.RewardModel  # the reward model's architecture; each method's phi is a dict of its own
+    train_pairs: tuple  # (chosen, rejected): the pooled training domains' pairs, encoded
+    domain_pairs: dict  # training domain -> its rows of train_pairs
+    own_pairs: dict  # evaluation domain -> its own labelled pairs (the in-domain ceiling only)
+    eval_pairs: dict  # evaluation domain -> its held-out labelled pairs, encoded
+    gold_margins: dict  # evaluation domain -> r*(chosen) - r*(rejected) of its eval_pairs
+    prompts: dict  # every domain -> its prompts (tensor)
+    theta_ref: dict  # pi_ref's adapted parameters (the output head)
+    adapt_cfg: metarm.AdaptConfig
+    rm_cfg: metarm.RMConfig
+    metarm_cfg: metarm.MetaRMConfig
 
 
 # ==== Meta-test metrics and premises ============================================================
@@ -31,26 +54,41 @@ def crn_seed(seed: int, domain_index: int, repeat: int) -> int:
     return 1_000_000 * (seed + 1) + 1000 * domain_index + repeat
 
 
-def reward_functions(s: dict, rms: dict, d: str, ref: dict) -> dict:
+def reward_functions(s: Setup, rms: dict, d: str, ref: dict) -> dict:
     """method -> the reward its adaptation (3) uses on domain d, standardised on pi_ref's samples (§1)."""
-    gold, world, out = gold_fn(s["world"]), s["world"], {}
-    for m in s["methods"]:
+    out = {}
+    for m in s.methods:
         if m == "oracle":
-            fn = gold
+            fn = gold_fn(s.world)
         elif m == "agnostic_oracle":
-            fn = lambda b: torch.tensor(world.gold_rewards(b["idx"].tolist(), agnostic=True), device=b["idx"].device)
+            fn = gold_fn(s.world, agnostic=True)
         elif m in ("vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt_only", "in_domain_rm"):
             phi = rms[m][d] if m == "in_domain_rm" else rms[m]
-            fn = lambda b, phi=phi: policy.reward(s["rm"], phi, b)
+            fn = reward_fn(s.rm, phi)
         else:
-            continue                                      # sft, dpo: no adaptation; metarm: its own rounds
+            continue  # sft, dpo: no adaptation; metarm: its own rounds
         out[m] = metarm.standardised(fn, ref)
     return out
 
 
-def gold_fn(world):
-    """r*_d of an encoded batch as a tensor (the domain is read from each prompt's tag)."""
-    return lambda b: torch.tensor(world.gold_rewards(b["idx"].tolist()), dtype=torch.float32, device=b["idx"].device)
+def reward_fn(rm, phi: dict):
+    """r_phi as a function of an encoded batch."""
+
+    def r(batch):
+        return policy.reward(rm, phi, batch)
+
+    return r
+
+
+def gold_fn(world, agnostic: bool = False):
+    """r*_d of an encoded batch as a tensor (the domain is read from each prompt's tag); agnostic: the
+    domain-agnostic gold reward of the agnostic_oracle ceiling."""
+
+    def gold(batch):
+        idx = batch["idx"]
+        return torch.tensor(world.gold_rewards(idx.tolist(), agnostic), dtype=torch.float32, device=idx.device)
+
+    return gold
 
 
 def evaluate(model, theta, prompts, ref_eval, gold, gen, n: int):
@@ -59,33 +97,47 @@ def evaluate(model, theta, prompts, ref_eval, gold, gen, n: int):
     batch = policy.sample(model, theta, prompts.repeat(n, 1), MAX_NEW, gen)
     g = gold(batch)
     kl = (policy.logprob(model, theta, batch) - batch["logp_ref"]).mean()
-    return {"gold_reward": g.mean().item(), "win_rate": metarm.tie_accuracy(g - gold(ref_eval)).item(),
-            "kl": kl.item()}, batch, g
+    return (
+        {"gold_reward": g.mean().item(), "win_rate": metarm.tie_accuracy(g - gold(ref_eval)).item(), "kl": kl.item()},
+        batch,
+        g,
+    )
 
 
 @torch.no_grad()
-def rm_accuracy(s: dict, rms: dict, m: str, d: str) -> float:
+def rm_accuracy(s: Setup, rms: dict, m: str, d: str) -> float:
     """The RM's accuracy on d's labelled evaluation pairs against the noise-free gold ordering (gold
     ties excluded, RM ties 1/2); MetaRM's RMs (one per repeat) are averaged."""
     phis = rms[m]
-    phis = [phis[d]] if m == "in_domain_rm" else [phis] if m != "metarm" else \
-        [p for (dd, _), p in phis.items() if dd == d]
-    chosen, rejected = s["eval_pairs"][d]
-    return mean([metarm.tie_accuracy(policy.reward(s["rm"], phi, chosen) - policy.reward(s["rm"], phi, rejected),
-                                     s["gold_margins"][d]).item() for phi in phis])
+    phis = (
+        [phis[d]]
+        if m == "in_domain_rm"
+        else [phis]
+        if m != "metarm"
+        else [p for (dd, _), p in phis.items() if dd == d]
+    )
+    chosen, rejected = s.eval_pairs[d]
+    return mean(
+        [
+            metarm.tie_accuracy(
+                policy.reward(s.rm, phi, chosen) - policy.reward(s.rm, phi, rejected), s.gold_margins[d]
+            ).item()
+            for phi in phis
+        ]
+    )
 
 
 @torch.no_grad()
-def measure_premises(s: dict, phi: dict, ref_eval: dict, adapted: dict, gold, n: int) -> dict:
+def measure_premises(rm, phi: dict, ref_eval: dict, adapted: dict, gold, n: int) -> dict:
     """The papers' premises, measured with the vanilla RM (§4): its accuracy on gold-labelled pairs of
     two samples of the same prompt, from pi_ref and from the policy adapted with it; its normalised
     reward-difference spread (§3) on the same samples."""
     out = {}
     for name, batch in (("pi_ref", ref_eval), ("adapted", adapted)):
-        r, g = policy.reward(s["rm"], phi, batch), gold(batch)
-        half = len(r) // 2                                      # rows i and i + half share a prompt
-        acc = metarm.tie_accuracy(r[:half] - r[half:2 * half], g[:half] - g[half:2 * half]).item()
-        out[f"acc_{name}_samples"] = None if math.isnan(acc) else acc     # NaN: every pair tied in gold
+        r, g = policy.reward(rm, phi, batch), gold(batch)
+        half = len(r) // 2  # rows i and i + half share a prompt
+        acc = metarm.tie_accuracy(r[:half] - r[half : 2 * half], g[:half] - g[half : 2 * half]).item()
+        out[f"acc_{name}_samples"] = None if math.isnan(acc) else acc  # NaN: every pair tied in gold
         out[f"spread_{name}"] = metarm.reward_spread(r.view(n, -1).T.reshape(-1), n)
     return out
 
@@ -100,10 +152,20 @@ def mean(xs):
 def t_quantile(df: int, p: float = 0.975) -> float:
     """The p-quantile of Student's t with df degrees of freedom, by bisection on its CDF (the CDF by
     Simpson's rule on the density: exact to ~1e-7 here, no scipy needed)."""
-    dens = lambda x: math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi) \
-        * (1 + x * x / df) ** (-(df + 1) / 2)
-    cdf = lambda x: 0.5 + sum((dens(a) + 4 * dens(a + x / 2000) + dens(a + x / 1000)) * x / 6000
-                              for a in (i * x / 1000 for i in range(1000)))
+
+    def dens(x):
+        return (
+            math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2))
+            / math.sqrt(df * math.pi)
+            * (1 + x * x / df) ** (-(df + 1) / 2)
+        )
+
+    def cdf(x):
+        return 0.5 + sum(
+            (dens(a) + 4 * dens(a + x / 2000) + dens(a + x / 1000)) * x / 6000
+            for a in (i * x / 1000 for i in range(1000))
+        )
+
     lo, hi = 0.0, 1000.0
     for _ in range(60):
         mid = (lo + hi) / 2
@@ -134,117 +196,192 @@ def verdict(ci, direction: int = 1) -> str:
 
 
 # ==== The figures' experiments ==================================================================
-def figure_experiments(cfg, s: dict, logs: list, per_seed: list, sft_losses: list, timings: dict,
-                       bcfg: metarm.BilevelConfig) -> dict:
+def figure_experiments(
+    cfg, s: Setup, logs: list, per_seed: list, sft_losses: list, timings: dict, bcfg: metarm.BilevelConfig
+) -> dict:
     """Reward-vs-KL frontier, RLHF rounds, hypergradient error, outer convergence, training curves."""
     seeds = [k for k in range(min(3, cfg.seeds))]
     out = {}
     with clock(timings, "figure_frontier"):
         out["frontier"] = frontier(cfg, s, logs, per_seed, seeds)
-    if "metarm" in s["methods"]:
+    if "metarm" in s.methods:
         with clock(timings, "figure_rlhf_rounds"):
             out["rlhf_rounds"] = rlhf_figure(cfg, s, logs, seeds)
-    if "bilevel" in s["methods"]:
+    if "bilevel" in s.methods:
         with clock(timings, "figure_hypergradient_error"):
-            out["hypergradient_error"] = hypergradient_error(s, logs[0]["rms"]["bilevel"], bcfg,
-                                                             logs[0]["curvature"])
+            phi = logs[0]["rms"]["bilevel"]
+            curv = logs[0]["curvature"]
+            out["hypergradient_error"] = hypergradient_error(s.model, s.rm, s.theta_ref, s.world, phi, bcfg, curv)
         with clock(timings, "figure_outer_convergence"):
             out["outer_convergence"] = outer_convergence(s, logs, seeds, bcfg)
-    every = lambda xs, n=10: [x for i, x in enumerate(xs) if i % n == 0]
-    out["training_curves"] = {"sft_loss": every(sft_losses), "vanilla_rm_loss": every([e["loss"] for e in logs[0]["vanilla_rm"]]),
-                              "bilevel_F": [e["F"] for e in logs[0].get("bilevel", [])]}
+
+    def every(xs, n=10):
+        return [x for i, x in enumerate(xs) if i % n == 0]
+
+    out["training_curves"] = {
+        "sft_loss": every(sft_losses),
+        "vanilla_rm_loss": every([e["loss"] for e in logs[0]["vanilla_rm"]]),
+        "bilevel_F": [e["F"] for e in logs[0].get("bilevel", [])],
+    }
     return out
 
 
-def frontier(cfg, s: dict, logs: list, per_seed: list, seeds: list) -> dict:
+def frontier(cfg, s: Setup, logs: list, per_seed: list, seeds: list) -> dict:
     """Gold reward and KL after adaptation at beta in {0.25, 0.5, 1} for the vanilla and bilevel RMs and
     the oracle, on the first two evaluation domains, per seed (paired over seeds): one adaptation at
     0.25 and 1; at cfg.beta the main table's own adaptations (per_seed)."""
-    methods = [m for m in ("vanilla_rm", "bilevel", "oracle") if m in s["methods"]]
-    points = {m: {str(cfg.beta): {seed: [per_seed[seed]["metrics"][m][d] for d in s["domains"][:2]] for seed in seeds}}
-              for m in methods}
-    gold, gen = gold_fn(s["world"]), lambda k: torch.Generator(s["device"]).manual_seed(k)
+    methods = [m for m in ("vanilla_rm", "bilevel", "oracle") if m in s.methods]
+    points = {
+        m: {str(cfg.beta): {seed: [per_seed[seed]["metrics"][m][d] for d in s.domains[:2]] for seed in seeds}}
+        for m in methods
+    }
+    gold = gold_fn(s.world)
+
+    def gen(k):
+        return policy.generator(k, s.device)
+
     for beta in [b for b in (0.25, 0.5, 1.0) if b != cfg.beta]:
-        acfg = metarm.AdaptConfig(**{**asdict(s["adapt_cfg"]), "beta": beta})
+        acfg = metarm.AdaptConfig(**{**asdict(s.adapt_cfg), "beta": beta})
         for seed in seeds:
-            for i, d in enumerate(s["domains"][:2]):
-                prompts, key = s["prompts"][d], crn_seed(seed, i, 7)
-                ref = policy.sample(s["model"], {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))
-                ref_eval = policy.sample(s["model"], {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
-                rewards = reward_functions({**s, "methods": methods}, logs[seed]["rms"], d, ref)
+            for i, d in enumerate(s.domains[:2]):
+                prompts, key = s.prompts[d], crn_seed(seed, i, 7)
+                ref = policy.sample(s.model, {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))
+                ref_eval = policy.sample(s.model, {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
+                rewards = reward_functions(replace(s, methods=methods), logs[seed]["rms"], d, ref)
                 for m in methods:
-                    theta = metarm.adapt(s["model"], prompts, rewards[m], acfg, gen(key))[0]
-                    res = evaluate(s["model"], theta, prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)[0]
+                    theta = metarm.adapt(s.model, prompts, rewards[m], acfg, gen(key))[0]
+                    res = evaluate(s.model, theta, prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)[0]
                     points[m].setdefault(str(beta), {}).setdefault(seed, []).append(res)
-    values = {m: {beta: {k: [mean([r[k] for r in per[seed]]) for seed in seeds] for k in ("gold_reward", "kl")}
-                  for beta, per in by_beta.items()} for m, by_beta in points.items()}
-    out = {"domains": s["domains"][:2], "seeds": seeds,
-           "points": {m: {beta: {k: interval(v) for k, v in p.items()} for beta, p in by_beta.items()}
-                      for m, by_beta in values.items()}}
-    if "bilevel" in values:                             # paired over seeds at each beta
-        out["bilevel - vanilla_rm"] = {beta: {k: interval([a - b for a, b in zip(values["bilevel"][beta][k],
-                                                                                   values["vanilla_rm"][beta][k])])
-                                              for k in ("gold_reward", "kl")} for beta in values["bilevel"]}
+    values = {
+        m: {
+            beta: {k: [mean([r[k] for r in per[seed]]) for seed in seeds] for k in ("gold_reward", "kl")}
+            for beta, per in by_beta.items()
+        }
+        for m, by_beta in points.items()
+    }
+    out = {
+        "domains": s.domains[:2],
+        "seeds": seeds,
+        "points": {
+            m: {beta: {k: interval(v) for k, v in p.items()} for beta, p in by_beta.items()}
+            for m, by_beta in values.items()
+        },
+    }
+    if "bilevel" in values:  # paired over seeds at each beta
+        out["bilevel - vanilla_rm"] = {
+            beta: {
+                k: interval([a - b for a, b in zip(values["bilevel"][beta][k], values["vanilla_rm"][beta][k])])
+                for k in ("gold_reward", "kl")
+            }
+            for beta in values["bilevel"]
+        }
     return out
 
 
-def rlhf_figure(cfg, s: dict, logs: list, seeds: list, rounds: int = 3) -> dict:
+def rlhf_figure(cfg, s: Setup, logs: list, seeds: list, rounds: int = 3) -> dict:
     """§3, the paper's main setting: iterative RLHF on the training domains' prompts, MetaRM vs eta = 0,
     3 rounds, per seed: the RM's normalised spread and the gold reward of each round's policy."""
-    prompts = torch.cat([s["prompts"][d][::4] for d in data.TRAIN_DOMAINS])
+    prompts = torch.cat([s.prompts[d][::4] for d in data.TRAIN_DOMAINS])
     runs = {"metarm": [], "metarm_eta0": []}
     for seed in seeds:
-        gen = torch.Generator(s["device"]).manual_seed(seed + 77)
-        ref = policy.sample(s["model"], {}, prompts.repeat(4, 1), MAX_NEW, gen)
+        gen = policy.generator(seed + 77, s.device)
+        ref = policy.sample(s.model, {}, prompts.repeat(4, 1), MAX_NEW, gen)
         for name, eta in (("metarm", cfg.eta), ("metarm_eta0", 0.0)):
-            phi, opt = policy.continue_from(logs[seed]["rms"]["vanilla_rm"], logs[seed]["rms"]["vanilla_opt"], cfg.rm_lr)
-            mcfg = metarm.MetaRMConfig(**{**asdict(s["metarm_cfg"]), "eta": eta})
-            gens = [torch.Generator(s["device"]).manual_seed(seed + k) for k in (78, 79)]   # the same for both
-            runs[name].append(rlhf_rounds(s["model"], prompts, ref, s["rm"], phi, opt, s["train_pairs"], mcfg,
-                                          s["adapt_cfg"], rounds, gold_fn(s["world"]), *gens))
-    by_round = lambda name, k: [[run[t][k] for run in runs[name]] for t in range(rounds)]
-    return {"seeds": seeds, "rounds": rounds,
-            **{name: {k: [interval(v) for v in by_round(name, k)] for k in ("spread", "gold")} for name in runs},
-            "metarm - metarm_eta0": {k: [interval([a - b for a, b in zip(x, y)])
-                                         for x, y in zip(by_round("metarm", k), by_round("metarm_eta0", k))]
-                                     for k in ("spread", "gold")}}
+            phi, opt = policy.continue_from(
+                logs[seed]["rms"]["vanilla_rm"], logs[seed]["rms"]["vanilla_opt"], cfg.rm_lr
+            )
+            mcfg = metarm.MetaRMConfig(**{**asdict(s.metarm_cfg), "eta": eta})
+            gens = [policy.generator(seed + k, s.device) for k in (78, 79)]  # the same for both
+            runs[name].append(
+                rlhf_rounds(
+                    s.model,
+                    prompts,
+                    ref,
+                    s.rm,
+                    phi,
+                    opt,
+                    s.train_pairs,
+                    mcfg,
+                    s.adapt_cfg,
+                    rounds,
+                    gold_fn(s.world),
+                    *gens,
+                )
+            )
+
+    def by_round(name, k):
+        return [[run[t][k] for run in runs[name]] for t in range(rounds)]
+
+    return {
+        "seeds": seeds,
+        "rounds": rounds,
+        **{name: {k: [interval(v) for v in by_round(name, k)] for k in ("spread", "gold")} for name in runs},
+        "metarm - metarm_eta0": {
+            k: [
+                interval([a - b for a, b in zip(x, y)])
+                for x, y in zip(by_round("metarm", k), by_round("metarm_eta0", k))
+            ]
+            for k in ("spread", "gold")
+        },
+    }
 
 
-def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: dict, domain: str = "restaurant",
-                        ns=(1, 2, 4, 8, 16, 32), timed: bool = False) -> dict:
+def hypergradient_error(
+    model,
+    rm,
+    theta_ref: dict,
+    world,
+    phi: dict,
+    bcfg: metarm.BilevelConfig,
+    curv: dict,
+    domain: str = "restaurant",
+    ns=(1, 2, 4, 8, 16, 32),
+    timed: bool = False,
+) -> dict:
     """Error of dF/dr against a reference vs HVPs, for CG (n iterations), Neumann and unrolled (4n terms
     or steps), on the real inner problem of one training domain at seed 0's bilevel RM (float64 copies).
     CG and Neumann solve at theta* (Newton, |grad g| <= 1e-9); unrolled runs its own inner steps from
     theta_ref. Reference: CG at theta* to a relative residual of 1e-12, itself checked against a central
     finite difference of F. training_setting: the hypergradient as one outer step would compute it from a
     cold start (T inner steps from theta_ref, then CG with cg_iters / cg_tol; training warm-starts).
-    timed: add each row's seconds (bench.py only)."""
-    model = copy.deepcopy(s["model"]).double().cpu()
-    rm = copy.deepcopy(s["rm"]).double().cpu()
+    timed: add each row's seconds (bench.py only). model, rm: pi_ref and the reward model's architecture;
+    curv: metarm.calibrate's result (rho and the inner step)."""
+    model = copy.deepcopy(model).double().cpu()
+    rm = copy.deepcopy(rm).double().cpu()
     phi = {n: p.detach().double().cpu() for n, p in phi.items()}
-    theta_ref = {n: p.detach().double().cpu() for n, p in s["theta_ref"].items()}
+    theta_ref = {n: p.detach().double().cpu() for n, p in theta_ref.items()}
     bcfg = metarm.BilevelConfig(**{**asdict(bcfg), "rho": curv["rho"], "inner_lr": curv["inner_lr"]})
-    prompts = s["prompts"][domain].cpu()
-    cand = policy.sample(model, {}, prompts.repeat_interleave(bcfg.K, 0), bcfg.max_new_tokens, torch.Generator().manual_seed(0))
-    pairs = policy.encode_pairs(model, s["world"].pairs[domain][:64])
+    prompts = torch.tensor(world.prompts[domain])
+    candidate_prompts = prompts.repeat_interleave(bcfg.K, 0)
+    cand = policy.sample(model, {}, candidate_prompts, bcfg.max_new_tokens, policy.generator(0))
+    pairs = policy.encode_pairs(model, world.pairs[domain][:64])
     prob = {"cand": cand, "chosen": pairs[0], "rejected": pairs[1]}
     g, f = metarm.level_functions(model, prob, bcfg, theta_ref)
     with torch.no_grad():
         outer = {"r": metarm.candidate_rewards(rm, phi, cand, bcfg.K)}
-    theta_gd, _ = bilevel.inner_solve(g, theta_ref, outer, 10 * bcfg.T, bcfg.inner_lr)   # g is not convex at theta_ref
+    theta_gd, _ = bilevel.inner_solve(g, theta_ref, outer, 10 * bcfg.T, bcfg.inner_lr)  # g is not convex at theta_ref
     theta_star, newton = bilevel.newton_solve(g, theta_gd, outer, tol=1e-9)
     ref, _ = bilevel.hypergrad_implicit(f, g, theta_star, outer, "cg", max_iter=2000, tol=1e-12)
-    F = lambda up: f(bilevel.newton_solve(g, theta_star, up, tol=1e-9)[0], up)
+
+    def F(up):
+        return f(bilevel.newton_solve(g, theta_star, up, tol=1e-9)[0], up)
+
     u = {"r": torch.randn(outer["r"].shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)}
     fd = bilevel.hypergrad_fd(F, outer, u, eps=1e-4)
-    solvers = {"cg": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, outer, "cg", max_iter=n, tol=0.0),
-               "neumann": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, outer, "neumann",
-                                                               alpha=bcfg.inner_lr, J=4 * n),
-               "unrolled": lambda n: bilevel.hypergrad_unrolled(f, g, theta_ref, outer, 4 * n, bcfg.inner_lr)}
-    error = lambda gr: bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)
+    solvers = {
+        "cg": lambda n: bilevel.hypergrad_implicit(f, g, theta_star, outer, "cg", max_iter=n, tol=0.0),
+        "neumann": lambda n: bilevel.hypergrad_implicit(
+            f, g, theta_star, outer, "neumann", alpha=bcfg.inner_lr, J=4 * n
+        ),
+        "unrolled": lambda n: bilevel.hypergrad_unrolled(f, g, theta_ref, outer, 4 * n, bcfg.inner_lr),
+    }
+
+    def error(gr):
+        return bilevel.norm(bilevel.add(gr, ref, -1.0)) / bilevel.norm(ref)
+
     curves = {name: [] for name in solvers}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")                # truncated solves warn by design
+        warnings.simplefilter("ignore")  # truncated solves warn by design
         for name, solve in solvers.items():
             for n in ns:
                 t = time.perf_counter()
@@ -253,25 +390,37 @@ def hypergradient_error(s: dict, phi: dict, bcfg: metarm.BilevelConfig, curv: di
                 curves[name].append({**row, "seconds": time.perf_counter() - t} if timed else row)
         theta_T, inner = bilevel.inner_solve(g, theta_ref, outer, bcfg.T, bcfg.inner_lr)
         gr, info = bilevel.hypergrad_implicit(f, g, theta_T, outer, "cg", max_iter=bcfg.cg_iters, tol=bcfg.cg_tol)
-    training = {"T": bcfg.T, "cg_iters": bcfg.cg_iters, "cg_tol": bcfg.cg_tol, "hvps": info["hvps"],
-                "inner_grad_norm": inner["grad_norm"], "error": error(gr)}
-    return {"domain": domain, "newton_grad_norm": newton["grad_norm"],
-            "fd_check_rel_error": abs(fd - bilevel.dot(ref, u).item()) / abs(fd), "curves": curves,
-            "training_setting": training}
+    training = {
+        "T": bcfg.T,
+        "cg_iters": bcfg.cg_iters,
+        "cg_tol": bcfg.cg_tol,
+        "hvps": info["hvps"],
+        "inner_grad_norm": inner["grad_norm"],
+        "error": error(gr),
+    }
+    return {
+        "domain": domain,
+        "newton_grad_norm": newton["grad_norm"],
+        "fd_check_rel_error": abs(fd - bilevel.dot(ref, u).item()) / abs(fd),
+        "curves": curves,
+        "training_setting": training,
+    }
 
 
-def outer_convergence(s: dict, logs: list, seeds: list, base: metarm.BilevelConfig, steps: int = 20, every: int = 5) -> dict:
+def outer_convergence(
+    s: Setup, logs: list, seeds: list, base: metarm.BilevelConfig, steps: int = 20, every: int = 5
+) -> dict:
     """§2.5: the raw full-batch ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 along bilevel runs at beta in
     {0.25, 0.5, 1}, rho and the inner step *held fixed* across the sweep (calibrated once, at cfg.beta),
     per seed, on a fixed objective: 2 training domains' candidates and pairs drawn once, 64 pooled pairs."""
     curves = {}
     for seed in seeds:
-        gen = torch.Generator(s["device"]).manual_seed(seed + 31)
-        domains = {d: (s["prompts"][d], s["domain_pairs"][d]) for d in data.TRAIN_DOMAINS[:2]}
-        fixed = {d: metarm.draw_problem(s["model"], *domains[d], base, gen) for d in domains}
-        rows = policy.draw(len(s["train_pairs"][0]["idx"]), 64, gen)
-        pairs = tuple(policy.rows_of(b, rows) for b in s["train_pairs"])
-        metarm.calibrate(s["model"], s["rm"], logs[seed]["rms"]["vanilla_rm"], fixed, base, s["theta_ref"])
+        gen = policy.generator(seed + 31, s.device)
+        domains = {d: (s.prompts[d], s.domain_pairs[d]) for d in data.TRAIN_DOMAINS[:2]}
+        fixed = {d: metarm.draw_problem(s.model, *domains[d], base, gen) for d in domains}
+        rows = policy.draw(len(s.train_pairs[0]["idx"]), 64, gen)
+        pairs = tuple(policy.rows_of(b, rows) for b in s.train_pairs)
+        metarm.calibrate(s.model, s.rm, logs[seed]["rms"]["vanilla_rm"], fixed, base, s.theta_ref)
         for beta in (0.25, 0.5, 1.0):
             bcfg = metarm.BilevelConfig(**{**asdict(base), "beta": beta, "recalibrate_every": 0})
             phi = policy.copy_params(logs[seed]["rms"]["vanilla_rm"])
@@ -279,29 +428,55 @@ def outer_convergence(s: dict, logs: list, seeds: list, base: metarm.BilevelConf
             for k in range(0, steps + 1, every):
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="cg did not converge")
-                    grads = metarm.outer_gradient(s["model"], s["rm"], phi, fixed, pairs, bcfg, s["theta_ref"])[0]
-                norms.append(sum((g ** 2).sum() for g in grads).item())
+                    grads = metarm.outer_gradient(s.model, s.rm, phi, fixed, pairs, bcfg, s.theta_ref)[0]
+                norms.append(sum((g**2).sum() for g in grads).item())
                 if k < steps:
-                    metarm.train_bilevel(s["model"], s["rm"], phi, domains, pairs, bcfg, s["theta_ref"], gen, gen,
-                                         steps=every, opt=opt)
+                    metarm.train_bilevel(
+                        s.model, s.rm, phi, domains, pairs, bcfg, s.theta_ref, gen, gen, steps=every, opt=opt
+                    )
             curves.setdefault(str(beta), []).append([n / norms[0] for n in norms])
-    running_min = lambda xs: [min(xs[:i + 1]) for i in range(len(xs))]
-    return {"steps": list(range(0, steps + 1, every)), "seeds": seeds,
-            "ratio": {beta: [interval(list(v)) for v in zip(*c)] for beta, c in curves.items()},
-            "running_min": {beta: [interval(list(v)) for v in zip(*map(running_min, c))] for beta, c in curves.items()}}
+
+    def running_min(xs):
+        return [min(xs[: i + 1]) for i in range(len(xs))]
+
+    return {
+        "steps": list(range(0, steps + 1, every)),
+        "seeds": seeds,
+        "ratio": {beta: [interval(list(v)) for v in zip(*c)] for beta, c in curves.items()},
+        "running_min": {beta: [interval(list(v)) for v in zip(*map(running_min, c))] for beta, c in curves.items()},
+    }
 
 
-def rlhf_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: metarm.MetaRMConfig, adapt_cfg: metarm.AdaptConfig,
-                rounds: int, gold, generator, meta_generator):
+def rlhf_rounds(
+    model,
+    prompts,
+    ref_batch,
+    rm,
+    phi,
+    opt,
+    pairs,
+    cfg: metarm.MetaRMConfig,
+    adapt_cfg: metarm.AdaptConfig,
+    rounds: int,
+    gold,
+    generator,
+    meta_generator,
+):
     """Iterative RLHF (§3, the paper's main setting): each round continues the policy with (3) under the
     current RM, samples it (cfg.temperature, k per prompt), records the RM's spread and the samples'
     gold reward, then updates the RM with MetaRM (9)-(11) on them (eta = 0: Bradley-Terry steps)."""
     theta, history = None, []
     for t in range(rounds):
-        reward_fn = metarm.standardised(lambda b: policy.reward(rm, phi, b), ref_batch)
-        theta, _ = metarm.adapt(model, prompts, reward_fn, adapt_cfg, generator, theta0=theta)
-        meta = policy.sample(model, theta, prompts.repeat_interleave(cfg.k, dim=0), adapt_cfg.max_new_tokens,
-                             generator, temperature=cfg.temperature)
+        standardised_reward = metarm.standardised(reward_fn(rm, phi), ref_batch)
+        theta, _ = metarm.adapt(model, prompts, standardised_reward, adapt_cfg, generator, theta0=theta)
+        meta = policy.sample(
+            model,
+            theta,
+            prompts.repeat_interleave(cfg.k, dim=0),
+            adapt_cfg.max_new_tokens,
+            generator,
+            temperature=cfg.temperature,
+        )
         with torch.no_grad():
             spread = metarm.reward_spread(policy.reward(rm, phi, meta), cfg.k)
         history.append({"round": t, "spread": spread, "gold": gold(meta).mean().item()})

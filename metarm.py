@@ -17,6 +17,7 @@ Symbols -> names:
     eta, k      MetaRM's ascent step (10) and responses per shifted prompt (9)
 A batch is policy.encode's dict (tokens, mask, pi_ref's features); a reward function maps a batch to (B,).
 """
+
 import math
 import warnings
 from dataclasses import dataclass
@@ -38,18 +39,22 @@ def tie_accuracy(margins, gold_margins=None):
     keep = gold_margins != 0
     return ((margins * gold_margins > 0).float() + 0.5 * (margins == 0).float())[keep].mean()
 
+
 def bt_loss(r_chosen, r_rejected):
     """Eq. (1): L_BT = -E log sigmoid(r(x, y_w) - r(x, y_l)). Returns (loss, accuracy, margins (B,))."""
     margins = r_chosen - r_rejected
     return -F.logsigmoid(margins).mean(), tie_accuracy(margins), margins
 
+
 def dpo_loss(delta_chosen, delta_rejected, beta_dpo: float):
     """Eq. (2): L_DPO = -E log sigmoid(beta_dpo [Delta(x, y_w) - Delta(x, y_l)]), as bt_loss returns it."""
     return bt_loss(beta_dpo * delta_chosen, beta_dpo * delta_rejected)
 
+
 def implicit_reward(model, theta: dict, batch: dict):
     """Delta_theta(x, y) = log pi_theta(y|x) - log pi_ref(y|x), (B,), with the graph to theta."""
     return policy.logprob(model, theta, batch) - batch["logp_ref"]
+
 
 def kl_estimates(logp, logp_ref):
     """Per-sample estimators of KL(pi_theta || pi_ref) from y ~ pi_theta: k1 = Delta (unbiased, used in
@@ -57,21 +62,35 @@ def kl_estimates(logp, logp_ref):
     delta = logp - logp_ref
     return delta, torch.expm1(-delta) + delta
 
+
 def standardised(reward_fn, ref_batch: dict):
     """The reward scale of §1: r -> (r - mean) / std over pi_ref's samples `ref_batch` of the prompts."""
     with torch.no_grad():
         r = reward_fn(ref_batch)
     mean, std = r.mean(), r.std().clamp_min(1e-6)
-    return lambda batch: (reward_fn(batch) - mean) / std
+
+    def standardised_reward(batch):
+        return (reward_fn(batch) - mean) / std
+
+    return standardised_reward
+
+
+@dataclass
+class RMConfig:
+    steps: int = 400  # Bradley-Terry steps (1) of the vanilla RM
+    batch_size: int = 32  # pairs per step
+    lr: float = 1e-3  # Adam on phi
+
 
 @dataclass
 class AdaptConfig:
-    beta: float = 0.5          # KL coefficient beta of Eq. (3)
-    steps: int = 25            # policy-gradient steps
+    beta: float = 0.5  # KL coefficient beta of Eq. (3)
+    steps: int = 25  # policy-gradient steps
     prompts_per_step: int = 16
-    samples: int = 4           # responses per prompt (RLOO needs >= 2)
-    lr: float = 1e-2           # Adam on theta
+    samples: int = 4  # responses per prompt (RLOO needs >= 2)
+    lr: float = 1e-2  # Adam on theta
     max_new_tokens: int = 16
+
 
 def adapt(model, prompts, reward_fn, cfg: AdaptConfig, generator, theta0: dict | None = None):
     """Eq. (3) by on-policy RLOO with the sequence-level k1 penalty r - beta Delta_theta: each step samples
@@ -88,8 +107,8 @@ def adapt(model, prompts, reward_fn, cfg: AdaptConfig, generator, theta0: dict |
         with torch.no_grad():
             r = reward_fn(batch)
             k1, k3 = kl_estimates(logp, batch["logp_ref"])
-            R = (r - cfg.beta * k1).view(-1, n)                                # (B, n) penalised reward
-            baseline = (R.sum(1, keepdim=True) - R) / (n - 1)                  # leave-one-out
+            R = (r - cfg.beta * k1).view(-1, n)  # (B, n) penalised reward
+            baseline = (R.sum(1, keepdim=True) - R) / (n - 1)  # leave-one-out
             A = (R - baseline).view(-1)
         loss = -(A * logp).mean()
         check_finite(loss.detach(), "adaptation loss (3)", step)
@@ -98,6 +117,7 @@ def adapt(model, prompts, reward_fn, cfg: AdaptConfig, generator, theta0: dict |
         opt.step()
         log.append({"reward": r.mean().item(), "kl_k1": k1.mean().item(), "kl_k3": k3.mean().item()})
     return {n_: p.detach() for n_, p in theta.items()}, log
+
 
 def rm_bt_loss(rm, phi: dict, chosen: dict, rejected: dict):
     """Eq. (1) for the reward model r_phi on encoded pair batches: (loss, accuracy, margins)."""
@@ -109,14 +129,16 @@ def importance_weights(delta, K: int):
     """Eq. (4): w_k(theta; x) = softmax_k Delta_theta(x, y_k), (B, K); w = 1/K at theta = theta_ref."""
     return torch.softmax(delta.view(-1, K), dim=-1)
 
+
 def inner_objective(delta, r, K: int, beta: float):
     """Eq. (5) without its proximal term: E_x[-sum_k w_k r_k + beta sum_k w_k log(K w_k)], w = Eq. (4),
     with log w = log_softmax (finite where a weight underflows). Over free weights the minimiser is
     w* = softmax_k(r_k / beta). Args: delta (B K,), r (B, K)."""
     log_w = torch.log_softmax(delta.view(-1, K), dim=-1)
     w = log_w.exp()
-    kl = (w * (log_w + math.log(K))).sum(-1)                         # KL(w || uniform) <= log K
+    kl = (w * (log_w + math.log(K))).sum(-1)  # KL(w || uniform) <= log K
     return (-(w * r).sum(-1) + beta * kl).mean()
+
 
 def inner_loss(model, theta, r, cand, K: int, beta: float, rho: float, theta_ref):
     """Eq. (5): g_d(theta, phi) = inner_objective + rho/2 |theta - theta_ref|^2; r (B, K): the rewards
@@ -124,29 +146,32 @@ def inner_loss(model, theta, r, cand, K: int, beta: float, rho: float, theta_ref
     prox = sum(((theta[n] - theta_ref[n]) ** 2).sum() for n in theta)
     return inner_objective(implicit_reward(model, theta, cand), r, K, beta) + 0.5 * rho * prox
 
+
 def outer_dpo(model, theta, chosen: dict, rejected: dict, beta_dpo: float):
     """Eq. (7), one domain's term: L_DPO(theta; P_d) on encoded chosen / rejected batches."""
     return dpo_loss(implicit_reward(model, theta, chosen), implicit_reward(model, theta, rejected), beta_dpo)[0]
 
+
 @dataclass
 class BilevelConfig:
-    beta: float = 0.5          # KL coefficient of the inner problem (5), as at meta-test
-    beta_dpo: float = 0.1      # DPO temperature in the outer objective (7), chosen on dev (README)
-    lam: float = 0.3           # weight of L_BT in (7)
-    K: int = 4                 # candidates per prompt
-    prompts_per_domain: int = 8   # prompts of a domain whose candidates are drawn at each outer step
-    T: int = 10                # inner gradient steps (6), warm-started from the domain's last theta*
-    inner_lr: float = 0.0      # set with rho by calibrate, from the curvature at theta* (§2.1)
-    rho: float = 0.0           # proximal weight of (5)
-    solver: str = "cg"         # cg | neumann | unrolled
+    beta: float = 0.5  # KL coefficient of the inner problem (5), as at meta-test
+    beta_dpo: float = 0.1  # DPO temperature in the outer objective (7), chosen on dev (README)
+    lam: float = 0.3  # weight of L_BT in (7)
+    K: int = 4  # candidates per prompt
+    prompts_per_domain: int = 8  # prompts of a domain whose candidates are drawn at each outer step
+    T: int = 10  # inner gradient steps (6), warm-started from the domain's last theta*
+    inner_lr: float = 0.0  # set with rho by calibrate, from the curvature at theta* (§2.1)
+    rho: float = 0.0  # proximal weight of (5)
+    solver: str = "cg"  # cg | neumann | unrolled
     cg_iters: int = 10
-    cg_tol: float = 1e-3       # relative residual
+    cg_tol: float = 1e-3  # relative residual
     outer_steps: int = 40
     domains_per_step: int = 2
     pairs_per_domain: int = 32
-    lr: float = 1e-3           # Adam on phi
-    recalibrate_every: int = 20   # outer steps between curvature checks at theta* (0: never)
+    lr: float = 1e-3  # Adam on phi
+    recalibrate_every: int = 20  # outer steps between curvature checks at theta* (0: never)
     max_new_tokens: int = 16
+
 
 def candidate_rewards(rm, phi: dict, cand: dict, K: int):
     """r_phi(x, y_k) (B, K), standardised over the candidates as rewards are at meta-test (§1), so that
@@ -154,14 +179,22 @@ def candidate_rewards(rm, phi: dict, cand: dict, K: int):
     r = policy.reward(rm, phi, cand)
     return ((r - r.mean()) / r.std().clamp_min(1e-8)).view(-1, K)
 
+
 def level_functions(model, prob: dict, cfg: BilevelConfig, theta_ref):
     """One domain's g = Eq. (5) and f = its L_DPO term of Eq. (7), as functions (theta, {"r": rewards})."""
-    g = lambda th, up: inner_loss(model, th, up["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
-    f = lambda th, up: outer_dpo(model, th, prob["chosen"], prob["rejected"], cfg.beta_dpo)
+
+    def g(theta, outer):
+        return inner_loss(model, theta, outer["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
+
+    def f(theta, outer):
+        return outer_dpo(model, theta, prob["chosen"], prob["rejected"], cfg.beta_dpo)
+
     return g, f
 
-def hypergradient(model, rm, phi, prob: dict, cfg: BilevelConfig, theta_ref, theta0=None, solver=None,
-                  iters=None, newton_tol=None):
+
+def hypergradient(
+    model, rm, phi, prob: dict, cfg: BilevelConfig, theta_ref, theta0=None, solver=None, iters=None, newton_tol=None
+):
     """Eq. (8) for one domain: (dF_d/dr (B, K), the candidates' rewards r with graph to phi, info). phi
     enters g only through r = r_phi(x, y_k): bilevel.py differentiates with respect to r, one backward pass
     through the RM carries it to phi. theta0: start of the T inner steps (default theta_ref). solver: cg |
@@ -174,32 +207,45 @@ def hypergradient(model, rm, phi, prob: dict, cfg: BilevelConfig, theta_ref, the
     if solver == "unrolled":
         grad, info = bilevel.hypergrad_unrolled(f, g, start, outer, iters or cfg.T, cfg.inner_lr)
     else:
-        if newton_tol:             # g is not convex far from theta*: gradient steps first, then Newton
+        if newton_tol:  # g is not convex far from theta*: gradient steps first, then Newton
             theta_star, _ = bilevel.inner_solve(g, start, outer, 10 * cfg.T, cfg.inner_lr)
             theta_star, newton = bilevel.newton_solve(g, theta_star, outer, tol=newton_tol)
             if not newton["converged"]:
                 raise FloatingPointError(f"the inner problem was not solved to |grad g| <= {newton_tol}")
         else:
             theta_star, _ = bilevel.inner_solve(g, start, outer, cfg.T, cfg.inner_lr)
-        kw = dict(max_iter=iters or cfg.cg_iters, tol=cfg.cg_tol) if solver == "cg" else \
-            dict(alpha=cfg.inner_lr, J=iters or cfg.cg_iters)
+        kw = (
+            dict(max_iter=iters or cfg.cg_iters, tol=cfg.cg_tol)
+            if solver == "cg"
+            else dict(alpha=cfg.inner_lr, J=iters or cfg.cg_iters)
+        )
         grad, info = bilevel.hypergrad_implicit(f, g, theta_star, outer, solver=solver, **kw)
         info["theta"] = theta_star
     info["F"] = f(info["theta"], outer).item()
     return grad["r"], r, info
 
+
 def curvature(model, theta, r, cand, cfg: BilevelConfig, theta_ref, iters: int = 20):
     """(lambda_min, lambda_max) of grad^2_theta g_d with rho = 0, at theta, by Lanczos with HVPs (§2.1)."""
-    g0 = lambda th: inner_loss(model, th, r, cand, cfg.K, cfg.beta, 0.0, theta_ref)
-    v0 = {n: torch.randn(p.shape, generator=torch.Generator(p.device).manual_seed(0), device=p.device,
-                         dtype=p.dtype) for n, p in theta.items()}
-    lo, hi, _ = bilevel.lanczos_eigs(lambda v: bilevel.hvp(g0, theta, v), v0, iters)
+
+    def g0(theta):
+        return inner_loss(model, theta, r, cand, cfg.K, cfg.beta, 0.0, theta_ref)
+
+    def hessian_times(v):
+        return bilevel.hvp(g0, theta, v)
+
+    v0 = {}
+    for n, p in theta.items():
+        v0[n] = torch.randn(p.shape, generator=policy.generator(0, p.device), device=p.device, dtype=p.dtype)
+    lo, hi, _ = bilevel.lanczos_eigs(hessian_times, v0, iters)
     return lo, hi
+
 
 def rho_from(lam_min: float, lam_max: float) -> float:
     """§2.1: rho = max(1.5 (-lambda_min)_+, 0.01 lambda_max), above -lambda_min (local strong
     convexity) and a condition number of at most ~100."""
     return max(1.5 * max(0.0, -lam_min), 0.01 * lam_max)
+
 
 def calibrate(model, rm, phi, problems: dict, cfg: BilevelConfig, theta_ref, rounds: int = 3) -> dict:
     """Set cfg.rho and cfg.inner_lr from the curvature at theta* (§2.1), worst case over `problems`, by a
@@ -215,22 +261,42 @@ def calibrate(model, rm, phi, problems: dict, cfg: BilevelConfig, theta_ref, rou
             theta_star, _ = bilevel.inner_solve(g, theta_ref, {"r": r[d]}, 4 * cfg.T, cfg.inner_lr)
             eigs.append(curvature(model, theta_star, r[d], p["cand"], cfg, theta_ref))
     lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
-    return {"at": "theta*", "lambda_min": lam_min, "lambda_max": lam_max, "rho": cfg.rho,
-            "inner_lr": cfg.inner_lr, "margin": lam_min + cfg.rho}
+    return {
+        "at": "theta*",
+        "lambda_min": lam_min,
+        "lambda_max": lam_max,
+        "rho": cfg.rho,
+        "inner_lr": cfg.inner_lr,
+        "margin": lam_min + cfg.rho,
+    }
+
 
 def recheck_rho(model, rm, phi, problems: dict, warm: dict, cfg: BilevelConfig, theta_ref) -> float:
     """§2.1 during the run: lambda_min + rho at the drawn domains' current theta*; below rho / 2, rho is
     raised to rho_from(lambda_min, lambda_max) and the inner step follows. Returns lambda_min + rho."""
-    eigs = [curvature(model, warm[d], candidate_rewards(rm, phi, p["cand"], cfg.K).detach(), p["cand"], cfg, theta_ref)
-            for d, p in problems.items()]
+    eigs = [
+        curvature(model, warm[d], candidate_rewards(rm, phi, p["cand"], cfg.K).detach(), p["cand"], cfg, theta_ref)
+        for d, p in problems.items()
+    ]
     lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
     if lam_min + cfg.rho < 0.5 * cfg.rho:
         cfg.rho = max(cfg.rho, rho_from(lam_min, lam_max))
         cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
     return lam_min + cfg.rho
 
-def outer_gradient(model, rm, phi, problems: dict, pairs, cfg: BilevelConfig, theta_ref, n_domains: int | None = None,
-                   warm: dict | None = None, **hyper_kw):
+
+def outer_gradient(
+    model,
+    rm,
+    phi,
+    problems: dict,
+    pairs,
+    cfg: BilevelConfig,
+    theta_ref,
+    n_domains: int | None = None,
+    warm: dict | None = None,
+    **hyper_kw,
+):
     """grad_phi F for F(phi) = (N/n) sum_{d drawn} L_DPO(theta*_d(phi); P_d) + lam L_BT(phi; pairs), (7)(8):
     problems are n domains drawn from the N = n_domains of D_train (default n = N), and N/n makes their sum
     unbiased. warm: domain -> start of its inner solve, updated to the new theta*. Returns (gradients in
@@ -242,7 +308,7 @@ def outer_gradient(model, rm, phi, problems: dict, pairs, cfg: BilevelConfig, th
         dF_dr, r, h_info = hypergradient(model, rm, phi, prob, cfg, theta_ref, theta0=theta0, **hyper_kw)
         if warm is not None:
             warm[d] = h_info["theta"]
-        surrogate = surrogate + scale * (r * dF_dr).sum()    # its phi-gradient is (dr/dphi)^T dF/dr
+        surrogate = surrogate + scale * (r * dF_dr).sum()  # its phi-gradient is (dr/dphi)^T dF/dr
         F_value += scale * h_info["F"]
         info["hvps"] += h_info["hvps"]
         info["unconverged"] += h_info.get("converged") is False
@@ -251,6 +317,7 @@ def outer_gradient(model, rm, phi, problems: dict, pairs, cfg: BilevelConfig, th
         bt = rm_bt_loss(rm, phi, *pairs)[0]
         surrogate, F_value = surrogate + cfg.lam * bt, F_value + cfg.lam * bt.item()
     return list(torch.autograd.grad(surrogate, list(phi.values()))), F_value, info
+
 
 def draw_problem(model, prompts, pairs, cfg: BilevelConfig, generator) -> dict:
     """One domain's data for one outer step (§2.1): cfg.prompts_per_domain prompts of F_d with K fresh
@@ -261,8 +328,21 @@ def draw_problem(model, prompts, pairs, cfg: BilevelConfig, generator) -> dict:
     picks = policy.draw(len(chosen["idx"]), cfg.pairs_per_domain, generator)
     return {"cand": cand, "chosen": policy.rows_of(chosen, picks), "rejected": policy.rows_of(rejected, picks)}
 
-def train_bilevel(model, rm, phi, domains: dict, bt_pairs, cfg: BilevelConfig, theta_ref, generator,
-                  bt_generator, steps: int | None = None, opt=None, dpo_term: bool = True):
+
+def train_bilevel(
+    model,
+    rm,
+    phi,
+    domains: dict,
+    bt_pairs,
+    cfg: BilevelConfig,
+    theta_ref,
+    generator,
+    bt_generator,
+    steps: int | None = None,
+    opt=None,
+    dpo_term: bool = True,
+):
     """Eqs. (6)-(8): Adam on phi along the hypergradient of F. domains: d -> (prompts F_d, encoded P_d).
     Each outer step draws cfg.domains_per_step domains and their data (draw_problem, from `generator`) and
     pooled pairs bt_pairs for the lam term (from `bt_generator`, so that dpo_term=False -- the control
@@ -270,6 +350,8 @@ def train_bilevel(model, rm, phi, domains: dict, bt_pairs, cfg: BilevelConfig, t
     re-checked every cfg.recalibrate_every steps. Returns per-step F, grad_norm, hvps, unconverged, margin."""
     if dpo_term and cfg.inner_lr <= 0:
         raise ValueError("BilevelConfig.inner_lr must be > 0: set it (and rho) with metarm.calibrate (§2.1)")
+    if not dpo_term and cfg.lam == 0:
+        raise ValueError("dpo_term=False with lam = 0: F is 0 and phi would not move (use the vanilla RM)")
     opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
     names, log, warm = list(domains), [], {}
     chosen, rejected = bt_pairs
@@ -278,25 +360,28 @@ def train_bilevel(model, rm, phi, domains: dict, bt_pairs, cfg: BilevelConfig, t
         lam_pairs = (policy.rows_of(chosen, rows), policy.rows_of(rejected, rows))
         problems = {}
         if dpo_term:
-            picks = torch.randperm(len(names), generator=generator, device=generator.device)[:cfg.domains_per_step]
+            picks = torch.randperm(len(names), generator=generator, device=generator.device)[: cfg.domains_per_step]
             problems = {names[i]: draw_problem(model, *domains[names[i]], cfg, generator) for i in picks.tolist()}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="cg did not converge")
             try:
-                grads, F_value, info = outer_gradient(model, rm, phi, problems, lam_pairs, cfg, theta_ref,
-                                                      n_domains=len(names), warm=warm)
-            except FloatingPointError as e:                  # a solve that diverged: name the step
+                grads, F_value, info = outer_gradient(
+                    model, rm, phi, problems, lam_pairs, cfg, theta_ref, n_domains=len(names), warm=warm
+                )
+            except FloatingPointError as e:  # a solve that diverged: name the step
                 raise FloatingPointError(f"{e} at step {step}") from None
         check_finite(torch.tensor([F_value] + [g.norm() for g in grads]), "bilevel F or hypergradient", step)
         apply_gradient(opt, phi, grads)
-        entry = {"F": F_value, "grad_norm": torch.sqrt(sum((g ** 2).sum() for g in grads)).item(), **info}
+        entry = {"F": F_value, "grad_norm": torch.sqrt(sum((g**2).sum() for g in grads)).item(), **info}
         if dpo_term and cfg.recalibrate_every and step % cfg.recalibrate_every == 0:
             entry["margin"] = recheck_rho(model, rm, phi, problems, warm, cfg, theta_ref)
         log.append(entry)
     missed = sum(entry["unconverged"] for entry in log)
     if missed:
-        warnings.warn(f"bilevel: {missed} of {len(log) * cfg.domains_per_step} linear solves stopped at "
-                      f"cg_iters={cfg.cg_iters} above cg_tol={cfg.cg_tol} (counted per step in the log)")
+        warnings.warn(
+            f"bilevel: {missed} of {len(log) * cfg.domains_per_step} linear solves stopped at "
+            f"cg_iters={cfg.cg_iters} above cg_tol={cfg.cg_tol} (counted per step in the log)"
+        )
     return log
 
 
@@ -307,13 +392,15 @@ def distinct_pairs(idx, k: int):
     i, j = torch.triu_indices(k, k, 1)
     return (seqs[:, i] != seqs[:, j]).any(-1)
 
+
 def difference_loss(r, k: int, distinct):
     """Eq. (9): J = E_x (2/k^2) sum_{i<j} sigmoid(|r(x, s_i) - r(x, s_j)|) over the distinct pairs, the
     mean over the batch's prompts (a sum would rescale eta). r (B k,), distinct (B, k(k-1)/2)."""
     r = r.view(-1, k)
     i, j = torch.triu_indices(k, k, 1)
     terms = torch.sigmoid((r[:, i] - r[:, j]).abs()) * distinct
-    return (2.0 / k ** 2) * terms.sum(1).mean()
+    return (2.0 / k**2) * terms.sum(1).mean()
+
 
 def metarm_grad(rm, phi, chosen, rejected, meta, distinct, k: int, eta: float, second_order: bool = False):
     """Eqs. (10)(11): the gradient of phi -> L_BT(phi'), phi' = phi + eta grad J(phi; X_s); second_order=False
@@ -321,7 +408,10 @@ def metarm_grad(rm, phi, chosen, rejected, meta, distinct, k: int, eta: float, s
     (I + eta grad^2 J(phi)) g, g = grad L_BT(phi'), one HVP. chosen, rejected: X_t; meta: X_s, k responses
     per shifted prompt (prompt-major). Returns (gradient, L_BT(phi'), J(phi))."""
     phi = {n: p.detach().requires_grad_(True) for n, p in phi.items()}
-    J_fn = lambda p: difference_loss(policy.reward(rm, p, meta), k, distinct)
+
+    def J_fn(params):
+        return difference_loss(policy.reward(rm, params, meta), k, distinct)
+
     J = J_fn(phi)
     gJ = torch.autograd.grad(J, list(phi.values()))
     # Eq. (10): gradient *ascent* on the difference loss
@@ -334,16 +424,18 @@ def metarm_grad(rm, phi, chosen, rejected, meta, distinct, k: int, eta: float, s
         g = {n: g[n] + eta * Hg[n] for n in g}
     return g, loss.detach(), J.detach()
 
+
 @dataclass
 class MetaRMConfig:
-    eta: float = 0.1           # ascent step (10)
-    k: int = 5                 # responses per shifted prompt (the paper's k = 5)
-    meta_prompts: int = 8      # shifted prompts per step
-    temperature: float = 1.2   # sampling temperature of the shifted set ("a bit higher")
-    steps: int = 40            # RM updates per round
-    batch_size: int = 32       # pairs X_t per step
-    rounds: int = 2            # rounds of [adapt -> sample -> update]; the last round's policy counts
+    eta: float = 0.1  # ascent step (10)
+    k: int = 5  # responses per shifted prompt (the paper's k = 5)
+    meta_prompts: int = 8  # shifted prompts per step
+    temperature: float = 1.2  # sampling temperature of the shifted set ("a bit higher")
+    steps: int = 40  # RM updates per round
+    batch_size: int = 32  # pairs X_t per step
+    rounds: int = 2  # rounds of [adapt -> sample -> update]; the last round's policy counts
     second_order: bool = False
+
 
 def train_metarm(rm, phi, opt, pairs, meta, cfg: MetaRMConfig, generator, meta_generator):
     """The authors' loop (9)-(11), cfg.steps times: draw X_t (from `generator`) and shifted prompts X_s
@@ -356,12 +448,22 @@ def train_metarm(rm, phi, opt, pairs, meta, cfg: MetaRMConfig, generator, meta_g
         rows = policy.draw(len(chosen["idx"]), cfg.batch_size, generator)
         m = torch.tensor(policy.draw(n_prompts, cfg.meta_prompts, meta_generator), device=distinct.device)
         meta_rows = (m[:, None] * cfg.k + torch.arange(cfg.k, device=m.device)).flatten()
-        g, loss, J = metarm_grad(rm, phi, policy.rows_of(chosen, rows), policy.rows_of(rejected, rows),
-                                 policy.rows_of(meta, meta_rows), distinct[m], cfg.k, cfg.eta, cfg.second_order)
+        g, loss, J = metarm_grad(
+            rm,
+            phi,
+            policy.rows_of(chosen, rows),
+            policy.rows_of(rejected, rows),
+            policy.rows_of(meta, meta_rows),
+            distinct[m],
+            cfg.k,
+            cfg.eta,
+            cfg.second_order,
+        )
         check_finite(loss, "MetaRM loss (11)", step)
         apply_gradient(opt, phi, list(g.values()))
         log.append({"loss": loss.item(), "J": J.item()})
     return log
+
 
 def reward_spread(r, k: int) -> float:
     """§3's diagnostic: std of r(x, s_i) - r(x, s_j) over the pairs of responses to the same prompt,
@@ -370,26 +472,41 @@ def reward_spread(r, k: int) -> float:
     i, j = torch.triu_indices(k, k, 1)
     return ((r[:, i] - r[:, j]).std() / r.std().clamp_min(1e-8)).item()
 
-def metarm_rounds(model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMConfig, adapt_cfg: AdaptConfig,
-                  seeds, theta_first=None):
+
+def metarm_rounds(
+    model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMConfig, adapt_cfg: AdaptConfig, seeds, theta_first=None
+):
     """MetaRM out of distribution (§3), on one domain: cfg.rounds rounds of [adapt (3) from theta_ref with
     the current RM -> sample the policy at cfg.temperature, k per prompt -> MetaRM update on the training
     pairs with those samples as X_s]; the last round stops after its adaptation, whose policy counts.
     ref_batch: pi_ref's samples (§1). phi, opt: the vanilla RM's copy and optimiser, updated in place.
     seeds: of (adaptation -- shared with the other methods --, sampling, pairs -- vanilla_rm_long's in train.py
     --, shifted prompts). theta_first: round 1's policy if known. Returns (theta, per round: spread on X_s, J)."""
-    gen = lambda s: torch.Generator(prompts.device).manual_seed(s)
     adapt_seed, sample_seed, pair_seed, meta_seed = seeds
-    pair_gen, meta_gen, sample_gen = gen(pair_seed), gen(meta_seed), gen(sample_seed)
+    pair_gen = policy.generator(pair_seed, prompts.device)
+    meta_gen = policy.generator(meta_seed, prompts.device)
+    sample_gen = policy.generator(sample_seed, prompts.device)
+
+    def reward_fn(batch):
+        return policy.reward(rm, phi, batch)
+
     history = []
     for t in range(cfg.rounds):
-        reward_fn = standardised(lambda b: policy.reward(rm, phi, b), ref_batch)
-        theta = theta_first if (t == 0 and theta_first is not None) else \
-            adapt(model, prompts, reward_fn, adapt_cfg, gen(adapt_seed))[0]
+        if t == 0 and theta_first is not None:
+            theta = theta_first
+        else:
+            adapt_gen = policy.generator(adapt_seed, prompts.device)
+            theta = adapt(model, prompts, standardised(reward_fn, ref_batch), adapt_cfg, adapt_gen)[0]
         if t == cfg.rounds - 1:
             return theta, history
-        meta = policy.sample(model, theta, prompts.repeat_interleave(cfg.k, dim=0), adapt_cfg.max_new_tokens,
-                             sample_gen, temperature=cfg.temperature)
+        meta = policy.sample(
+            model,
+            theta,
+            prompts.repeat_interleave(cfg.k, dim=0),
+            adapt_cfg.max_new_tokens,
+            sample_gen,
+            temperature=cfg.temperature,
+        )
         with torch.no_grad():
             spread = reward_spread(policy.reward(rm, phi, meta), cfg.k)
         log = train_metarm(rm, phi, opt, pairs, meta, cfg, pair_gen, meta_gen)

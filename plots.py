@@ -3,6 +3,7 @@
 train.py calls results_markdown and make_all at the end of a run; this file only formats and draws (the
 run computes every interval, in train.py and evaluation.py), so a figure can be restyled without re-running.
 """
+
 import json
 import sys
 from pathlib import Path
@@ -12,10 +13,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-COLORS = {"sft": "tab:gray", "dpo": "tab:purple", "vanilla_rm": "tab:blue", "vanilla_rm_long": "lightsteelblue",
-          "bilevel": "tab:green", "bilevel_bt_only": "yellowgreen", "metarm": "tab:orange", "metarm_eta0": "navajowhite",
-          "oracle": "black", "in_domain_rm": "tab:red", "agnostic_oracle": "tab:brown",
-          "cg": "tab:green", "neumann": "tab:red", "unrolled": "tab:brown"}
+COLORS = {
+    "sft": "tab:gray",
+    "dpo": "tab:purple",
+    "vanilla_rm": "tab:blue",
+    "vanilla_rm_long": "lightsteelblue",
+    "bilevel": "tab:green",
+    "bilevel_bt_only": "yellowgreen",
+    "metarm": "tab:orange",
+    "metarm_eta0": "navajowhite",
+    "oracle": "black",
+    "in_domain_rm": "tab:red",
+    "agnostic_oracle": "tab:brown",
+    "cg": "tab:green",
+    "neumann": "tab:red",
+    "unrolled": "tab:brown",
+}
 
 
 def fmt(iv, digits: int = 3) -> str:
@@ -29,24 +42,38 @@ def fmt(iv, digits: int = 3) -> str:
 def results_markdown(results: dict) -> str:
     """results.md: the main table, the paired comparisons with verdicts, the ceilings and the premises."""
     cfg = results["config"]
-    lines = [f"# metarm results ({cfg['domains']} domains: {', '.join(results['domains'])}; {cfg['seeds']} seed(s); "
-             f"beta = {cfg['beta']})", "",
-             "Mean over seeds of each seed's mean over domains, with its 95 % t-interval over seeds.", "",
-             "| method | gold reward | win rate vs π_ref | RM accuracy (held-out pairs) | KL(π‖π_ref) |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"# metarm results ({cfg['domains']} domains: {', '.join(results['domains'])}; {cfg['seeds']} seed(s); "
+        f"beta = {cfg['beta']})",
+        "",
+        "Mean over seeds of each seed's mean over domains, with its 95 % t-interval over seeds.",
+        "",
+        "| method | gold reward | win rate vs π_ref | RM accuracy (held-out pairs) | KL(π‖π_ref) |",
+        "|---|---|---|---|---|",
+    ]
     for m, r in results["methods"].items():
-        lines.append(f"| {m} | " + " | ".join(fmt(r[k]) for k in ("gold_reward", "win_rate", "rm_accuracy", "kl")) + " |")
-    lines += ["", "Paired differences in gold reward (the seed is the unit):", "",
-              "| comparison | mean | 95 % CI | seeds > 0 | verdict |", "|---|---|---|---|---|"]
+        lines.append(
+            f"| {m} | " + " | ".join(fmt(r[k]) for k in ("gold_reward", "win_rate", "rm_accuracy", "kl")) + " |"
+        )
+    lines += [
+        "",
+        "Paired differences in gold reward (the seed is the unit):",
+        "",
+        "| comparison | mean | 95 % CI | seeds > 0 | verdict |",
+        "|---|---|---|---|---|",
+    ]
     for name, p in results["paired"].items():
         ci = "n/a" if p["ci95"] is None else f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
         lines.append(f"| {name} | {p['mean']:+.3f} | {ci} | {p['wins']}/{p['n_seeds']} | {p['verdict']} |")
     rule = results.get("headroom_rule")
     if rule:
         ratio = "n/a" if rule["ratio"] is None else f"{rule['ratio']:.2f}"
-        lines += ["", f"Headroom rule: in_domain_rm - vanilla_rm = {rule['headroom']:+.3f} is {ratio} x the widest "
-                      f"half-width of the {len(rule['compared'])} comparisons ({rule['widest_half_width']:.3f}); 3 x is "
-                      f"required: {'met' if rule['met'] else 'NOT met'}."]
+        lines += [
+            "",
+            f"Headroom rule: in_domain_rm - vanilla_rm = {rule['headroom']:+.3f} is {ratio} x the widest "
+            f"half-width of the {len(rule['compared'])} comparisons ({rule['widest_half_width']:.3f}); 3 x is "
+            f"required: {'met' if rule['met'] else 'NOT met'}.",
+        ]
     if results.get("premises"):
         lines += ["", "Premises, measured with the vanilla RM:", "", "| measurement | value |", "|---|---|"]
         lines += [f"| {k} | {fmt(v)} |" for k, v in results["premises"].items()]
@@ -62,8 +89,10 @@ def save(fig, path):
 def errorbar(ax, x, ivs, **kw):
     """Means with their 95 % intervals as error bars (no bar where there is no interval)."""
     means = [iv["mean"] for iv in ivs]
-    err = [[m - (iv["ci95"] or [m, m])[0] for m, iv in zip(means, ivs)],
-           [(iv["ci95"] or [m, m])[1] - m for m, iv in zip(means, ivs)]]
+    err = [
+        [m - (iv["ci95"] or [m, m])[0] for m, iv in zip(means, ivs)],
+        [(iv["ci95"] or [m, m])[1] - m for m, iv in zip(means, ivs)],
+    ]
     ax.errorbar(x, means, yerr=err, capsize=3, **kw)
 
 
@@ -97,9 +126,16 @@ def frontier(fig_data, path):
         ax.plot(kl, [by_beta[b]["gold_reward"]["mean"] for b in betas], "-", color=COLORS[m], alpha=0.5)
         for b in betas:
             gi, ki = by_beta[b]["gold_reward"], by_beta[b]["kl"]
-            ax.errorbar([ki["mean"]], [gi["mean"]], xerr=[[ki["mean"] - ki["ci95"][0]], [ki["ci95"][1] - ki["mean"]]]
-                        if ki["ci95"] else None, yerr=[[gi["mean"] - gi["ci95"][0]], [gi["ci95"][1] - gi["mean"]]]
-                        if gi["ci95"] else None, fmt="o", color=COLORS[m], capsize=2, label=m if b == betas[0] else None)
+            ax.errorbar(
+                [ki["mean"]],
+                [gi["mean"]],
+                xerr=[[ki["mean"] - ki["ci95"][0]], [ki["ci95"][1] - ki["mean"]]] if ki["ci95"] else None,
+                yerr=[[gi["mean"] - gi["ci95"][0]], [gi["ci95"][1] - gi["mean"]]] if gi["ci95"] else None,
+                fmt="o",
+                color=COLORS[m],
+                capsize=2,
+                label=m if b == betas[0] else None,
+            )
             ax.annotate(f"β={b}", (ki["mean"], gi["mean"]), fontsize=6)
     ax.set_xlabel("KL(π‖π_ref)")
     ax.set_ylabel("gold reward")
@@ -112,13 +148,19 @@ def hypergradient_error(fig_data, path):
     """Figure 3: relative error of the hypergradient vs HVPs for CG, Neumann and unrolled."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, rows in fig_data["curves"].items():
-        ax.loglog([r["hvps"] for r in rows], [max(r["error"], 1e-16) for r in rows], "o-", color=COLORS[name], label=name)
+        ax.loglog(
+            [r["hvps"] for r in rows], [max(r["error"], 1e-16) for r in rows], "o-", color=COLORS[name], label=name
+        )
     t = fig_data["training_setting"]
-    ax.loglog([t["hvps"]], [t["error"]], "*", ms=12, color="black", label=f"cold: T={t['T']} steps from theta_ref, then CG")
+    ax.loglog(
+        [t["hvps"]], [t["error"]], "*", ms=12, color="black", label=f"cold: T={t['T']} steps from theta_ref, then CG"
+    )
     ax.set_xlabel("Hessian-vector products")
     ax.set_ylabel("relative error of dF/dr")
-    ax.set_title(f"{fig_data['domain']}: reference checked by finite differences ({fig_data['fd_check_rel_error']:.1e})",
-                 fontsize=8)
+    ax.set_title(
+        f"{fig_data['domain']}: reference checked by finite differences ({fig_data['fd_check_rel_error']:.1e})",
+        fontsize=8,
+    )
     ax.legend(fontsize=8)
     save(fig, path)
 
@@ -157,8 +199,10 @@ def training_curves(fig_data, path):
     panels = [(k, v) for k, v in fig_data.items() if v]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3))
     for ax, (name, values) in zip(axes if len(panels) > 1 else [axes], panels):
-        w = 5                                             # moving average: single-batch values are noisy
-        smooth = [sum(values[max(0, i - w + 1):i + 1]) / len(values[max(0, i - w + 1):i + 1]) for i in range(len(values))]
+        w = 5  # moving average: single-batch values are noisy
+        smooth = [
+            sum(values[max(0, i - w + 1) : i + 1]) / len(values[max(0, i - w + 1) : i + 1]) for i in range(len(values))
+        ]
         ax.plot(values, color="tab:blue", alpha=0.3, label="logged")
         ax.plot(smooth, color="tab:blue", label=f"mean of last {w}")
         ax.set_title(name, fontsize=9)
@@ -171,9 +215,13 @@ def make_all(results, out_dir):
     out_dir = Path(out_dir)
     gold_and_paired(results, out_dir / "gold_reward.png")
     figs = results.get("figures", {})
-    for key, draw in [("frontier", frontier), ("hypergradient_error", hypergradient_error),
-                      ("outer_convergence", outer_convergence), ("rlhf_rounds", rlhf_rounds),
-                      ("training_curves", training_curves)]:
+    for key, draw in [
+        ("frontier", frontier),
+        ("hypergradient_error", hypergradient_error),
+        ("outer_convergence", outer_convergence),
+        ("rlhf_rounds", rlhf_rounds),
+        ("training_curves", training_curves),
+    ]:
         if key in figs:
             draw(figs[key], out_dir / f"{key}.png")
 

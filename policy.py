@@ -21,6 +21,7 @@ Symbols -> names:
     log pi(y|x)        sum over the response tokens only (prompt excluded), `sequence_logprob`
     batch              dict: idx, mask, h and h_mid (pi_ref's features), logp_ref = log pi_ref(y|x)
 """
+
 import copy
 import math
 from dataclasses import dataclass
@@ -36,8 +37,8 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 264      # world v3; train.py passes len(world.vocab)
-    block_size: int = 24       # prompts have 6 tokens, responses at most 16
+    vocab_size: int = 264  # world v3; train.py passes len(world.vocab)
+    block_size: int = 24  # prompts have 6 tokens, responses at most 16
     n_layer: int = 1
     n_head: int = 4
     n_embd: int = 96
@@ -52,8 +53,9 @@ class Block(nn.Module):
         self.ln_1, self.ln_2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
         self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(),
-                                 nn.Linear(4 * cfg.n_embd, cfg.n_embd))
+        self.mlp = nn.Sequential(
+            nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        )
 
     def forward(self, x, past=None):
         B, T, C = x.shape
@@ -61,10 +63,10 @@ class Block(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        S = k.shape[2]                                         # keys: S = past + T positions
+        S = k.shape[2]  # keys: S = past + T positions
         # softmax(Q K^T / sqrt(hs) + causal mask) V; query i sits at absolute position S - T + i
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])                     # (B, nh, T, S)
-        if T > 1:                                              # one new token sees every key
+        att = (q @ k.transpose(-2, -1)) / math.sqrt(k.shape[-1])  # (B, nh, T, S)
+        if T > 1:  # one new token sees every key
             causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
             att = att.masked_fill(~causal, float("-inf"))
         y = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, T, C)
@@ -95,7 +97,7 @@ class GPT(nn.Module):
         before the last block, new key/value cache)."""
         t0 = 0 if past is None else past[0][0].shape[2]
         pos = torch.arange(t0, t0 + idx.shape[1], device=idx.device)
-        x = self.wte(idx) + self.wpe(pos)                      # (B, T, C)
+        x = self.wte(idx) + self.wpe(pos)  # (B, T, C)
         present = []
         for i, block in enumerate(self.h):
             if i == len(self.h) - 1:
@@ -131,7 +133,7 @@ def continue_from(phi: dict, opt, lr: float):
     """A copy of phi with a copy of its optimiser's state: training it leaves phi and opt be."""
     phi2 = copy_params(phi)
     opt2 = torch.optim.Adam(phi2.values(), lr=lr)
-    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))   # load_state_dict alone would share the tensors
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))  # load_state_dict alone would share the tensors
     return phi2, opt2
 
 
@@ -164,6 +166,11 @@ def apply_gradient(opt, params: dict, grads):
     opt.step()
 
 
+def generator(seed: int, device="cpu") -> torch.Generator:
+    """A fresh random-number generator on `device`, seeded: every random draw names its own."""
+    return torch.Generator(device).manual_seed(seed)
+
+
 def draw(n: int, size: int, generator: torch.Generator) -> list:
     """`size` indices in [0, n), uniformly with replacement, from the generator (on any device)."""
     return torch.randint(n, (size,), generator=generator, device=generator.device).tolist()
@@ -175,7 +182,7 @@ def pad_batch(seqs, device="cpu"):
     T = max(len(s) for s in seqs)
     out = torch.full((len(seqs), T), PAD_ID, dtype=torch.long)
     for i, s in enumerate(seqs):
-        out[i, :len(s)] = torch.as_tensor(s)
+        out[i, : len(s)] = torch.as_tensor(s)
     return out.to(device)
 
 
@@ -184,7 +191,7 @@ def join(prompts, responses, device="cpu"):
     idx = pad_batch([list(x) + list(y) for x, y in zip(prompts, responses)], device)
     mask = torch.zeros(idx.shape, device=device)
     for i, (x, y) in enumerate(zip(prompts, responses)):
-        mask[i, len(x):len(x) + len(y)] = 1.0
+        mask[i, len(x) : len(x) + len(y)] = 1.0
     return idx, mask
 
 
@@ -203,8 +210,13 @@ def encode(model: GPT, idx, resp_mask, h=None, h_mid=None) -> dict:
     the features are computed unless given."""
     if h is None:
         h, h_mid, _ = model.features(idx)
-    return {"idx": idx, "mask": resp_mask, "h": h, "h_mid": h_mid,
-            "logp_ref": sequence_logprob(never_special(model.head(h)), idx, resp_mask)}
+    return {
+        "idx": idx,
+        "mask": resp_mask,
+        "h": h,
+        "h_mid": h_mid,
+        "logp_ref": sequence_logprob(never_special(model.head(h)), idx, resp_mask),
+    }
 
 
 def rows_of(batch: dict, rows) -> dict:
@@ -245,8 +257,10 @@ def make_reward_model(model: GPT, generator: torch.Generator):
     rm.block.load_state_dict(model.h[-1].state_dict())
     rm.ln.load_state_dict(model.ln_f.state_dict())
     with torch.no_grad():
-        rm.head.weight.copy_(torch.randn(rm.head.weight.shape, generator=generator, device=generator.device,
-                                         dtype=rm.head.weight.dtype) * 0.02)
+        rm.head.weight.copy_(
+            torch.randn(rm.head.weight.shape, generator=generator, device=generator.device, dtype=rm.head.weight.dtype)
+            * 0.02
+        )
         rm.head.bias.zero_()
     rm.requires_grad_(False)
     return rm, copy_params(dict(rm.named_parameters()))
@@ -259,8 +273,9 @@ def reward(rm: RewardModel, phi: dict, batch: dict):
 
 # ---- sampling with a key/value cache -------------------------------------------------------------
 @torch.no_grad()
-def sample(model: GPT, theta: dict, prompts, max_new_tokens: int, generator: torch.Generator,
-           temperature: float = 1.0) -> dict:
+def sample(
+    model: GPT, theta: dict, prompts, max_new_tokens: int, generator: torch.Generator, temperature: float = 1.0
+) -> dict:
     """Sample responses y ~ pi_theta(.|x)^(1/temperature) for equal-length prompts, stopping at <eos>.
 
     Args: prompts (B, P) long; theta: the policy's adapted parameters ({} = pi_ref); an explicit
@@ -274,7 +289,7 @@ def sample(model: GPT, theta: dict, prompts, max_new_tokens: int, generator: tor
     done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
     for t in range(max_new_tokens + 1):
         if head:
-            h, h_mid, past = model.features(inp, past)       # pi_ref's features of the fed tokens
+            h, h_mid, past = model.features(inp, past)  # pi_ref's features of the fed tokens
             hs.append(h)
             mids.append(h_mid)
             logits = head_logits(theta, h[:, -1]) if theta else never_special(model.head(h[:, -1]))
@@ -304,7 +319,7 @@ def encode_pairs(model: GPT, pairs, device="cpu", chunk: int = 2048):
     out = []
     for which in ("chosen", "rejected"):
         idx, mask = join([p.prompt for p in pairs], [getattr(p, which) for p in pairs], device)
-        parts = [model.features(idx[i:i + chunk])[:2] for i in range(0, len(idx), chunk)]
+        parts = [model.features(idx[i : i + chunk])[:2] for i in range(0, len(idx), chunk)]
         out.append(encode(model, idx, mask, torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])))
     return out[0], out[1]
 
@@ -313,8 +328,7 @@ def encode_pairs(model: GPT, pairs, device="cpu", chunk: int = 2048):
 def lm_loss(model: GPT, idx):
     """Next-token cross-entropy over every non-pad target token."""
     logits, _ = model(idx)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1),
-                           ignore_index=PAD_ID)
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), idx[:, 1:].reshape(-1), ignore_index=PAD_ID)
 
 
 @torch.no_grad()
@@ -322,14 +336,22 @@ def perplexity(model: GPT, seqs, device="cpu", batch_size: int = 512) -> float:
     """exp(mean next-token cross-entropy) over the tokens of seqs."""
     total, n = 0.0, 0
     for i in range(0, len(seqs), batch_size):
-        idx = pad_batch(seqs[i:i + batch_size], device)
+        idx = pad_batch(seqs[i : i + batch_size], device)
         k = int((idx[:, 1:] != PAD_ID).sum())
         total, n = total + lm_loss(model, idx).item() * k, n + k
     return math.exp(total / n)
 
 
-def sft(model: GPT, corpus, steps: int, generator: torch.Generator, device="cpu", batch_size: int = 64,
-        lr: float = 1.5e-3, progress: bool = True) -> list:
+def sft(
+    model: GPT,
+    corpus,
+    steps: int,
+    generator: torch.Generator,
+    device="cpu",
+    batch_size: int = 64,
+    lr: float = 1.5e-3,
+    progress: bool = True,
+) -> list:
     """Train pi_ref on the unlabelled corpus with AdamW, 100 warm-up steps and a cosine schedule.
 
     Returns the training losses. (A learning rate much above 1.5e-3 left an earlier, 2-layer version of
@@ -337,7 +359,8 @@ def sft(model: GPT, corpus, steps: int, generator: torch.Generator, device="cpu"
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    )
     losses = []
     for _ in tqdm(range(steps), desc="SFT pi_ref", disable=not progress, leave=False):
         rows = draw(len(corpus), batch_size, generator)

@@ -6,13 +6,14 @@ evaluation -> paired statistics over seeds, ceilings, the papers' premises (eval
 figures' experiments at 3 seeds. Writes results.json / results.md / samples.jsonl / timings.json /
 datasets / PNGs into --out, replacing an earlier run only once the new one is complete (cli.py).
 """
+
 import json
 import math
 import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -24,64 +25,96 @@ import evaluation
 import metarm
 import plots
 import policy
-from cli import BadInput, clock
+from cli import BadInput, clock, option
 from evaluation import MAX_NEW, crn_seed, mean
 
 # method -> what adapts the policy on a domain (README, "Methods and controls")
-METHODS = ("sft", "dpo", "vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt_only", "metarm",
-           "metarm_eta0", "oracle", "in_domain_rm", "agnostic_oracle")
+METHODS = (
+    "sft",
+    "dpo",
+    "vanilla_rm",
+    "vanilla_rm_long",
+    "bilevel",
+    "bilevel_bt_only",
+    "metarm",
+    "metarm_eta0",
+    "oracle",
+    "in_domain_rm",
+    "agnostic_oracle",
+)
 RM_METHODS = ("vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt_only", "metarm", "metarm_eta0", "in_domain_rm")
 CEILINGS = ("oracle", "in_domain_rm", "agnostic_oracle")
 # (method, control): a paired difference over seeds; each paper predicts method - control > 0
-COMPARISONS = (("bilevel", "vanilla_rm"), ("bilevel", "bilevel_bt_only"), ("metarm", "vanilla_rm"),
-               ("metarm", "metarm_eta0"), ("vanilla_rm_long", "vanilla_rm"))
+COMPARISONS = (
+    ("bilevel", "vanilla_rm"),
+    ("bilevel", "bilevel_bt_only"),
+    ("metarm", "vanilla_rm"),
+    ("metarm", "metarm_eta0"),
+    ("vanilla_rm_long", "vanilla_rm"),
+)
 METRICS = ("gold_reward", "win_rate", "rm_accuracy", "kl")
-X_T = 1   # seed + X_T draws X_t for vanilla_rm_long's extra steps and MetaRM's updates: at eta = 0 MetaRM is vanilla_rm_long
-
-
-@dataclass
-class RMConfig:
-    steps: int = 400           # Bradley-Terry steps of the vanilla RM
-    batch_size: int = 32       # pairs per step
-    lr: float = 1e-3           # Adam on phi
+# seed + X_T draws X_t for vanilla_rm_long's extra steps and MetaRM's updates: at eta = 0 MetaRM is vanilla_rm_long
+X_T = 1
 
 
 @dataclass
 class Config:
-    seeds: int = field(default=10, metadata={"help": "number of seeds 0 .. seeds-1; the seed is the statistical unit"})
-    out: str = field(default="runs/latest", metadata={"help": "output folder (replaced only when the run is complete)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    domains: str = field(default="test", metadata={"help": "test: the held-out domains | dev: the dev domains (tuning)"})
-    methods: str = field(default=",".join(METHODS), metadata={"help": "comma-separated subset of the methods"})
-    quick: bool = field(default=False, metadata={"help": "a smoke run: 1 seed, small budgets, no figures (< 1 min)"})
-    figures: bool = field(default=True, metadata={"help": "run the figures' experiments (3 seeds)"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
-    sft_steps: int = field(default=1500, metadata={"help": "SFT steps of pi_ref (64 reviews each; once, shared by all seeds)"})
-    beta: float = field(default=metarm.AdaptConfig.beta, metadata={"help": "beta, KL coefficient of (3) and of the inner problem (5)"})
-    adapt_steps: int = field(default=metarm.AdaptConfig.steps, metadata={"help": "RLOO steps of meta-test adaptation (3), 16 prompts x 4 samples each"})
-    adapt_lr: float = field(default=metarm.AdaptConfig.lr, metadata={"help": "Adam step size of adaptation (3)"})
-    repeats: int = field(default=2, metadata={"help": "adaptations per (method, domain, seed), with common random numbers"})
-    eval_samples: int = field(default=16, metadata={"help": "evaluation samples per prompt"})
-    rm_steps: int = field(default=RMConfig.steps, metadata={"help": "Bradley-Terry steps (1) of the vanilla RM, 32 pairs each"})
-    rm_lr: float = field(default=RMConfig.lr, metadata={"help": "Adam step size of every reward model"})
-    ceiling_steps: int = field(default=300, metadata={"help": "Bradley-Terry steps of the in-domain RM ceiling on the domain's own pairs, from the vanilla RM"})
-    extra_steps: int = field(default=40, metadata={"help": "RM updates every method adds to the vanilla RM: bilevel outer steps, MetaRM updates, vanilla_rm_long's extra steps"})
-    beta_dpo: float = field(default=0.1, metadata={"help": "beta_DPO of the DPO baseline (2)"})
-    dpo_lr: float = field(default=1e-2, metadata={"help": "Adam step size of the DPO baseline (as many steps as adaptation, 64 pairs each)"})
-    lam: float = field(default=metarm.BilevelConfig.lam, metadata={"help": "lambda, weight of L_BT in the outer objective (7)"})
-    outer_beta_dpo: float = field(default=metarm.BilevelConfig.beta_dpo, metadata={"help": "beta_DPO inside the outer objective (7)"})
-    K: int = field(default=metarm.BilevelConfig.K, metadata={"help": "K, candidates per prompt of the inner problem (4)(5)"})
-    T: int = field(default=metarm.BilevelConfig.T, metadata={"help": "T, inner gradient steps (6), warm-started"})
-    solver: str = field(default=metarm.BilevelConfig.solver, metadata={"help": "hypergradient (8): cg | neumann | unrolled"})
-    eta: float = field(default=metarm.MetaRMConfig.eta, metadata={"help": "eta, MetaRM's ascent step (10)"})
-    metarm_k: int = field(default=metarm.MetaRMConfig.k, metadata={"help": "k, MetaRM responses per shifted prompt (9)"})
-    temperature: float = field(default=metarm.MetaRMConfig.temperature, metadata={"help": "sampling temperature of MetaRM's shifted set"})
-    rounds: int = field(default=metarm.MetaRMConfig.rounds, metadata={"help": "MetaRM rounds on a held-out domain (the last one's policy is evaluated)"})
-    second_order: bool = field(default=False, metadata={"help": "MetaRM: exact gradient through (10) (default: the authors' first-order update)"})
+    seeds: int = option(10, "number of seeds 0 .. seeds-1; the seed is the statistical unit")
+    out: str = option("runs/latest", "output folder (replaced only when the run is complete)")
+    device: str = option("auto", "auto | cpu | cuda")
+    domains: str = option("test", "test: the held-out domains | dev: the dev domains (tuning)")
+    methods: str = option(",".join(METHODS), "comma-separated subset of the methods")
+    quick: bool = option(False, "a smoke run: 1 seed, small budgets, no figures (< 1 min)")
+    figures: bool = option(True, "run the figures' experiments (3 seeds)")
+    threads: int = option(0, "torch CPU threads (0: torch's default)")
+    sft_steps: int = option(1500, "SFT steps of pi_ref (64 reviews each; once, shared by all seeds)")
+    beta: float = option(metarm.AdaptConfig.beta, "beta, KL coefficient of (3) and of the inner problem (5)")
+    adapt_steps: int = option(
+        metarm.AdaptConfig.steps, "RLOO steps of meta-test adaptation (3), 16 prompts x 4 samples each"
+    )
+    adapt_lr: float = option(metarm.AdaptConfig.lr, "Adam step size of adaptation (3)")
+    repeats: int = option(2, "adaptations per (method, domain, seed), with common random numbers")
+    eval_samples: int = option(16, "evaluation samples per prompt")
+    rm_steps: int = option(metarm.RMConfig.steps, "Bradley-Terry steps (1) of the vanilla RM, 32 pairs each")
+    rm_lr: float = option(metarm.RMConfig.lr, "Adam step size of every reward model")
+    ceiling_steps: int = option(
+        300, "Bradley-Terry steps of the in-domain RM ceiling on the domain's own pairs, from the vanilla RM"
+    )
+    extra_steps: int = option(
+        40,
+        "RM updates every method adds to the vanilla RM: bilevel outer steps, MetaRM updates, "
+        "vanilla_rm_long's extra steps",
+    )
+    beta_dpo: float = option(0.1, "beta_DPO of the DPO baseline (2)")
+    dpo_lr: float = option(1e-2, "Adam step size of the DPO baseline (as many steps as adaptation, 64 pairs each)")
+    lam: float = option(metarm.BilevelConfig.lam, "lambda, weight of L_BT in the outer objective (7)")
+    outer_beta_dpo: float = option(metarm.BilevelConfig.beta_dpo, "beta_DPO inside the outer objective (7)")
+    K: int = option(metarm.BilevelConfig.K, "K, candidates per prompt of the inner problem (4)(5)")
+    T: int = option(metarm.BilevelConfig.T, "T, inner gradient steps (6), warm-started")
+    solver: str = option(metarm.BilevelConfig.solver, "hypergradient (8): cg | neumann | unrolled")
+    eta: float = option(metarm.MetaRMConfig.eta, "eta, MetaRM's ascent step (10)")
+    metarm_k: int = option(metarm.MetaRMConfig.k, "k, MetaRM responses per shifted prompt (9)")
+    temperature: float = option(metarm.MetaRMConfig.temperature, "sampling temperature of MetaRM's shifted set")
+    rounds: int = option(
+        metarm.MetaRMConfig.rounds, "MetaRM rounds on a held-out domain (the last one's policy is evaluated)"
+    )
+    second_order: bool = option(
+        False, "MetaRM: exact gradient through (10) (default: the authors' first-order update)"
+    )
 
 
-QUICK = dict(seeds=1, sft_steps=300, rm_steps=60, ceiling_steps=20, adapt_steps=10, extra_steps=4, repeats=1, eval_samples=4,
-             figures=False, rounds=2)
+QUICK = dict(
+    seeds=1,
+    sft_steps=300,
+    rm_steps=60,
+    ceiling_steps=20,
+    adapt_steps=10,
+    extra_steps=4,
+    repeats=1,
+    eval_samples=4,
+    figures=False,
+    rounds=2,
+)
 
 
 # ==== The pipeline ==============================================================================
@@ -95,7 +128,7 @@ def run(cfg: Config, tmp: Path) -> dict:
     with clock(timings, "sft"):
         torch.manual_seed(0)
         model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab))).to(device)
-        sft_losses = policy.sft(model, world.sft[1000:], cfg.sft_steps, torch.Generator(device).manual_seed(0), device)
+        sft_losses = policy.sft(model, world.sft[1000:], cfg.sft_steps, policy.generator(0, device), device)
         model.requires_grad_(False)
         ppl = policy.perplexity(model, world.sft[:1000], device)
     print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
@@ -109,51 +142,90 @@ def run(cfg: Config, tmp: Path) -> dict:
         samples += smp
         logs.append({**seed_logs, "rms": rms if seed < 3 else None})
     results = summarise(cfg, per_seed)
-    results.update(world_version=data.WORLD_VERSION, sft_val_perplexity=ppl,
-                   bilevel_curvature=[l["curvature"] for l in logs if "curvature" in l])
+    results["world_version"] = data.WORLD_VERSION
+    results["sft_val_perplexity"] = ppl
+    results["bilevel_curvature"] = [log["curvature"] for log in logs if "curvature" in log]
+    if cfg.lam == 0 and "bilevel_bt_only" in setup.methods:
+        results["reused_runs"] = {
+            "bilevel_bt_only": "vanilla_rm's: at lam = 0 the outer objective (7) without its DPO term is 0, "
+            "so the control takes no step and its reward model, adaptations and numbers are vanilla_rm's"
+        }
     if cfg.figures:
-        results["figures"] = evaluation.figure_experiments(cfg, setup, logs, per_seed, sft_losses, timings,
-                                                            bilevel_config(cfg))
+        bcfg = bilevel_config(cfg)
+        results["figures"] = evaluation.figure_experiments(cfg, setup, logs, per_seed, sft_losses, timings, bcfg)
     write_outputs(tmp, cfg, results, samples)
     timings["total"] = time.perf_counter() - t0
     cli.write_json(tmp / "timings.json", timings)
     return results
 
 
-def make_setup(cfg: Config, world, model, device) -> dict:
-    """What every seed shares: pi_ref, the reward model's architecture, encoded pairs, prompts."""
+def make_setup(cfg: Config, world, model, device) -> evaluation.Setup:
+    """What every seed shares: pi_ref, the reward model's architecture, encoded pairs, prompts, configs."""
     methods = cfg.methods.split(",")
     domains = data.TEST_DOMAINS if cfg.domains == "test" else data.DEV_DOMAINS
-    enc = lambda pairs: policy.encode_pairs(model, pairs, device)
-    eval_pairs = {d: enc(world.eval_pairs[d]) for d in domains}
-    train_pairs = enc(world.pooled_pairs(data.TRAIN_DOMAINS))
+
+    def encode(pairs):
+        return policy.encode_pairs(model, pairs, device)
+
+    train_pairs = encode(world.pooled_pairs(data.TRAIN_DOMAINS))
     n = world.cfg.n_pairs_per_domain
-    gold_margins = {d: torch.tensor([world.gold_reward(d, p.chosen) - world.gold_reward(d, p.rejected)
-                                     for p in world.eval_pairs[d]], device=device) for d in domains}
-    return {"world": world, "model": model, "device": device, "methods": methods, "domains": domains,
-            "rm": policy.RewardModel(model).to(device).requires_grad_(False),
-            "train_pairs": train_pairs,
-            "domain_pairs": {d: tuple(policy.rows_of(b, slice(n * i, n * (i + 1))) for b in train_pairs)
-                             for i, d in enumerate(data.TRAIN_DOMAINS)},     # pooled_pairs is in domain order
-            "own_pairs": {d: enc(world.pairs[d]) for d in domains} if "in_domain_rm" in methods else {},
-            "eval_pairs": eval_pairs, "gold_margins": gold_margins,
-            "prompts": {d: torch.tensor(world.prompts[d], device=device) for d in data.DOMAINS},
-            "theta_ref": {n: p.detach() for n, p in policy.adapted_params(model).items()},
-            "adapt_cfg": metarm.AdaptConfig(beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=MAX_NEW),
-            "rm_cfg": RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr),
-            "metarm_cfg": metarm.MetaRMConfig(eta=cfg.eta, k=cfg.metarm_k, temperature=cfg.temperature,
-                                              steps=cfg.extra_steps // (cfg.rounds - 1), rounds=cfg.rounds,
-                                              batch_size=RMConfig.batch_size,
-                                              second_order=cfg.second_order)}
+    domain_pairs = {}  # pooled_pairs is in domain order: domain i holds rows n i .. n (i + 1) - 1
+    for i, d in enumerate(data.TRAIN_DOMAINS):
+        rows = slice(n * i, n * (i + 1))
+        domain_pairs[d] = tuple(policy.rows_of(batch, rows) for batch in train_pairs)
+    gold_margins = {}
+    for d in domains:
+        margins = [world.gold_reward(d, p.chosen) - world.gold_reward(d, p.rejected) for p in world.eval_pairs[d]]
+        gold_margins[d] = torch.tensor(margins, device=device)
+    metarm_cfg = metarm.MetaRMConfig(
+        eta=cfg.eta,
+        k=cfg.metarm_k,
+        temperature=cfg.temperature,
+        steps=cfg.extra_steps // (cfg.rounds - 1),
+        rounds=cfg.rounds,
+        batch_size=metarm.RMConfig.batch_size,
+        second_order=cfg.second_order,
+    )
+    return evaluation.Setup(
+        world=world,
+        model=model,
+        device=device,
+        methods=methods,
+        domains=domains,
+        rm=policy.RewardModel(model).to(device).requires_grad_(False),
+        train_pairs=train_pairs,
+        domain_pairs=domain_pairs,
+        own_pairs={d: encode(world.pairs[d]) for d in domains} if "in_domain_rm" in methods else {},
+        eval_pairs={d: encode(world.eval_pairs[d]) for d in domains},
+        gold_margins=gold_margins,
+        prompts={d: torch.tensor(world.prompts[d], device=device) for d in data.DOMAINS},
+        theta_ref={name: p.detach() for name, p in policy.adapted_params(model).items()},
+        adapt_cfg=metarm.AdaptConfig(beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=MAX_NEW),
+        rm_cfg=metarm.RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr),
+        metarm_cfg=metarm_cfg,
+    )
 
 
 def bilevel_config(cfg: Config, **over) -> metarm.BilevelConfig:
-    return metarm.BilevelConfig(**{**dict(beta=cfg.beta, beta_dpo=cfg.outer_beta_dpo, lam=cfg.lam, K=cfg.K, T=cfg.T,
-                                          solver=cfg.solver, outer_steps=cfg.extra_steps, lr=cfg.rm_lr,
-                                          max_new_tokens=MAX_NEW), **over})
+    return metarm.BilevelConfig(
+        **{
+            **dict(
+                beta=cfg.beta,
+                beta_dpo=cfg.outer_beta_dpo,
+                lam=cfg.lam,
+                K=cfg.K,
+                T=cfg.T,
+                solver=cfg.solver,
+                outer_steps=cfg.extra_steps,
+                lr=cfg.rm_lr,
+                max_new_tokens=MAX_NEW,
+            ),
+            **over,
+        }
+    )
 
 
-def train_reward_model(rm, phi: dict, pairs, cfg: RMConfig, generator, opt=None, steps: int | None = None):
+def train_reward_model(rm, phi: dict, pairs, cfg: metarm.RMConfig, generator, opt=None, steps: int | None = None):
     """Adam on phi with the Bradley-Terry loss (1) on batches drawn from pairs = (chosen, rejected);
     opt continues an earlier run's optimiser. Returns (per-step loss and accuracy, the optimiser)."""
     opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
@@ -175,8 +247,11 @@ def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: fl
     chosen, rejected = pairs
     for step in range(steps):
         rows = policy.draw(len(chosen["idx"]), batch_size, generator)
-        loss = metarm.dpo_loss(metarm.implicit_reward(model, theta, policy.rows_of(chosen, rows)),
-                               metarm.implicit_reward(model, theta, policy.rows_of(rejected, rows)), beta_dpo)[0]
+        loss = metarm.dpo_loss(
+            metarm.implicit_reward(model, theta, policy.rows_of(chosen, rows)),
+            metarm.implicit_reward(model, theta, policy.rows_of(rejected, rows)),
+            beta_dpo,
+        )[0]
         policy.check_finite(loss.detach(), "DPO loss (2)", step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -184,162 +259,289 @@ def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: fl
     return {n: p.detach() for n, p in theta.items()}
 
 
-def train_reward_models(seed: int, cfg: Config, s: dict, timings: dict):
+def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: dict):
     """Every reward model of one seed (and the DPO policy): returns ({method: phi, or {domain: phi},
     or theta for dpo}, logs). The controls start from the vanilla RM exactly as their method does."""
-    methods, rm, model, gen = s["methods"], s["rm"], s["model"], lambda k: torch.Generator(s["device"]).manual_seed(k)
+    methods, rm, model = s.methods, s.rm, s.model
+
+    def gen(k):
+        return policy.generator(k, s.device)
+
     out, logs = {}, {}
     with clock(timings, "vanilla_rm"), stage("vanilla_rm", seed):
         _, phi = policy.make_reward_model(model, gen(seed))
-        logs["vanilla_rm"], opt = train_reward_model(rm, phi, s["train_pairs"], s["rm_cfg"], gen(seed))
+        logs["vanilla_rm"], opt = train_reward_model(rm, phi, s.train_pairs, s.rm_cfg, gen(seed))
         out["vanilla_rm"], out["vanilla_opt"] = phi, opt
     if "vanilla_rm_long" in methods:
         with clock(timings, "vanilla_rm_long"), stage("vanilla_rm_long", seed):
             out["vanilla_rm_long"], opt_long = policy.continue_from(phi, opt, cfg.rm_lr)
-            train_reward_model(rm, out["vanilla_rm_long"], s["train_pairs"], s["rm_cfg"], gen(seed + X_T),
-                                      opt_long, steps=cfg.extra_steps)
-    if "metarm_eta0" in methods:        # (10) at eta = 0: phi' = phi, so MetaRM's updates are the steps above (seed + X_T)
+            pair_gen = gen(seed + X_T)
+            train_reward_model(
+                rm, out["vanilla_rm_long"], s.train_pairs, s.rm_cfg, pair_gen, opt_long, cfg.extra_steps
+            )
+    if "metarm_eta0" in methods:
+        # (10) at eta = 0: phi' = phi, so MetaRM's updates are the steps above (seed + X_T)
         out["metarm_eta0"] = out["vanilla_rm_long"]
     if "in_domain_rm" in methods:
         with clock(timings, "in_domain_rm"), stage("in_domain_rm", seed):
             out["in_domain_rm"] = {}
-            for d in s["domains"]:                     # a ceiling: the domain's own labels, seen by no method
+            for d in s.domains:  # a ceiling: the domain's own labels, seen by no method
                 out["in_domain_rm"][d], opt_d = policy.continue_from(phi, opt, cfg.rm_lr)
-                train_reward_model(rm, out["in_domain_rm"][d], s["own_pairs"][d], s["rm_cfg"], gen(seed + 2), opt_d,
-                                          steps=cfg.ceiling_steps)
-    domains = {d: (s["prompts"][d], s["domain_pairs"][d]) for d in data.TRAIN_DOMAINS}
+                own_gen = gen(seed + 2)
+                train_reward_model(
+                    rm, out["in_domain_rm"][d], s.own_pairs[d], s.rm_cfg, own_gen, opt_d, cfg.ceiling_steps
+                )
+    domains = {d: (s.prompts[d], s.domain_pairs[d]) for d in data.TRAIN_DOMAINS}
     if "bilevel" in methods:
         with clock(timings, "bilevel"), stage("bilevel", seed):
             bcfg, out["bilevel"] = bilevel_config(cfg), policy.copy_params(phi)
-            probe = {d: metarm.draw_problem(model, *domains[d], bcfg, gen(seed + 3)) for d in data.TRAIN_DOMAINS[:4]}
-            logs["curvature"] = metarm.calibrate(model, rm, out["bilevel"], probe, bcfg, s["theta_ref"])
-            logs["bilevel"] = metarm.train_bilevel(model, rm, out["bilevel"], domains, s["train_pairs"], bcfg,
-                                                   s["theta_ref"], gen(seed + 4), gen(seed + 5))
+            probe = {}
+            for d in data.TRAIN_DOMAINS[:4]:
+                probe[d] = metarm.draw_problem(model, *domains[d], bcfg, gen(seed + 3))
+            logs["curvature"] = metarm.calibrate(model, rm, out["bilevel"], probe, bcfg, s.theta_ref)
+            logs["bilevel"] = metarm.train_bilevel(
+                model, rm, out["bilevel"], domains, s.train_pairs, bcfg, s.theta_ref, gen(seed + 4), gen(seed + 5)
+            )
             logs["curvature"]["margins"] = [e["margin"] for e in logs["bilevel"] if "margin" in e]
             logs["curvature"]["rho_final"] = bcfg.rho
-    if "bilevel_bt_only" in methods:
+    if "bilevel_bt_only" in methods and cfg.lam == 0:
+        # (7) without its DPO term is lam L_BT = 0: no step is taken, so the control is the vanilla RM
+        out["bilevel_bt_only"] = out["vanilla_rm"]
+    elif "bilevel_bt_only" in methods:
         with clock(timings, "bilevel_bt_only"), stage("bilevel_bt_only", seed):
             out["bilevel_bt_only"] = policy.copy_params(phi)
-            metarm.train_bilevel(model, rm, out["bilevel_bt_only"], domains, s["train_pairs"], bilevel_config(cfg),
-                                 s["theta_ref"], gen(seed + 4), gen(seed + 5), dpo_term=False)
+            metarm.train_bilevel(
+                model,
+                rm,
+                out["bilevel_bt_only"],
+                domains,
+                s.train_pairs,
+                bilevel_config(cfg),
+                s.theta_ref,
+                gen(seed + 4),
+                gen(seed + 5),
+                dpo_term=False,
+            )
     if "dpo" in methods:
         with clock(timings, "dpo"), stage("dpo", seed):
-            out["dpo"] = train_dpo(model, s["train_pairs"], cfg.adapt_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen(seed + 6))
+            out["dpo"] = train_dpo(model, s.train_pairs, cfg.adapt_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen(seed + 6))
     return out, logs
 
 
-def evaluate_seed(seed: int, cfg: Config, s: dict, rms: dict, timings: dict):
+def reused_runs(cfg: Config) -> dict:
+    """control -> the method whose adaptation it copies, because its reward model is that method's
+    (train_reward_models): metarm_eta0 always; bilevel_bt_only when lam = 0."""
+    reused = {"metarm_eta0": "vanilla_rm_long"}
+    if cfg.lam == 0:
+        reused["bilevel_bt_only"] = "vanilla_rm"
+    return reused
+
+
+def evaluate_seed(seed: int, cfg: Config, s: evaluation.Setup, rms: dict, timings: dict):
     """Every method on every evaluation domain, cfg.repeats adaptations each with common random numbers.
 
     Returns (metrics[method][domain] averaged over repeats, premises[domain], a few samples)."""
-    world, model, methods, gold = s["world"], s["model"], s["methods"], evaluation.gold_fn(s["world"])
-    gen = lambda k: torch.Generator(s["device"]).manual_seed(k)
-    metrics, metarm_rms = {m: {} for m in methods}, {}            # metarm_rms: (domain, repeat) -> MetaRM's phi
+    world, model, methods, gold = s.world, s.model, s.methods, evaluation.gold_fn(s.world)
+    reused = {m: source for m, source in reused_runs(cfg).items() if m in methods}
+
+    def gen(k):
+        return policy.generator(k, s.device)
+
+    metrics = {m: {} for m in methods}
+    metarm_rms = {}  # (domain, repeat) -> MetaRM's phi
     premises, samples = {}, []
-    for i, d in enumerate(s["domains"]):
-        prompts = s["prompts"][d]
-        ref = policy.sample(model, {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))   # the reward scale (§1)
+    for i, d in enumerate(s.domains):
+        prompts = s.prompts[d]
+        ref = policy.sample(
+            model, {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99))
+        )  # the reward scale (§1)
         rewards = evaluation.reward_functions(s, rms, d, ref)
         runs = {m: [] for m in methods}
         for j in range(cfg.repeats):
             key = crn_seed(seed, i, j)
             ref_eval = policy.sample(model, {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
-            thetas = {"sft": s["theta_ref"], "dpo": rms.get("dpo")}
+            thetas = {"sft": s.theta_ref, "dpo": rms.get("dpo")}
             with clock(timings, "adaptation"):
                 for m in methods:
-                    if m in rewards:
+                    if m in rewards and m not in reused:
                         with stage(m, seed):
-                            thetas[m] = metarm.adapt(model, prompts, rewards[m], s["adapt_cfg"], gen(key))[0]
+                            thetas[m] = metarm.adapt(model, prompts, rewards[m], s.adapt_cfg, gen(key))[0]
             with clock(timings, "metarm"):
                 if "metarm" in methods:
                     with stage("metarm", seed):
                         phi, opt = policy.continue_from(rms["vanilla_rm"], rms["vanilla_opt"], cfg.rm_lr)
-                        thetas["metarm"], _ = metarm.metarm_rounds(model, prompts, ref, s["rm"], phi, opt, s["train_pairs"],
-                                                                   s["metarm_cfg"], s["adapt_cfg"], (key, key + 1, seed + X_T, key + 3),
-                                                                   theta_first=thetas.get("vanilla_rm"))
+                        thetas["metarm"], _ = metarm.metarm_rounds(
+                            model,
+                            prompts,
+                            ref,
+                            s.rm,
+                            phi,
+                            opt,
+                            s.train_pairs,
+                            s.metarm_cfg,
+                            s.adapt_cfg,
+                            seeds=(key, key + 1, seed + X_T, key + 3),
+                            theta_first=thetas.get("vanilla_rm"),
+                        )
                         metarm_rms[(d, j)] = phi
-                if "metarm_eta0" in methods:   # its RM is vanilla_rm_long's (train_reward_models), and so its policy
-                    thetas["metarm_eta0"] = thetas["vanilla_rm_long"]
+            for m, source in reused.items():  # its reward model is source's (train_reward_models), so is its policy
+                thetas[m] = thetas[source]
             with clock(timings, "evaluation"):
                 for m in methods:
-                    res, batch, g = evaluation.evaluate(model, thetas[m], prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)
+                    eval_gen = gen(key + 600)
+                    res, batch, g = evaluation.evaluate(
+                        model, thetas[m], prompts, ref_eval, gold, eval_gen, cfg.eval_samples
+                    )
                     runs[m].append(res)
                     if j == 0:
-                        samples += [{"method": m, "domain": d, "seed": seed, "response": world.decode(row[data.PROMPT_LEN:]),
-                                     "prompt": world.decode(row[:data.PROMPT_LEN]), "gold_reward": gr}
-                                    for row, gr in list(zip(batch["idx"].tolist(), g.tolist()))[:8]]
+                        samples += sample_records(world, m, d, seed, batch, g)
                     if m == "vanilla_rm":
-                        premises.setdefault(d, []).append(evaluation.measure_premises(s, rms["vanilla_rm"], ref_eval, batch, gold,
-                                                                                      cfg.eval_samples))
+                        premise = evaluation.measure_premises(
+                            s.rm, rms["vanilla_rm"], ref_eval, batch, gold, cfg.eval_samples
+                        )
+                        premises.setdefault(d, []).append(premise)
         for m in methods:
             metrics[m][d] = {k: mean([r[k] for r in runs[m]]) for k in ("gold_reward", "win_rate", "kl")}
-            metrics[m][d]["rm_accuracy"] = evaluation.rm_accuracy(s, {**rms, "metarm": metarm_rms}, m, d) if m in RM_METHODS else None
+            if m in RM_METHODS:
+                metrics[m][d]["rm_accuracy"] = evaluation.rm_accuracy(s, {**rms, "metarm": metarm_rms}, m, d)
+            else:
+                metrics[m][d]["rm_accuracy"] = None
         if d in premises:
             premises[d] = {k: mean([p[k] for p in premises[d]]) for k in premises[d][0]}
-            premises[d]["acc_behaviour_pairs"] = metrics["vanilla_rm"][d]["rm_accuracy"]   # its held-out pairs' accuracy
+            # the vanilla RM's accuracy on d's held-out labelled pairs
+            premises[d]["acc_behaviour_pairs"] = metrics["vanilla_rm"][d]["rm_accuracy"]
     return metrics, premises, samples
 
 
+def sample_records(world, method: str, domain: str, seed: int, batch: dict, gold_rewards, n: int = 8) -> list:
+    """The first n evaluation samples of a method, decoded, for samples.jsonl."""
+    records = []
+    for row, gold_reward in list(zip(batch["idx"].tolist(), gold_rewards.tolist()))[:n]:
+        records.append(
+            {
+                "method": method,
+                "domain": domain,
+                "seed": seed,
+                "response": world.decode(row[data.PROMPT_LEN :]),
+                "prompt": world.decode(row[: data.PROMPT_LEN]),
+                "gold_reward": gold_reward,
+            }
+        )
+    return records
+
+
 def summarise(cfg: Config, per_seed: list) -> dict:
-    """The results dict: per-method means with intervals, paired comparisons, ceilings, premises."""
+    """The results dict: per-method means with intervals, paired comparisons, ceilings, premises.
+
+    per_seed: one {"metrics": metrics[method][domain][metric], "premises": premises[domain]} per seed."""
     methods = list(per_seed[0]["metrics"])
     domains = list(per_seed[0]["metrics"][methods[0]])
-    seed_value = lambda s, m, k: mean([s["metrics"][m][d][k] for d in domains])
+
+    def seed_value(run: dict, m: str, k: str) -> float:
+        """One seed's value of metric k for method m: the mean over the evaluation domains."""
+        return mean([run["metrics"][m][d][k] for d in domains])
+
     out = {"config": {k: v for k, v in asdict(cfg).items() if k != "out"}, "domains": domains, "methods": {}}
     for m in methods:
-        out["methods"][m] = {k: None if per_seed[0]["metrics"][m][domains[0]][k] is None else
-                             {**evaluation.interval([seed_value(s, m, k) for s in per_seed]),
-                              "per_domain": {d: mean([s["metrics"][m][d][k] for s in per_seed]) for d in domains}}
-                             for k in METRICS}
+        out["methods"][m] = {}
+        for k in METRICS:
+            if per_seed[0]["metrics"][m][domains[0]][k] is None:
+                out["methods"][m][k] = None
+                continue
+            per_domain = {d: mean([run["metrics"][m][d][k] for run in per_seed]) for d in domains}
+            out["methods"][m][k] = {
+                **evaluation.interval([seed_value(run, m, k) for run in per_seed]),
+                "per_domain": per_domain,
+            }
     out["paired"] = {}
     for a, b in COMPARISONS + (("in_domain_rm", "vanilla_rm"), ("oracle", "vanilla_rm")):
-        if a in methods and b in methods:
-            diffs = [seed_value(s, a, "gold_reward") - seed_value(s, b, "gold_reward") for s in per_seed]
-            iv = evaluation.interval(diffs)
-            per_domain = {d: mean([s["metrics"][a][d]["gold_reward"] - s["metrics"][b][d]["gold_reward"] for s in per_seed])
-                          for d in domains}
-            trend = evaluation.verdict(iv["ci95"]) if (a, b) in COMPARISONS else "n/a (a ceiling)"
-            out["paired"][f"{a} - {b}"] = {**iv, "wins": sum(x > 0 for x in diffs), "per_seed": diffs,
-                                           "per_domain": per_domain, "verdict": trend}
+        if a not in methods or b not in methods:
+            continue
+        diffs = [seed_value(run, a, "gold_reward") - seed_value(run, b, "gold_reward") for run in per_seed]
+        per_domain = {}
+        for d in domains:
+            per_domain[d] = mean(
+                [run["metrics"][a][d]["gold_reward"] - run["metrics"][b][d]["gold_reward"] for run in per_seed]
+            )
+        iv = evaluation.interval(diffs)
+        trend = evaluation.verdict(iv["ci95"]) if (a, b) in COMPARISONS else "n/a (a ceiling)"
+        out["paired"][f"{a} - {b}"] = {
+            **iv,
+            "wins": sum(x > 0 for x in diffs),
+            "per_seed": diffs,
+            "per_domain": per_domain,
+            "verdict": trend,
+        }
     compared = [f"{a} - {b}" for a, b in COMPARISONS if f"{a} - {b}" in out["paired"]]
     head = out["paired"].get("in_domain_rm - vanilla_rm")
-    if head and head["ci95"] and compared:          # the headroom rule (README): headroom >= 3 x the widest half-width
+    if head and head["ci95"] and compared:
+        # the headroom rule (README): headroom >= 3 x the widest half-width
         widest = max((out["paired"][c]["ci95"][1] - out["paired"][c]["ci95"][0]) / 2 for c in compared)
-        out["headroom_rule"] = {"headroom": head["mean"], "widest_half_width": widest, "compared": compared,
-                                "ratio": head["mean"] / widest if widest > 0 else None, "met": head["mean"] >= 3 * widest}
-    out["ceilings"] = {m: evaluation.interval([seed_value(s, m, "gold_reward") for s in per_seed]) for m in CEILINGS if m in methods}
+        out["headroom_rule"] = {
+            "headroom": head["mean"],
+            "widest_half_width": widest,
+            "compared": compared,
+            "ratio": head["mean"] / widest if widest > 0 else None,
+            "met": head["mean"] >= 3 * widest,
+        }
+    out["ceilings"] = {}
+    for m in CEILINGS:
+        if m in methods:
+            out["ceilings"][m] = evaluation.interval([seed_value(run, m, "gold_reward") for run in per_seed])
     if "vanilla_rm" in methods:
-        keys = list(per_seed[0]["premises"][domains[0]])
-        out["premises"] = {k: evaluation.interval([mean([s["premises"][d][k] for d in domains]) for s in per_seed]) for k in keys}
+        out["premises"] = {}
+        for k in per_seed[0]["premises"][domains[0]]:
+            values = [mean([run["premises"][d][k] for d in domains]) for run in per_seed]
+            out["premises"][k] = evaluation.interval(values)
     return out
 
 
 # ==== The command line and the output folder ====================================================
+def positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
 def parse_config(argv) -> Config:
     """The CLI is derived from Config; every value is checked before anything runs."""
     given = cli.parse(Config, argv, __doc__.splitlines()[0])
     cfg = Config(**({**QUICK, **given} if given.get("quick") else given))
-    positive = lambda x: math.isfinite(x) and x > 0
-    checks = [(cfg.seeds >= 1, "--seeds must be an integer >= 1"),
-              (all(positive(x) for x in (cfg.beta, cfg.adapt_lr, cfg.rm_lr, cfg.dpo_lr, cfg.beta_dpo, cfg.outer_beta_dpo,
-                                         cfg.temperature)),
-               "--beta, --adapt-lr, --rm-lr, --dpo-lr, --beta-dpo, --outer-beta-dpo and --temperature must be finite numbers > 0"),
-              (math.isfinite(cfg.eta) and cfg.eta >= 0, "--eta must be a finite number >= 0"),
-              (math.isfinite(cfg.lam) and cfg.lam >= 0, "--lam must be a finite number >= 0"),
-              (cfg.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
-              (cfg.domains in ("test", "dev"), "--domains must be test or dev"),
-              (cfg.solver in ("cg", "neumann", "unrolled"), "--solver must be cg, neumann or unrolled"),
-              (bool(cfg.methods) and set(cfg.methods.split(",")) <= set(METHODS) and "vanilla_rm" in cfg.methods.split(","),
-               f"--methods must be a comma-separated subset of {','.join(METHODS)} that includes vanilla_rm"),
-              (min(cfg.sft_steps, cfg.rm_steps, cfg.ceiling_steps, cfg.adapt_steps, cfg.extra_steps, cfg.repeats, cfg.eval_samples,
-                   cfg.T) >= 1, "step counts, --repeats, --eval-samples and --T must be integers >= 1"),
-              (cfg.K >= 2 and cfg.metarm_k >= 2 and cfg.eval_samples % 2 == 0,
-               "--K and --metarm-k must be >= 2 and --eval-samples even"),
-              (cfg.rounds >= 2 and cfg.extra_steps % (cfg.rounds - 1) == 0,
-               "--rounds must be >= 2 (round 1 is the vanilla RM's) and --rounds - 1 must divide --extra-steps"),
-              ("metarm_eta0" not in cfg.methods.split(",") or "vanilla_rm_long" in cfg.methods.split(","),
-               "--methods: metarm_eta0 needs vanilla_rm_long (at eta = 0 MetaRM's rounds are its Bradley-Terry steps)"),
-              (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but no GPU is visible")]
+    methods = cfg.methods.split(",")
+    rates = (cfg.beta, cfg.adapt_lr, cfg.rm_lr, cfg.dpo_lr, cfg.beta_dpo, cfg.outer_beta_dpo, cfg.temperature)
+    counts = (cfg.sft_steps, cfg.rm_steps, cfg.ceiling_steps, cfg.adapt_steps, cfg.extra_steps, cfg.repeats)
+    checks = [
+        (cfg.seeds >= 1, "--seeds must be an integer >= 1"),
+        (
+            all(positive(x) for x in rates),
+            "--beta, --adapt-lr, --rm-lr, --dpo-lr, --beta-dpo, --outer-beta-dpo and --temperature "
+            "must be finite numbers > 0",
+        ),
+        (math.isfinite(cfg.eta) and cfg.eta >= 0, "--eta must be a finite number >= 0"),
+        (math.isfinite(cfg.lam) and cfg.lam >= 0, "--lam must be a finite number >= 0"),
+        (cfg.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+        (cfg.domains in ("test", "dev"), "--domains must be test or dev"),
+        (cfg.solver in ("cg", "neumann", "unrolled"), "--solver must be cg, neumann or unrolled"),
+        (
+            bool(cfg.methods) and set(methods) <= set(METHODS) and "vanilla_rm" in methods,
+            f"--methods must be a comma-separated subset of {','.join(METHODS)} that includes vanilla_rm",
+        ),
+        (
+            min(*counts, cfg.eval_samples, cfg.T) >= 1,
+            "step counts, --repeats, --eval-samples and --T must be integers >= 1",
+        ),
+        (
+            cfg.K >= 2 and cfg.metarm_k >= 2 and cfg.eval_samples % 2 == 0,
+            "--K and --metarm-k must be >= 2 and --eval-samples even",
+        ),
+        (
+            cfg.rounds >= 2 and cfg.extra_steps % (cfg.rounds - 1) == 0,
+            "--rounds must be >= 2 (round 1 is the vanilla RM's) and --rounds - 1 must divide --extra-steps",
+        ),
+        (
+            "metarm_eta0" not in methods or "vanilla_rm_long" in methods,
+            "--methods: metarm_eta0 needs vanilla_rm_long (at eta = 0 MetaRM's rounds are its Bradley-Terry steps)",
+        ),
+        (cfg.device != "cuda" or torch.cuda.is_available(), "--device cuda asked for, but no GPU is visible"),
+    ]
     for ok, message in checks:
         if not ok:
             raise BadInput(message)
@@ -387,8 +589,8 @@ def main(argv=None) -> int:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)
         print(f"train.py: error: {what}; the previous results in {out} are untouched", file=sys.stderr)
         return 130 if isinstance(e, KeyboardInterrupt) else 1
-    finally:                                                 # whatever stopped it, nothing half-written stays
-        shutil.rmtree(tmp, ignore_errors=True)               # (after publish, tmp no longer exists)
+    finally:  # whatever stopped it, nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)  # (after publish, tmp no longer exists)
     print(plots.results_markdown(results))
     print(f"wrote {out}/")
     return 0
