@@ -10,10 +10,13 @@ It lives here, not in train.py, because train.py imports this module.
 """
 
 import copy
+import json
 import math
+import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -24,6 +27,9 @@ import policy
 from cli import clock
 
 MAX_NEW = metarm.AdaptConfig.max_new_tokens  # the longest response, everywhere
+# METHOD.md §5.1: delta, the comparisons and the verdict rule's parameters, fixed before the runs they govern
+PREREGISTRATION = json.loads((Path(__file__).parent / "preregistration.json").read_text())
+DELTA = PREREGISTRATION["delta"]
 
 
 @dataclass
@@ -185,14 +191,35 @@ def interval(xs) -> dict:
     return {"mean": m, "ci95": [m - half, m + half], "n_seeds": n}
 
 
-def verdict(ci, direction: int = 1) -> str:
-    """reproduced: the interval excludes 0 in the paper's direction; contradicted: the other way."""
+def verdict(ci, delta: float, direction: int = 1) -> str:
+    """The pre-registered rule (METHOD.md §5.1), in its order of precedence, from the paired 95 % interval
+    ci = [lo, hi] in the paper's direction: reproduced (lo > 0), contradicted (hi < 0), absent (-delta < lo
+    and hi < delta, strictly: two one-sided tests at 0.025 each), undetermined (otherwise, or no interval)."""
     if ci is None:
         return "undetermined"
-    lo, hi = ci
-    if (lo > 0 and direction > 0) or (hi < 0 and direction < 0):
+    lo, hi = ci if direction > 0 else (-ci[1], -ci[0])
+    if lo > 0:
         return "reproduced"
-    return "contradicted" if lo > 0 or hi < 0 else "undetermined"
+    if hi < 0:
+        return "contradicted"
+    if -delta < lo and hi < delta:
+        return "absent"
+    return "undetermined"
+
+
+def decide(diffs: list, delta: float, direction: int = 1) -> dict:
+    """A paired comparison over seeds (method - control per seed) judged by METHOD.md §5.1: its interval, the
+    verdict, whether a benefit of delta or more is excluded (hi < delta in the paper's direction) and the
+    minimum detectable effect at 80 % power, (t(0.975, n - 1) + t(0.8, n - 1)) SE, SE = s / sqrt(n). None
+    values (a seed where the difference is undefined) are left out."""
+    iv = interval(diffs) or {"mean": None, "ci95": None, "n_seeds": 0}
+    out = {**iv, "delta": delta, "verdict": verdict(iv["ci95"], delta, direction)}
+    if iv["ci95"] is None:
+        return {**out, "benefit_excluded": None, "mde80": None}
+    n, m = iv["n_seeds"], iv["mean"]
+    se = math.sqrt(sum((x - m) ** 2 for x in diffs if x is not None) / (n - 1) / n)
+    hi = iv["ci95"][1] if direction > 0 else -iv["ci95"][0]
+    return {**out, "benefit_excluded": hi < delta, "mde80": (t_quantile(n - 1) + t_quantile(n - 1, 0.8)) * se}
 
 
 # ==== The figures' experiments ==================================================================
@@ -200,7 +227,7 @@ def figure_experiments(
     cfg, s: Setup, logs: list, per_seed: list, sft_losses: list, timings: dict, bcfg: metarm.BilevelConfig
 ) -> dict:
     """Reward-vs-KL frontier, RLHF rounds, hypergradient error, outer convergence, training curves."""
-    seeds = [k for k in range(min(3, cfg.seeds))]
+    seeds = list(range(min(cfg.figure_seeds, cfg.seeds)))
     out = {}
     with clock(timings, "figure_frontier"):
         out["frontier"] = frontier(cfg, s, logs, per_seed, seeds)
@@ -275,12 +302,51 @@ def frontier(cfg, s: Setup, logs: list, per_seed: list, seeds: list) -> dict:
             }
             for beta in values["bilevel"]
         }
+        out["matched_kl"] = matched_kl(values, str(cfg.beta), seeds)
     return out
+
+
+def gold_at_kl(points: list, kl: float) -> tuple:
+    """Gold reward at `kl` on the piecewise-linear curve through points [(kl_i, gold_i)] in log KL (METHOD.md
+    §5.1); outside the points' range the nearest segment is extended. Returns (gold, extended), or (None,
+    False) where log KL is undefined or the curve is not a function of it: a KL estimate <= 0 (k1 can be
+    negative after a few steps) or two points at the same KL."""
+    if kl <= 0 or any(k <= 0 for k, _ in points) or len({k for k, _ in points}) < len(points):
+        return None, False
+    points = sorted((math.log(k), g) for k, g in points)
+    x = math.log(kl)
+    i = 0
+    while i < len(points) - 2 and x > points[i + 1][0]:
+        i += 1
+    (x0, g0), (x1, g1) = points[i], points[i + 1]
+    extended = x < points[0][0] or x > points[-1][0]
+    return g0 + (g1 - g0) * (x - x0) / (x1 - x0), extended
+
+
+def matched_kl(values: dict, beta: str, seeds: list) -> dict:
+    """Jia's frontier trend, pre-registered (METHOD.md §5.1): per seed, bilevel's gold reward read at the
+    vanilla RM's KL at `beta` on bilevel's gold-vs-log-KL curve, minus the vanilla RM's gold reward there."""
+    diffs, extended = [], 0
+    for i, _ in enumerate(seeds):
+        target_kl = values["vanilla_rm"][beta]["kl"][i]
+        curve = [(by_beta["kl"][i], by_beta["gold_reward"][i]) for by_beta in values["bilevel"].values()]
+        gold, outside = gold_at_kl(curve, target_kl)
+        diffs.append(None if gold is None else gold - values["vanilla_rm"][beta]["gold_reward"][i])
+        extended += outside
+    return {
+        **decide(diffs, DELTA["gold_reward"]),
+        "per_seed": diffs,
+        "at_beta": beta,
+        "extended_seeds": extended,
+        "undefined_seeds": diffs.count(None),
+    }
 
 
 def rlhf_figure(cfg, s: Setup, logs: list, seeds: list, rounds: int = 3) -> dict:
     """§3, the paper's main setting: iterative RLHF on the training domains' prompts, MetaRM vs eta = 0,
-    3 rounds, per seed: the RM's normalised spread and the gold reward of each round's policy."""
+    3 rounds, per seed: the RM's normalised spread, its accuracy against the gold order on pairs of the
+    round's policy samples, and their gold reward. The pre-registered verdicts (METHOD.md §5.1) per round
+    from round 2 on: round 1 is the same run for both (the same vanilla RM, the same draws)."""
     prompts = torch.cat([s.prompts[d][::4] for d in data.TRAIN_DOMAINS])
     runs = {"metarm": [], "metarm_eta0": []}
     for seed in seeds:
@@ -312,18 +378,20 @@ def rlhf_figure(cfg, s: Setup, logs: list, seeds: list, rounds: int = 3) -> dict
     def by_round(name, k):
         return [[run[t][k] for run in runs[name]] for t in range(rounds)]
 
-    return {
-        "seeds": seeds,
-        "rounds": rounds,
-        **{name: {k: [interval(v) for v in by_round(name, k)] for k in ("spread", "gold")} for name in runs},
-        "metarm - metarm_eta0": {
-            k: [
-                interval([a - b for a, b in zip(x, y)])
-                for x, y in zip(by_round("metarm", k), by_round("metarm_eta0", k))
-            ]
-            for k in ("spread", "gold")
-        },
-    }
+    def paired(k, t):
+        """metarm - metarm_eta0 per seed in round t (None where a seed's accuracy had no comparable pair)."""
+        pairs = zip(by_round("metarm", k)[t], by_round("metarm_eta0", k)[t])
+        return [None if a is None or b is None else a - b for a, b in pairs]
+
+    metrics = ("spread", "gold", "rm_accuracy")
+    out = {"seeds": seeds, "rounds": rounds}
+    for name in runs:
+        out[name] = {k: [interval(v) for v in by_round(name, k)] for k in metrics}
+    out["metarm - metarm_eta0"] = {k: [interval(paired(k, t)) for t in range(rounds)] for k in metrics}
+    out["verdicts"] = {}
+    for k, delta in (("gold", DELTA["gold_reward"]), ("rm_accuracy", DELTA["rm_accuracy"])):
+        out["verdicts"][k] = [{"round": t + 1, **decide(paired(k, t), delta)} for t in range(1, rounds)]
+    return out
 
 
 def hypergradient_error(
@@ -407,6 +475,87 @@ def hypergradient_error(
     }
 
 
+# Below this cosine between the hypergradient training used and the reference, a run warns (README, Troubleshooting)
+HYPERGRADIENT_COSINE_WARNING = 0.9
+
+
+def to_float64(x):
+    """A float64 CPU copy of a tensor, or of every tensor in a (nested) dict or tuple; other values as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().cpu() if x.is_floating_point() else x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: to_float64(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(to_float64(v) for v in x)
+    return x
+
+
+def hypergradient_accuracy(model, rm, theta_ref: dict, inputs: dict, n_domains: int, newton_tol: float = 1e-8) -> dict:
+    """How accurate the hypergradient (8) that training used was, carried to phi: one outer step of
+    metarm.train_bilevel recomputed from what it was computed from (`inputs`: phi, the warm starts, the
+    drawn problems, cfg; the same float32 code, so the same numbers) against a float64 reference at the
+    solved inner problem (100 gradient steps then Newton to |grad g| <= newton_tol from the same warm starts,
+    then CG to a relative residual of 1e-10). The lam L_BT term is left out of both: it is exact, and would
+    only hide the error of the rest. Returns cosine, relative error ||g - g_ref|| / ||g_ref|| and ||g||."""
+    cfg = replace(inputs["cfg"], lam=0.0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="cg did not converge")  # as in training: cg_tol is loose by design
+        used = metarm.outer_gradient(
+            model, rm, inputs["phi"], inputs["problems"], None, cfg, theta_ref, n_domains, warm=dict(inputs["warm"])
+        )[0]
+    model64, rm64 = copy.deepcopy(model).double().cpu(), copy.deepcopy(rm).double().cpu()
+    phi64 = {name: p.requires_grad_(True) for name, p in to_float64(inputs["phi"]).items()}
+    ref_cfg = replace(cfg, T=10, cg_iters=2000, cg_tol=1e-10)  # 100 gradient steps, then Newton
+    ref = metarm.outer_gradient(
+        model64,
+        rm64,
+        phi64,
+        to_float64(inputs["problems"]),
+        None,
+        ref_cfg,
+        to_float64(theta_ref),
+        n_domains,
+        warm=to_float64(inputs["warm"]),
+        newton_tol=newton_tol,
+    )[0]
+    g = torch.cat([x.detach().double().cpu().flatten() for x in used])
+    g_ref = torch.cat([x.flatten() for x in ref])
+    cosine = (g @ g_ref / (g.norm() * g_ref.norm())).item()
+    return {"cosine": cosine, "rel_error": ((g - g_ref).norm() / g_ref.norm()).item(), "norm": g.norm().item()}
+
+
+def accuracy_steps(outer_steps: int) -> list:
+    """The outer steps whose hypergradient is checked: the first (a cold start), the middle and the last."""
+    return sorted({0, outer_steps // 2, outer_steps - 1})
+
+
+def accuracy_summary(per_seed: list) -> dict:
+    """results.json's hypergradient_accuracy: per_seed[seed] = [{"step", "cosine", "rel_error"}, ...]; the
+    smallest and median cosine and the median and largest relative error, over all checks and per step."""
+    checks = [c for seed_checks in per_seed for c in seed_checks]
+
+    def spread(rows: list) -> dict:
+        cosines = [c["cosine"] for c in rows]
+        errors = [c["rel_error"] for c in rows]
+        return {
+            "n": len(rows),
+            "cosine_min": min(cosines),
+            "cosine_median": statistics.median(cosines),
+            "rel_error_median": statistics.median(errors),
+            "rel_error_max": max(errors),
+        }
+
+    steps = sorted({c["step"] for c in checks})
+    return {
+        "what": "the hypergradient (8) training used, carried to phi (lam term left out), against a float64 "
+        "reference at the Newton-solved inner problem",
+        "warn_below_cosine": HYPERGRADIENT_COSINE_WARNING,
+        "all": spread(checks),
+        "by_step": {str(step): spread([c for c in checks if c["step"] == step]) for step in steps},
+        "per_seed": per_seed,
+    }
+
+
 def outer_convergence(
     s: Setup, logs: list, seeds: list, base: metarm.BilevelConfig, steps: int = 20, every: int = 5
 ) -> dict:
@@ -447,6 +596,15 @@ def outer_convergence(
     }
 
 
+def within_prompt_accuracy(r, g, k: int):
+    """The RM's accuracy against the gold order over every pair of two samples of the same prompt (k per
+    prompt, prompt-major): gold ties left out, RM ties 1/2; None if every pair ties in gold."""
+    i, j = torch.triu_indices(k, k, 1)
+    r, g = r.view(-1, k), g.view(-1, k)
+    accuracy = metarm.tie_accuracy((r[:, i] - r[:, j]).flatten(), (g[:, i] - g[:, j]).flatten()).item()
+    return None if math.isnan(accuracy) else accuracy
+
+
 def rlhf_rounds(
     model,
     prompts,
@@ -478,7 +636,14 @@ def rlhf_rounds(
             temperature=cfg.temperature,
         )
         with torch.no_grad():
-            spread = metarm.reward_spread(policy.reward(rm, phi, meta), cfg.k)
-        history.append({"round": t, "spread": spread, "gold": gold(meta).mean().item()})
+            r, g = policy.reward(rm, phi, meta), gold(meta)
+        history.append(
+            {
+                "round": t,
+                "spread": metarm.reward_spread(r, cfg.k),
+                "gold": g.mean().item(),
+                "rm_accuracy": within_prompt_accuracy(r, g, cfg.k),
+            }
+        )
         metarm.train_metarm(rm, phi, opt, pairs, meta, cfg, generator, meta_generator)
     return history

@@ -55,16 +55,23 @@ def results_markdown(results: dict) -> str:
         lines.append(
             f"| {m} | " + " | ".join(fmt(r[k]) for k in ("gold_reward", "win_rate", "rm_accuracy", "kl")) + " |"
         )
+    delta = results["delta"]["gold_reward"]
     lines += [
         "",
-        "Paired differences in gold reward (the seed is the unit):",
+        f"Paired differences in gold reward (the seed is the unit); verdicts by the pre-registered rule, "
+        f"delta = {delta} (METHOD.md §5.1):",
         "",
-        "| comparison | mean | 95 % CI | seeds > 0 | verdict |",
-        "|---|---|---|---|---|",
+        f"| comparison | mean | 95 % CI | seeds > 0 | verdict | benefit >= {delta} excluded | MDE (80 % power) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, p in results["paired"].items():
         ci = "n/a" if p["ci95"] is None else f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
-        lines.append(f"| {name} | {p['mean']:+.3f} | {ci} | {p['wins']}/{p['n_seeds']} | {p['verdict']} |")
+        excluded = {True: "yes", False: "no"}.get(p.get("benefit_excluded"), "n/a")
+        mde = "n/a" if p.get("mde80") is None else f"{p['mde80']:.3f}"
+        row = (
+            f"| {name} | {p['mean']:+.3f} | {ci} | {p['wins']}/{p['n_seeds']} | {p['verdict']} | {excluded} | {mde} |"
+        )
+        lines.append(row)
     rule = results.get("headroom_rule")
     if rule:
         ratio = "n/a" if rule["ratio"] is None else f"{rule['ratio']:.2f}"

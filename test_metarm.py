@@ -546,6 +546,54 @@ def test_eq6_eq8_unrolled_and_training_path_converge(bl):
         assert err(path(300)) < 0.05 * err(path(5))
 
 
+def test_eq8_hypergradient_accuracy_recomputes_training_and_sees_its_error(bl, recwarn):
+    """evaluation.hypergradient_accuracy recomputes the gradient a training step used (its norm = the step's logged
+    grad_norm, lam = 0) and compares it with the Newton-solved IFT reference (outer_gradient with newton_tol, checked
+    against finite differences in test_eq7_eq8_outer_gradient_matches_finite_differences): about exact when the
+    step's own solves are tight (T = 1000, CG to 1e-12), clearly off when they are cut (T = 1, one CG iteration).
+    report_accuracy warns below the stated cosine, and only there."""
+    s = bl
+    errors = {}
+    for T, cg_iters in ((1000, 300), (1, 1)):
+        cfg = metarm.BilevelConfig(**{**s["cfg"].__dict__, "T": T, "cg_iters": cg_iters})
+        phi = policy.copy_params(s["phi"])
+        log = metarm.train_bilevel(
+            s["model"],
+            s["rm"],
+            phi,
+            s["domains"],
+            s["pairs"],
+            cfg,
+            s["theta_ref"],
+            G(0),
+            G(1),
+            steps=1,
+            keep_steps=(0,),
+        )
+        assert "inputs" in log[0]
+        acc = evaluation.hypergradient_accuracy(s["model"], s["rm"], s["theta_ref"], log[0]["inputs"], n_domains=3)
+        assert acc["norm"] == pytest.approx(log[0]["grad_norm"], rel=1e-12)
+        errors[T] = acc
+    assert errors[1000]["rel_error"] < 1e-6
+    assert errors[1000]["cosine"] > 1 - 1e-10
+    assert errors[1]["rel_error"] > 0.5
+    assert errors[1]["cosine"] < 0.9
+    checks = [{"step": 0, "cosine": 0.95, "rel_error": 0.2}, {"step": 3, "cosine": 0.999, "rel_error": 0.01}]
+    summary = evaluation.accuracy_summary([checks, [{"step": 0, "cosine": 0.85, "rel_error": 0.4}]])
+    assert summary["all"] == {
+        "n": 3,
+        "cosine_min": 0.85,
+        "cosine_median": 0.95,
+        "rel_error_median": 0.2,
+        "rel_error_max": 0.4,
+    }
+    assert summary["by_step"]["0"]["cosine_median"] == pytest.approx(0.9)
+    train.report_accuracy(summary["by_step"]["3"])
+    assert len(recwarn) == 0
+    with pytest.warns(UserWarning, match="cosine 0.850 < 0.9"):
+        train.report_accuracy(summary["all"])
+
+
 def test_s22_reduction_to_rescaled_bradley_terry():
     """§2.2: free logits over candidates containing the pairs' responses: F(r) = L_BT((beta_dpo / beta) r), and its
     gradient."""
@@ -1142,22 +1190,92 @@ def test_jvp_of_logprob_and_sft(world, tiny_gpt):
 
 
 # ==== train.py: statistics, the pipeline, bad input (evaluation: §3 above) ===========================================
-def test_t_quantile_interval_and_verdict():
-    """t quantiles (tables); interval = mean +- t(n - 1) s / sqrt(n) by hand; verdict by the interval's sign."""
+def test_t_quantile_and_interval():
+    """t quantiles (tables); interval = mean +- t(n - 1) s / sqrt(n) by hand."""
     assert [evaluation.t_quantile(df) for df in (9, 2, 29)] == pytest.approx([2.262157, 4.302653, 2.045230], abs=1e-4)
     iv, half = evaluation.interval([1.0, 2.0, 4.0]), 4.302653 * math.sqrt(7 / 3 / 3)  # mean 7/3, s^2 = 7/3
     assert iv["n_seeds"] == 3
     assert iv["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half], abs=1e-5)
     assert evaluation.interval([0.5]) == {"mean": 0.5, "ci95": None, "n_seeds": 1}
+
+
+def test_decide_by_hand_on_every_case_and_boundary():
+    """METHOD.md §5.1 with delta = 0.1: each verdict, its precedence, each boundary (lo = 0, hi = 0, lo = -delta,
+    hi = delta fall to the next case), the paper's direction; decide's benefit-excluded flag and MDE by hand, with
+    the df = 1 and df = 2 t quantiles in closed form: tan(pi (p - 1/2)) and sqrt(2 a^2 / (1 - a^2)), a = 2p - 1."""
     cases = [
-        ([0.1, 0.5], 1, "reproduced"),
-        ([-0.5, -0.1], 1, "contradicted"),
-        ([-0.1, 0.5], 1, "undetermined"),
-        ([-0.5, -0.1], -1, "reproduced"),
-        ([0.1, 0.5], -1, "contradicted"),
+        ([0.05, 0.3], 1, "reproduced"),
+        ([0.0, 0.3], 1, "undetermined"),  # lo = 0: not above 0
+        ([0.01, 0.05], 1, "reproduced"),  # inside +-delta too: reproduced comes first
+        ([-0.3, -0.05], 1, "contradicted"),
+        ([-0.3, 0.0], 1, "undetermined"),  # hi = 0: not below 0
+        ([-0.05, -0.01], 1, "contradicted"),  # inside +-delta too: contradicted comes first
+        ([-0.05, 0.05], 1, "absent"),
+        ([-0.0999, 0.0999], 1, "absent"),
+        ([-0.1, 0.05], 1, "undetermined"),  # lo = -delta: not strictly inside
+        ([-0.05, 0.1], 1, "undetermined"),  # hi = delta: not strictly inside
+        ([-0.3, -0.05], -1, "reproduced"),
+        ([0.05, 0.3], -1, "contradicted"),
+        ([-0.05, 0.05], -1, "absent"),
         (None, 1, "undetermined"),
     ]
-    assert [evaluation.verdict(ci, d) for ci, d, _ in cases] == [v for _, _, v in cases]
+    assert [evaluation.verdict(ci, 0.1, d) for ci, d, _ in cases] == [v for _, _, v in cases]
+    t2 = {p: math.sqrt(2 * (2 * p - 1) ** 2 / (1 - (2 * p - 1) ** 2)) for p in (0.975, 0.8)}
+    se = math.sqrt(7 / 9)  # diffs 3, 4, 6: s^2 = 7/3, n = 3; interval 13/3 +- 4.3027 se: about [0.54, 8.13]
+    out = evaluation.decide([3.0, 4.0, 6.0], 0.5)
+    assert out["verdict"] == "reproduced"
+    assert out["delta"] == 0.5
+    assert out["benefit_excluded"] is False
+    assert out["mde80"] == pytest.approx((t2[0.975] + t2[0.8]) * se, rel=1e-6)
+    small = evaluation.decide([0.01, 0.02, 0.04], 0.5)  # interval 7/300 +- 4.3027 se / 100: about [-0.015, 0.061]
+    assert small["verdict"] == "absent"
+    assert small["benefit_excluded"] is True
+    assert small["mde80"] == pytest.approx((t2[0.975] + t2[0.8]) * se / 100, rel=1e-6)
+    flipped = evaluation.decide([-3.0, -4.0, -6.0], 0.5, direction=-1)
+    assert flipped["verdict"] == "reproduced"
+    assert flipped["benefit_excluded"] is False
+    assert evaluation.decide([0.3], 0.1) == {
+        "mean": 0.3,
+        "ci95": None,
+        "n_seeds": 1,
+        "delta": 0.1,
+        "verdict": "undetermined",
+        "benefit_excluded": None,
+        "mde80": None,
+    }
+
+
+def test_matched_kl_and_within_prompt_accuracy_by_hand():
+    """Jia's frontier at matched KL (METHOD.md §5.1): gold on the piecewise-linear curve in log KL, inside a segment,
+    at a point, extended beyond either end, undefined at KL <= 0 or two points at one KL; matched_kl's per-seed
+    differences and counts. The RM's accuracy on all pairs of samples of the same prompt (rlhf_rounds) by hand."""
+    e = math.e
+    curve = [(1.0, 0.0), (e, 1.0), (e**3, 2.0)]  # log KL 0, 1, 3
+    assert evaluation.gold_at_kl(curve, e**0.5) == (pytest.approx(0.5), False)
+    assert evaluation.gold_at_kl(curve, e**2) == (pytest.approx(1.5), False)
+    assert evaluation.gold_at_kl(curve, e) == (pytest.approx(1.0), False)
+    assert evaluation.gold_at_kl(list(reversed(curve)), e**4) == (pytest.approx(2.5), True)
+    assert evaluation.gold_at_kl(curve, e**-1) == (pytest.approx(-1.0), True)
+    assert evaluation.gold_at_kl(curve, 0.0) == (None, False)
+    assert evaluation.gold_at_kl([(1.0, 0.0), (1.0, 1.0), (e, 2.0)], 1.5) == (None, False)
+    assert evaluation.gold_at_kl([(-0.1, 0.0), (e, 1.0), (e**3, 2.0)], 1.5) == (None, False)
+    values = {
+        "vanilla_rm": {"0.5": {"kl": [e, e**2, e], "gold_reward": [0.5, 1.0, 0.0]}},
+        "bilevel": {
+            "0.25": {"kl": [e**3, e**3, -1.0], "gold_reward": [2.0, 2.0, 0.0]},
+            "0.5": {"kl": [e, e, e], "gold_reward": [1.0, 1.0, 0.0]},
+            "1.0": {"kl": [1.0, 1.0, 1.0], "gold_reward": [0.0, 0.0, 0.0]},
+        },
+    }
+    out = evaluation.matched_kl(values, "0.5", [0, 1, 2])
+    assert out["per_seed"] == [pytest.approx(0.5), pytest.approx(0.5), None]  # 1.0 - 0.5; 1.5 - 1.0; KL -1
+    assert (out["n_seeds"], out["undefined_seeds"], out["extended_seeds"]) == (2, 1, 0)
+    assert out["verdict"] == "reproduced"  # two equal differences: s = 0, the interval is [0.5, 0.5]
+    # 2 prompts x k = 3. Prompt 1: pairs (0,1) right, (0,2) wrong, (1,2) an RM tie (1/2); prompt 2: one gold tie
+    r = T64(3.0, 1.0, 1.0, 0.0, 1.0, 2.0)
+    g = T64(2.0, 0.0, 5.0, 1.0, 1.0, 3.0)
+    assert evaluation.within_prompt_accuracy(r, g, 3) == pytest.approx((1 + 0 + 0.5 + 1 + 1) / 5)
+    assert evaluation.within_prompt_accuracy(r, torch.zeros(6, dtype=f64), 3) is None
 
 
 def test_summarise_pairs_methods_by_seed_and_crn_seeds():
@@ -1192,6 +1310,10 @@ def test_summarise_pairs_methods_by_seed_and_crn_seeds():
     assert pd["wins"] == 2
     assert pd["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-4)
     assert pd["verdict"] == "undetermined"
+    assert pd["delta"] == 0.1
+    assert pd["benefit_excluded"] is False
+    assert pd["mde80"] == pytest.approx(12.706205 + math.tan(0.3 * math.pi), rel=1e-6)  # df = 1, SE = 1
+    assert out["delta"] == {"gold_reward": 0.1, "rm_accuracy": 0.05}
     assert out["ceilings"]["oracle"]["mean"] == pytest.approx(3.5)
     assert out["methods"]["bilevel"]["rm_accuracy"] is None
     assert out["premises"]["acc_pi_ref_samples"]["mean"] == pytest.approx(0.6)
