@@ -44,7 +44,11 @@ class Config:
 
 def median_seconds(fn, repeats: int, device: str) -> float:
     """Median wall time of fn() after one warm-up call (synchronising the GPU around each call)."""
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     fn()
     times = []
     for _ in range(repeats):

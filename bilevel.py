@@ -110,6 +110,17 @@ def mixed_vjp(g: Callable, theta: Params, phi: Params, v: Params) -> Params:
 
 
 # ---- linear solvers and curvature ---------------------------------------------------------------
+def damped(matvec: Callable[[Params], Params], damping: float) -> Callable[[Params], Params]:
+    """u -> (H + damping I) u, from u -> H u (matvec itself when damping is 0)."""
+    if not damping:
+        return matvec
+
+    def damped_matvec(u):
+        return add(matvec(u), u, damping)
+
+    return damped_matvec
+
+
 def cg(
     matvec: Callable[[Params], Params],
     b: Params,
@@ -130,7 +141,7 @@ def cg(
     Returns: x, info = {"iterations", "hvps", "residual_norm", "residual_norms" (per iterate,
         x0 first), "converged", "negative_curvature"}.
     """
-    A = (lambda u: add(matvec(u), u, damping)) if damping else matvec
+    A = damped(matvec, damping)
     _check_finite(b, "cg: right-hand side b")
     if x0 is None:
         x, r, hvps = {k: torch.zeros_like(t) for k, t in b.items()}, dict(b), 0
@@ -186,7 +197,7 @@ def neumann(
     Returns: x, info = {"iterations" (= J), "hvps", "residual_norm", "residual_norms" (of
         x_0..x_J), "converged" (None without tol)}.
     """
-    A = (lambda u: add(matvec(u), u, damping)) if damping else matvec
+    A = damped(matvec, damping)
     _check_finite(b, "neumann: right-hand side b")
     r, x, history = dict(b), scale(alpha, b), []  # r_j = (I - αA)^j b = b - A x_{j-1}; x_0 = α b
     for j in range(J + 1):
@@ -391,7 +402,12 @@ def quadratic_problem(gen, n=30, p=5, cond=50.0, gamma=1.0) -> dict:
     Q = torch.linalg.qr(randn(n, n))[0]
     A = Q @ torch.diag(torch.logspace(0, math.log10(cond), n, dtype=torch.float64)) @ Q.T
     B, c, target, phi = randn(n, p), randn(n), randn(n), {"phi": randn(p)}
-    flat, split = (lambda th: torch.cat([th["a"], th["b"]])), (lambda w: {"a": w[:3], "b": w[3:]})
+
+    def flat(th):
+        return torch.cat([th["a"], th["b"]])
+
+    def split(w):
+        return {"a": w[:3], "b": w[3:]}
 
     def g(th, ph):
         return 0.5 * flat(th) @ A @ flat(th) - flat(th) @ (B @ ph["phi"] + c)

@@ -1,7 +1,7 @@
 """How the methods are measured (METHOD.md §4, §5), and the experiments behind the figures.
 
 The meta-test metrics (gold reward, win rate, KL, the RM's accuracy against the gold order), the papers'
-premises, the paired statistics over seeds (t-intervals, verdicts), and, at 3 seeds, the reward-vs-KL
+premises, the paired statistics over seeds (t-intervals, verdicts), and, at --figure-seeds seeds, the reward-vs-KL
 frontier, MetaRM's iterative RLHF rounds, and the §2.5 convergence measurements of the bilevel method.
 train.py runs all of it; bench.py reuses hypergradient_error.
 
@@ -30,9 +30,11 @@ MAX_NEW = metarm.AdaptConfig.max_new_tokens  # the longest response, everywhere
 # METHOD.md §5.1: delta, the comparisons and the verdict rule's parameters, fixed before the runs they govern
 PREREGISTRATION = json.loads((Path(__file__).parent / "preregistration.json").read_text())
 DELTA = PREREGISTRATION["delta"]
+MATCHED_KL_BETA = "0.5"  # §5.1: bilevel's curve is read at the vanilla RM's KL at beta = 0.5
+FRONTIER_BETAS = (0.25, 0.5, 1.0)  # §5.1: the points of the gold-vs-log-KL curve
 
 
-@dataclass
+@dataclass(frozen=True)
 class Setup:
     """What every seed of a run shares (train.make_setup builds it; nothing changes it afterwards)."""
 
@@ -202,19 +204,25 @@ def verdict(ci, delta: float, direction: int = 1) -> str:
     return "undetermined"
 
 
-def decide(diffs: list, delta: float, direction: int = 1) -> dict:
+def decide(diffs: list, delta: float, direction: int = 1, min_seeds: int = PREREGISTRATION["min_seeds"]) -> dict:
     """A paired comparison over seeds (method - control per seed) judged by METHOD.md §5.1: its interval, the
     verdict, whether a benefit of delta or more is excluded (hi < delta in the paper's direction) and the
-    minimum detectable effect at 80 % power, (t(0.975, n - 1) + t(0.8, n - 1)) SE, SE = s / sqrt(n). None
-    values (a seed where the difference is undefined) are left out."""
+    minimum detectable effect at the registered power, (t(1 - alpha/2, n - 1) + t(power, n - 1)) SE with
+    SE = s / sqrt(n). None values (a seed where the difference is undefined) are left out. With fewer than
+    min_seeds seeds (the registration: 10) the verdict is "undetermined (fewer than 10 seeds)"."""
     iv = interval(diffs) or {"mean": None, "ci95": None, "n_seeds": 0}
-    out = {**iv, "delta": delta, "verdict": verdict(iv["ci95"], delta, direction)}
+    rule = verdict(iv["ci95"], delta, direction)
+    if iv["n_seeds"] < min_seeds:
+        rule = f"undetermined (fewer than {min_seeds} seeds)"
+    out = {**iv, "delta": delta, "verdict": rule}
     if iv["ci95"] is None:
         return {**out, "benefit_excluded": None, "mde80": None}
     n, m = iv["n_seeds"], iv["mean"]
     se = math.sqrt(sum((x - m) ** 2 for x in diffs if x is not None) / (n - 1) / n)
     hi = iv["ci95"][1] if direction > 0 else -iv["ci95"][0]
-    return {**out, "benefit_excluded": hi < delta, "mde80": (t_quantile(n - 1) + t_quantile(n - 1, 0.8)) * se}
+    alpha, power = PREREGISTRATION["alpha"], PREREGISTRATION["power"]
+    mde = (t_quantile(n - 1, 1 - alpha / 2) + t_quantile(n - 1, power)) * se
+    return {**out, "benefit_excluded": hi < delta, "mde80": mde}
 
 
 # ==== The figures' experiments ==================================================================
@@ -262,7 +270,7 @@ def frontier(cfg, s: Setup, logs: list, per_seed: list, seeds: list) -> dict:
     def gen(k):
         return policy.generator(k, s.device)
 
-    for beta in [b for b in (0.25, 0.5, 1.0) if b != cfg.beta]:
+    for beta in [b for b in FRONTIER_BETAS if b != cfg.beta]:
         acfg = metarm.AdaptConfig(**{**asdict(s.adapt_cfg), "beta": beta})
         for seed in seeds:
             for i, d in enumerate(s.domains[:2]):
@@ -297,7 +305,8 @@ def frontier(cfg, s: Setup, logs: list, per_seed: list, seeds: list) -> dict:
             }
             for beta in values["bilevel"]
         }
-        out["matched_kl"] = matched_kl(values, str(cfg.beta), seeds)
+        registered = {m: {str(b): by_beta[str(b)] for b in FRONTIER_BETAS} for m, by_beta in values.items()}
+        out["matched_kl"] = matched_kl(registered, MATCHED_KL_BETA, seeds)
     return out
 
 
@@ -502,7 +511,8 @@ def hypergradient_accuracy(model, rm, theta_ref: dict, inputs: dict, n_domains: 
         )[0]
     model64, rm64 = copy.deepcopy(model).double().cpu(), copy.deepcopy(rm).double().cpu()
     phi64 = {name: p.requires_grad_(True) for name, p in to_float64(inputs["phi"]).items()}
-    ref_cfg = replace(cfg, T=10, cg_iters=2000, cg_tol=1e-10)  # 100 gradient steps, then Newton
+    # whatever --solver training used, the reference is CG: 100 gradient steps, then Newton, then CG to 1e-10
+    ref_cfg = replace(cfg, solver="cg", T=10, cg_iters=2000, cg_tol=1e-10)
     ref = metarm.outer_gradient(
         model64,
         rm64,
@@ -528,8 +538,10 @@ def accuracy_steps(outer_steps: int) -> list:
 
 def accuracy_summary(per_seed: list) -> dict:
     """results.json's hypergradient_accuracy: per_seed[seed] = [{"step", "cosine", "rel_error"}, ...]; the
-    smallest and median cosine and the median and largest relative error, over all checks and per step."""
-    checks = [c for seed_checks in per_seed for c in seed_checks]
+    smallest and median cosine and the median and largest relative error, over all checks and per step. A
+    check whose reference could not be computed (cosine None, "failed": why) is counted apart."""
+    checks = [c for seed_checks in per_seed for c in seed_checks if c["cosine"] is not None]
+    failed = sum(c["cosine"] is None for seed_checks in per_seed for c in seed_checks)
 
     def spread(rows: list) -> dict:
         cosines = [c["cosine"] for c in rows]
@@ -547,7 +559,8 @@ def accuracy_summary(per_seed: list) -> dict:
         "what": "the hypergradient (8) training used, carried to phi (lam term left out), against a float64 "
         "reference at the Newton-solved inner problem",
         "warn_below_cosine": HYPERGRADIENT_COSINE_WARNING,
-        "all": spread(checks),
+        "failed_checks": failed,
+        "all": spread(checks) if checks else None,
         "by_step": {str(step): spread([c for c in checks if c["step"] == step]) for step in steps},
         "per_seed": per_seed,
     }
@@ -570,7 +583,8 @@ def outer_convergence(
         for beta in (0.25, 0.5, 1.0):
             bcfg = metarm.BilevelConfig(**{**asdict(base), "beta": beta, "recalibrate_every": 0})
             phi = policy.copy_params(logs[seed]["rms"]["vanilla_rm"])
-            opt, norms = torch.optim.Adam(phi.values(), lr=bcfg.lr), []
+            opt = torch.optim.Adam(phi.values(), lr=bcfg.lr)
+            norms = []
             for k in range(0, steps + 1, every):
                 with warnings.catch_warnings():
                     warnings.filterwarnings("ignore", message="cg did not converge")

@@ -187,6 +187,10 @@ class MetaRMRewardConfig(RewardConfig):
     """`trl.RewardConfig` plus MetaRM's three settings and the seed of X_s's draws."""
 
     eta: float = option(0.1, "ascent step eta of Eq. (10); 0 gives plain RewardTrainer")
+    # phi' exists only during the forward (functional_call): a checkpointed layer recomputed in backward would
+    # see phi, and its gradient would silently be taken there. RewardConfig's default is on (through the
+    # deprecated alias gradient_checkpointing = True, which transformers copies into this field when it is None).
+    activation_checkpointing: bool = option(False, "must stay False (refused by MetaRMRewardTrainer)")
     k: int = option(5, "responses per shifted prompt, Eq. (9)")
     shifted_batch_size: int = option(8, "shifted prompts per optimiser step (|X_s|)")
     shifted_seed: int = option(0, "seed of the draws of X_s (the same on every rank)")
@@ -216,6 +220,11 @@ class MetaRMRewardTrainer(RewardTrainer):
                 f"MetaRMRewardTrainer supports one process or DDP only (not {engine.value} or sharded / tensor "
                 "parallelism): phi + delta needs every rank's full, unsharded parameters"
             )
+        if args.activation_checkpointing:
+            raise ValueError(
+                "MetaRMRewardTrainer refuses activation (gradient) checkpointing: its backward would recompute "
+                "layers at phi, not at phi' = phi + delta"
+            )
         if shifted.k != args.k:
             raise ValueError(f"the shifted samples have k = {shifted.k} responses per prompt, args.k = {args.k}")
         if not 1 <= args.shifted_batch_size <= shifted.n_prompts:
@@ -239,9 +248,10 @@ class MetaRMRewardTrainer(RewardTrainer):
         The unwrapped model is called (never the DDP wrapper: no gradient of J is averaged across ranks)."""
         model = self.model.train()  # the mode of the Bradley-Terry forward that follows
         phi = {n: p.detach().requires_grad_(True) for n, p in model.named_parameters() if p.requires_grad}
-        input_ids, attention_mask = self.shifted.batch(
-            self.draw_shifted_rows(), self.processing_class.pad_token_id, self.accelerator.device
-        )
+        pad = self.processing_class.pad_token_id
+        if pad is None:  # a tokenizer without a pad token: TRL pads with eos, and so do we
+            pad = self.processing_class.eos_token_id
+        input_ids, attention_mask = self.shifted.batch(self.draw_shifted_rows(), pad, self.accelerator.device)
         with self.compute_loss_context_manager():  # autocast, if any, as for L_BT
             kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
             r = functional_call(model, phi, args=(), kwargs=kwargs).logits.squeeze(-1)  # (|X_s| k,) r_phi(x, s_i)
@@ -336,8 +346,10 @@ def load_reward_model(path: str, dtype):
     causal LM gets a fresh score head) and its AutoTokenizer; BadInput if either cannot be read."""
     check_model_path(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, local_files_only=True
+        )
     except (OSError, ValueError, KeyError) as e:
         raise BadInput(f"{path}: cannot be loaded as a reward model ({str(e).splitlines()[0]})") from None
     if tokenizer.eos_token is None:
@@ -433,8 +445,8 @@ def causal_lm_shifted(a: ShiftedArgs) -> list:
     if a.max_prompts:
         prompts = prompts[: a.max_prompts]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(a.policy)
-        model = AutoModelForCausalLM.from_pretrained(a.policy).eval()
+        tokenizer = AutoTokenizer.from_pretrained(a.policy, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(a.policy, local_files_only=True).eval()
     except (OSError, ValueError, KeyError) as e:
         raise BadInput(f"{a.policy}: cannot be loaded as a causal LM ({str(e).splitlines()[0]})") from None
     torch.manual_seed(a.seed)
@@ -475,8 +487,18 @@ def shifted_command(a: ShiftedArgs):
         raise BadInput("--out is required")
     if a.k < 2:
         raise BadInput("--k must be at least 2 (Eq. (9) compares responses to the same prompt)")
-    if not a.temperature > 0:
-        raise BadInput("--temperature must be > 0")
+    if not (math.isfinite(a.temperature) and a.temperature > 0):
+        raise BadInput("--temperature must be a finite number > 0")
+    if a.sft_steps < 1:
+        raise BadInput("--sft-steps must be >= 1")
+    longest = policy.GPTConfig.block_size - data.PROMPT_LEN
+    if a.policy == "toy" and not 1 <= a.max_new_tokens <= longest:
+        raise BadInput(
+            f"--max-new-tokens must be in 1 .. {longest} with the toy policy "
+            f"(a {data.PROMPT_LEN}-token prompt, a {policy.GPTConfig.block_size}-token context)"
+        )
+    if a.max_new_tokens < 1:
+        raise BadInput("--max-new-tokens must be >= 1")
     out = Path(a.out).resolve()
     if not out.parent.is_dir() or out.is_dir():
         raise BadInput(f"--out {out}: not a file in an existing folder")
@@ -528,8 +550,10 @@ def train_command(a: TrainArgs):
         raise BadInput("--dtype must be float32 or float64")
     if a.k < 2 or a.steps < 1 or a.batch_size < 1 or a.grad_accum < 1 or a.shifted_batch_size < 1 or a.lora_r < 1:
         raise BadInput("--k must be >= 2 and --steps, --batch-size, --grad-accum, --shifted-batch-size, --lora-r >= 1")
-    if not (math.isfinite(a.eta) and a.lr > 0):
-        raise BadInput("--eta must be finite and --lr > 0")
+    if not (math.isfinite(a.eta) and a.eta >= 0 and math.isfinite(a.lr) and a.lr > 0):
+        raise BadInput("--eta must be a finite number >= 0 and --lr a finite number > 0")
+    if not a.model and (a.layers < 1 or a.hidden < 4 or a.hidden % 4):
+        raise BadInput("--layers must be >= 1 and --hidden a multiple of 4 (the tiny Llama's 4 heads), >= 4")
     pairs = read_pairs(a.pairs)
     shifted = read_shifted(a.shifted, a.k)
     eval_pairs = read_pairs(a.eval_pairs) if a.eval_pairs else None

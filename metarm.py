@@ -357,7 +357,8 @@ def train_bilevel(
     if not dpo_term and cfg.lam == 0:
         raise ValueError("dpo_term=False with lam = 0: F is 0 and phi would not move (use the vanilla RM)")
     opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
-    names, log, warm = list(domains), [], {}
+    names = list(domains)
+    log, warm = [], {}  # per-step entries; domain -> the last theta*, where its next inner solve starts
     chosen, rejected = bt_pairs
     for step in range(cfg.outer_steps if steps is None else steps):
         rows = policy.draw(len(chosen["idx"]), cfg.pairs_per_domain, bt_generator)
@@ -445,7 +446,8 @@ def train_metarm(rm, phi, opt, pairs, meta, cfg: MetaRMConfig, generator, meta_g
     gradient at phi' and step phi with it (opt: Adam, its state carried over from the vanilla RM)."""
     chosen, rejected = pairs
     distinct = distinct_pairs(meta["idx"], cfg.k)
-    n_prompts, log = len(distinct), []
+    n_prompts = len(distinct)
+    log = []
     for step in range(cfg.steps):
         rows = policy.draw(len(chosen["idx"]), cfg.batch_size, generator)
         m = torch.tensor(policy.draw(n_prompts, cfg.meta_prompts, meta_generator), device=distinct.device)

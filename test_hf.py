@@ -59,7 +59,9 @@ def toy_shifted_records(world, n: int, k: int) -> list:
     return records
 
 
-TINY = dict(steps=2, batch=4, accum=1, eta=0.5, k=3, shifted_batch_size=2, optim="adamw_torch", lr=1e-2)
+TINY = dict(
+    steps=2, batch=4, accum=1, eta=0.5, k=3, shifted_batch_size=2, optim="adamw_torch", lr=1e-2, checkpointing=False
+)
 
 
 def tiny_trainer(tokenizer, pairs, records, out, metarm=True, callbacks=None, **settings):
@@ -78,7 +80,7 @@ def tiny_trainer(tokenizer, pairs, records, out, metarm=True, callbacks=None, **
         max_grad_norm=0.0,
         seed=0,
         bf16=False,
-        activation_checkpointing=False,
+        activation_checkpointing=s["checkpointing"],
         max_length=None,
         save_strategy="no",
         report_to="none",
@@ -263,11 +265,18 @@ def test_two_processes_match_the_rule(world, tokenizer, tmp_path):
 
 
 def test_engines_other_than_ddp_are_refused(world, tokenizer, tmp_path, monkeypatch):
-    """A DeepSpeed or FSDP accelerator (as reported by accelerate) is refused with a clear error."""
+    """A DeepSpeed or FSDP accelerator (as reported by accelerate) is refused with a clear error; so is activation
+    checkpointing (its backward would recompute layers at phi, not phi'), which MetaRMRewardConfig leaves off
+    although trl.RewardConfig turns it on."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
     pairs, records = toy_pairs(world, "bar", 4), toy_shifted_records(world, 2, 3)
+    cpu = dict(output_dir=str(tmp_path), bf16=False, use_cpu=True)
+    assert trl.RewardConfig(**cpu).activation_checkpointing is True
+    assert hf.MetaRMRewardConfig(**cpu).activation_checkpointing is False
+    with pytest.raises(ValueError, match="refuses activation"):
+        tiny_trainer(tokenizer, pairs, records, tmp_path, checkpointing=True)
     for engine in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self, e=engine: e))
         with pytest.raises(ValueError, match="one process or DDP only"):
@@ -362,6 +371,12 @@ def test_bad_input_is_one_line_and_keeps_earlier_outputs(files, tmp_path, capsys
         "not in the toy world's vocabulary": f"{good} --k 4 --pairs {tmp_path}/unknown.jsonl",
         "not a local model folder ": f"shifted --policy {tmp_path} --prompts {files}/eval.jsonl --out {tmp_path}/s",
         "must be a command": "fit",
+        "--eta must be a finite number >= 0": f"{good} --k 4 --eta -1",
+        "--lr a finite number > 0": f"{good} --k 4 --lr inf",
+        "a multiple of 4": f"{good} --k 4 --hidden 30",
+        "--layers must be >= 1": f"{good} --k 4 --layers 0",
+        "--sft-steps must be >= 1": f"shifted --sft-steps 0 --out {tmp_path}/s",
+        "--max-new-tokens must be in 1 .. 18": f"shifted --max-new-tokens 19 --out {tmp_path}/s",
     }
     for message, command in cases.items():
         code, out, err = run_main(command, capsys)

@@ -29,6 +29,7 @@ import copy
 import functools
 import json
 import math
+from dataclasses import replace
 from itertools import combinations
 from types import SimpleNamespace
 
@@ -389,7 +390,7 @@ def lower_ref(s, prob):
 
     lp0 = lp(theta_ref)
 
-    def g(th, up):  # noqa: E306
+    def g(th, up):
         w = torch.softmax((lp(th) - lp0).view(-1, K), -1)
         prox = sum(((th[n] - theta_ref[n]) ** 2).sum() for n in th)
         return (-(w * up["r"]).sum(-1) + cfg.beta * (w * torch.log(K * w)).sum(-1)).mean() + cfg.rho / 2 * prox
@@ -554,8 +555,8 @@ def test_eq8_hypergradient_accuracy_recomputes_training_and_sees_its_error(bl, r
     report_accuracy warns below the stated cosine, and only there."""
     s = bl
     errors = {}
-    for T, cg_iters in ((1000, 300), (1, 1)):
-        cfg = metarm.BilevelConfig(**{**s["cfg"].__dict__, "T": T, "cg_iters": cg_iters})
+    for T, cg_iters, lam in ((1000, 300, 0.0), (1, 1, 0.0), (1000, 300, 0.4)):
+        cfg = replace(s["cfg"], T=T, cg_iters=cg_iters, lam=lam)
         phi = policy.copy_params(s["phi"])
         log = metarm.train_bilevel(
             s["model"],
@@ -572,8 +573,12 @@ def test_eq8_hypergradient_accuracy_recomputes_training_and_sees_its_error(bl, r
         )
         assert "inputs" in log[0]
         acc = evaluation.hypergradient_accuracy(s["model"], s["rm"], s["theta_ref"], log[0]["inputs"], n_domains=3)
-        assert acc["norm"] == pytest.approx(log[0]["grad_norm"], rel=1e-12)
-        errors[T] = acc
+        if lam == 0:
+            assert acc["norm"] == pytest.approx(log[0]["grad_norm"], rel=1e-12)
+        errors[(T, lam)] = acc
+    # with lam > 0 the step used grad F + lam grad L_BT, and the check leaves the exact lam term out
+    assert errors[(1000, 0.4)]["norm"] == pytest.approx(errors[(1000, 0.0)]["norm"], rel=1e-12)
+    errors = {T: errors[(T, 0.0)] for T in (1000, 1)}
     assert errors[1000]["rel_error"] < 1e-6
     assert errors[1000]["cosine"] > 1 - 1e-10
     assert errors[1]["rel_error"] > 0.5
@@ -588,10 +593,16 @@ def test_eq8_hypergradient_accuracy_recomputes_training_and_sees_its_error(bl, r
         "rel_error_max": 0.4,
     }
     assert summary["by_step"]["0"]["cosine_median"] == pytest.approx(0.85)
-    train.report_accuracy(summary["by_step"]["3"])
+    assert summary["failed_checks"] == 0
+    train.report_accuracy(evaluation.accuracy_summary([checks]))
     assert len(recwarn) == 0
     with pytest.warns(UserWarning, match="cosine 0.750 < 0.8"):
-        train.report_accuracy(summary["all"])
+        train.report_accuracy(summary)
+    failed = evaluation.accuracy_summary([[{"step": 0, "cosine": None, "rel_error": None, "failed": "Newton"}]])
+    assert failed["failed_checks"] == 1
+    assert failed["all"] is None
+    with pytest.warns(UserWarning, match="1 hypergradient accuracy check"):
+        train.report_accuracy(failed)
 
 
 def test_s22_reduction_to_rescaled_bradley_terry():
@@ -1222,19 +1233,21 @@ def test_decide_by_hand_on_every_case_and_boundary():
     assert [evaluation.verdict(ci, 0.1, d) for ci, d, _ in cases] == [v for _, _, v in cases]
     t2 = {p: math.sqrt(2 * (2 * p - 1) ** 2 / (1 - (2 * p - 1) ** 2)) for p in (0.975, 0.8)}
     se = math.sqrt(7 / 9)  # diffs 3, 4, 6: s^2 = 7/3, n = 3; interval 13/3 +- 4.3027 se: about [0.54, 8.13]
-    out = evaluation.decide([3.0, 4.0, 6.0], 0.5)
+    out = evaluation.decide([3.0, 4.0, 6.0], 0.5, min_seeds=3)
     assert out["verdict"] == "reproduced"
     assert out["delta"] == 0.5
     assert out["benefit_excluded"] is False
     assert out["mde80"] == pytest.approx((t2[0.975] + t2[0.8]) * se, rel=1e-6)
-    small = evaluation.decide([0.01, 0.02, 0.04], 0.5)  # interval 7/300 +- 4.3027 se / 100: about [-0.015, 0.061]
+    small = evaluation.decide(
+        [0.01, 0.02, 0.04], 0.5, min_seeds=3
+    )  # interval 7/300 +- 4.3027 se / 100: about [-0.015, 0.061]
     assert small["verdict"] == "absent"
     assert small["benefit_excluded"] is True
     assert small["mde80"] == pytest.approx((t2[0.975] + t2[0.8]) * se / 100, rel=1e-6)
-    flipped = evaluation.decide([-3.0, -4.0, -6.0], 0.5, direction=-1)
+    flipped = evaluation.decide([-3.0, -4.0, -6.0], 0.5, direction=-1, min_seeds=3)
     assert flipped["verdict"] == "reproduced"
     assert flipped["benefit_excluded"] is False
-    assert evaluation.decide([0.3], 0.1) == {
+    assert evaluation.decide([0.3], 0.1, min_seeds=1) == {
         "mean": 0.3,
         "ci95": None,
         "n_seeds": 1,
@@ -1243,6 +1256,11 @@ def test_decide_by_hand_on_every_case_and_boundary():
         "benefit_excluded": None,
         "mde80": None,
     }
+    # the registered minimum, 10 seeds: below it no verdict, whatever the interval; None values do not count
+    assert evaluation.decide([3.0, 4.0, 6.0], 0.5)["verdict"] == "undetermined (fewer than 10 seeds)"
+    ten = [3.0, 4.0, 6.0] * 3 + [4.0, None]
+    assert evaluation.decide(ten, 0.5)["verdict"] == "reproduced"
+    assert evaluation.decide(ten[:-2] + [None, None], 0.5)["verdict"] == "undetermined (fewer than 10 seeds)"
 
 
 def test_matched_kl_and_within_prompt_accuracy_by_hand():
@@ -1260,17 +1278,19 @@ def test_matched_kl_and_within_prompt_accuracy_by_hand():
     assert evaluation.gold_at_kl([(1.0, 0.0), (1.0, 1.0), (e, 2.0)], 1.5) == (None, False)
     assert evaluation.gold_at_kl([(-0.1, 0.0), (e, 1.0), (e**3, 2.0)], 1.5) == (None, False)
     values = {
-        "vanilla_rm": {"0.5": {"kl": [e, e**2, e], "gold_reward": [0.5, 1.0, 0.0]}},
+        "vanilla_rm": {"0.5": {"kl": [e, e**2, e, e**4], "gold_reward": [0.5, 1.0, 0.0, 2.0]}},
         "bilevel": {
-            "0.25": {"kl": [e**3, e**3, -1.0], "gold_reward": [2.0, 2.0, 0.0]},
-            "0.5": {"kl": [e, e, e], "gold_reward": [1.0, 1.0, 0.0]},
-            "1.0": {"kl": [1.0, 1.0, 1.0], "gold_reward": [0.0, 0.0, 0.0]},
+            "0.25": {"kl": [e**3, e**3, -1.0, e**3], "gold_reward": [2.0, 2.0, 0.0, 2.0]},
+            "0.5": {"kl": [e, e, e, e], "gold_reward": [1.0, 1.0, 0.0, 1.0]},
+            "1.0": {"kl": [1.0, 1.0, 1.0, 1.0], "gold_reward": [0.0, 0.0, 0.0, 0.0]},
         },
     }
-    out = evaluation.matched_kl(values, "0.5", [0, 1, 2])
-    assert out["per_seed"] == [pytest.approx(0.5), pytest.approx(0.5), None]  # 1.0 - 0.5; 1.5 - 1.0; KL -1
-    assert (out["n_seeds"], out["undefined_seeds"], out["extended_seeds"]) == (2, 1, 0)
-    assert out["verdict"] == "reproduced"  # two equal differences: s = 0, the interval is [0.5, 0.5]
+    out = evaluation.matched_kl(values, "0.5", [0, 1, 2, 3])
+    # 1.0 - 0.5; 1.5 - 1.0; KL -1: undefined; log KL 4 beyond the curve: 2.5 - 2.0 on the extended last segment
+    assert out["per_seed"] == [pytest.approx(0.5), pytest.approx(0.5), None, pytest.approx(0.5)]
+    assert (out["n_seeds"], out["undefined_seeds"], out["extended_seeds"]) == (3, 1, 1)
+    assert out["ci95"] == [pytest.approx(0.5), pytest.approx(0.5)]  # three equal differences: s = 0
+    assert out["verdict"] == "undetermined (fewer than 10 seeds)"
     # 2 prompts x k = 3. Prompt 1: pairs (0,1) right, (0,2) wrong, (1,2) an RM tie (1/2); prompt 2: one gold tie
     r = T64(3.0, 1.0, 1.0, 0.0, 1.0, 2.0)
     g = T64(2.0, 0.0, 5.0, 1.0, 1.0, 3.0)
@@ -1309,7 +1329,7 @@ def test_summarise_pairs_methods_by_seed_and_crn_seeds():
     assert pd["per_seed"] == [1.0, 3.0]
     assert pd["wins"] == 2
     assert pd["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-4)
-    assert pd["verdict"] == "undetermined"
+    assert pd["verdict"] == "undetermined (fewer than 10 seeds)"
     assert pd["delta"] == 0.1
     assert pd["benefit_excluded"] is False
     assert pd["mde80"] == pytest.approx(12.706205 + math.tan(0.3 * math.pi), rel=1e-6)  # df = 1, SE = 1
@@ -1424,6 +1444,8 @@ BOUNDARY_RUN = [
     "--lam",
     "0",
     "--figures",
+    "1",
+    "--figure-seeds",
     "1",
 ]
 

@@ -3,7 +3,7 @@
 SFT pi_ref on the unlabelled corpus -> for each seed: the reward models of every method and control ->
 on every evaluation domain, `repeats` meta-test adaptations (3) per method with common random numbers ->
 evaluation -> paired statistics over seeds, ceilings, the papers' premises (evaluation.py); then the
-figures' experiments at 3 seeds. Writes results.json / results.md / samples.jsonl / timings.json /
+figures' experiments at --figure-seeds seeds. Writes results.json / results.md / samples.jsonl / timings.json /
 datasets / PNGs into --out, replacing an earlier run only once the new one is complete (cli.py).
 """
 
@@ -119,7 +119,8 @@ def run(cfg: Config, tmp: Path) -> dict:
     """The whole experiment; every output goes into tmp. Returns the results dict."""
     device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
     print("config:", json.dumps(asdict(cfg)))
-    timings, t0 = {}, time.perf_counter()
+    timings = {}
+    t0 = time.perf_counter()
     world = data.World()
     write_datasets(world, tmp)
     with clock(timings, "sft"):
@@ -131,7 +132,7 @@ def run(cfg: Config, tmp: Path) -> dict:
     print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
     with clock(timings, "encode"):
         setup = make_setup(cfg, world, model, device)
-    per_seed, samples, logs = [], [], []
+    per_seed, samples, logs = [], [], []  # per seed: metrics and premises; samples.jsonl rows; logs
     for seed in tqdm(range(cfg.seeds), desc="seeds"):
         rms, seed_logs = train_reward_models(seed, cfg, setup, timings)
         metrics, premises, smp = evaluate_seed(seed, cfg, setup, rms, timings)
@@ -145,11 +146,12 @@ def run(cfg: Config, tmp: Path) -> dict:
     if "bilevel" in setup.methods:
         accuracy = evaluation.accuracy_summary([log["hypergradient_accuracy"] for log in logs])
         results["hypergradient_accuracy"] = accuracy
-        report_accuracy(accuracy["all"])
+        report_accuracy(accuracy)
     if cfg.lam == 0 and "bilevel_bt_only" in setup.methods:
         results["reused_runs"] = {
-            "bilevel_bt_only": "vanilla_rm's: at lam = 0 the outer objective (7) without its DPO term is 0, "
-            "so the control takes no step and its reward model, adaptations and numbers are vanilla_rm's"
+            "bilevel_bt_only": f"{reused_runs(cfg)['bilevel_bt_only']}'s: at lam = 0 the outer objective (7) "
+            "without its DPO term is 0, so the control takes no step and its reward model, adaptations and "
+            "numbers are that method's"
         }
     if cfg.figures:
         bcfg = bilevel_config(cfg)
@@ -207,22 +209,18 @@ def make_setup(cfg: Config, world, model, device) -> evaluation.Setup:
     )
 
 
-def bilevel_config(cfg: Config, **over) -> metarm.BilevelConfig:
+def bilevel_config(cfg: Config) -> metarm.BilevelConfig:
+    """The bilevel method's settings from the command line (the rest: BilevelConfig's defaults)."""
     return metarm.BilevelConfig(
-        **{
-            **dict(
-                beta=cfg.beta,
-                beta_dpo=cfg.outer_beta_dpo,
-                lam=cfg.lam,
-                K=cfg.K,
-                T=cfg.T,
-                solver=cfg.solver,
-                outer_steps=cfg.extra_steps,
-                lr=cfg.rm_lr,
-                max_new_tokens=MAX_NEW,
-            ),
-            **over,
-        }
+        beta=cfg.beta,
+        beta_dpo=cfg.outer_beta_dpo,
+        lam=cfg.lam,
+        K=cfg.K,
+        T=cfg.T,
+        solver=cfg.solver,
+        outer_steps=cfg.extra_steps,
+        lr=cfg.rm_lr,
+        max_new_tokens=MAX_NEW,
     )
 
 
@@ -295,7 +293,8 @@ def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: di
     domains = {d: (s.prompts[d], s.domain_pairs[d]) for d in data.TRAIN_DOMAINS}
     if "bilevel" in methods:
         with clock(timings, "bilevel"), stage("bilevel", seed):
-            bcfg, out["bilevel"] = bilevel_config(cfg), policy.copy_params(phi)
+            bcfg = bilevel_config(cfg)
+            out["bilevel"] = policy.copy_params(phi)
             probe = {}
             for d in data.TRAIN_DOMAINS[:4]:
                 probe[d] = metarm.draw_problem(model, *domains[d], bcfg, gen(seed + 3))
@@ -317,10 +316,14 @@ def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: di
         with clock(timings, "hypergradient_accuracy"), stage("bilevel", seed):
             logs["hypergradient_accuracy"] = []
             for step, entry in enumerate(logs["bilevel"]):
-                if "inputs" in entry:
-                    inputs = entry.pop("inputs")
+                if "inputs" not in entry:
+                    continue
+                inputs = entry.pop("inputs")
+                try:
                     accuracy = evaluation.hypergradient_accuracy(model, rm, s.theta_ref, inputs, len(domains))
-                    logs["hypergradient_accuracy"].append({"step": step, **accuracy})
+                except FloatingPointError as e:  # the reference's Newton solve failed: say so, keep the run
+                    accuracy = {"cosine": None, "rel_error": None, "failed": str(e)}
+                logs["hypergradient_accuracy"].append({"step": step, **accuracy})
     if "bilevel_bt_only" in methods and cfg.lam == 0:
         # (7) without its DPO term is lam L_BT = 0: no step is taken, so the control is the vanilla RM
         out["bilevel_bt_only"] = out["vanilla_rm"]
@@ -572,8 +575,17 @@ def parse_config(argv) -> Config:
     return cfg
 
 
-def report_accuracy(accuracy: dict):
-    """One line on the hypergradient's accuracy; a warning only below the threshold a user must act on."""
+def report_accuracy(summary: dict):
+    """One line on the hypergradient's accuracy (evaluation.accuracy_summary); a warning only for what a user
+    must act on: a cosine below the stated threshold, or a check whose reference could not be computed."""
+    if summary["failed_checks"]:
+        warnings.warn(
+            f"bilevel: {summary['failed_checks']} hypergradient accuracy check(s) could not compute their "
+            "reference (results.json: hypergradient_accuracy, per_seed)"
+        )
+    accuracy = summary["all"]
+    if accuracy is None:
+        return
     print(
         f"hypergradient accuracy ({accuracy['n']} checks): cosine min {accuracy['cosine_min']:.4f}, median "
         f"{accuracy['cosine_median']:.4f}; relative error median {accuracy['rel_error_median']:.3f}, max "
