@@ -1603,6 +1603,21 @@ def test_out_that_is_not_an_earlier_run_or_unwritable_is_refused(tmp_path, capsy
     assert "cannot be written" in one_line_error(capsys)
 
 
+def test_world_seed_reaches_the_world(tmp_path, monkeypatch):
+    """--world-seed is the seed data.World draws from (corpus, pairs, evaluation pairs); 0, the default, is world v3's
+    seed. The run is stopped once the world is built."""
+    seen = []
+
+    def world(cfg=data.WorldConfig()):
+        seen.append(cfg.seed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.data, "World", world)
+    assert train.main(["--quick", "--world-seed", "2", "--out", str(tmp_path / "a")]) == 130
+    assert train.main(["--quick", "--out", str(tmp_path / "b")]) == 130
+    assert seen == [2, 0] and data.WorldConfig().seed == 0
+
+
 def test_interrupted_run_leaves_earlier_results_and_no_partial_folder(tmp_path, capsys, monkeypatch):
     """Ctrl-C after the run has started writing: exit 130, the earlier results.json untouched, no .partial left."""
     out = earlier_run(tmp_path)

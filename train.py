@@ -58,6 +58,9 @@ class Config:
     seeds: int = option(10, "number of seeds 0 .. seeds-1; the seed is the statistical unit")
     out: str = option("runs/latest", "output folder (replaced only when the run is complete)")
     device: str = option("auto", "auto | cpu | cuda")
+    world_seed: int = option(
+        0, "seed of data.World's draws: corpus, pairs, evaluation pairs (0: world v3 as published)"
+    )
     domains: str = option("test", "test: the held-out domains | dev: the dev domains (tuning)")
     methods: str = option(",".join(METHODS), "comma-separated subset of the methods")
     quick: bool = option(False, "a smoke run: 1 seed, small budgets, no figures (< 1 min)")
@@ -121,7 +124,7 @@ def run(cfg: Config, tmp: Path) -> dict:
     print("config:", json.dumps(asdict(cfg)))
     timings = {}
     t0 = time.perf_counter()
-    world = data.World()
+    world = data.World(data.WorldConfig(seed=cfg.world_seed))
     write_datasets(world, tmp)
     with clock(timings, "sft"):
         torch.manual_seed(0)
