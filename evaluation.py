@@ -225,6 +225,26 @@ def decide(diffs: list, delta: float, direction: int = 1, min_seeds: int = PRERE
     return {**out, "benefit_excluded": hi < delta, "mde80": mde}
 
 
+def pool_worlds(per_world: dict) -> dict:
+    """METHOD.md §5.1, worlds: per primary comparison, each world's paired mean, interval and verdict (conditional
+    on that world), and the pooled estimate -- the mean of the per-world means with a t-interval over worlds (W - 1
+    degrees of freedom), judged by the same rule, and the between-world spread (standard deviation of the
+    per-world means). per_world: world seed -> a run's results.json (decidable worlds only)."""
+    names = [f"{a} - {b}" for a, b in PREREGISTRATION["primary"]]
+    out = {}
+    for name in names:
+        worlds = {w: r["paired"][name] for w, r in per_world.items() if name in r["paired"]}
+        means = [p["mean"] for p in worlds.values()]
+        verdicts = {w: p["verdict"] for w, p in worlds.items()}
+        out[name] = {
+            "per_world": {w: {k: p[k] for k in ("mean", "ci95", "n_seeds", "verdict")} for w, p in worlds.items()},
+            "pooled": decide(means, DELTA["gold_reward"], min_seeds=2),
+            "between_world_sd": statistics.stdev(means) if len(means) > 1 else None,
+            "verdicts_differ": len(set(verdicts.values())) > 1,
+        }
+    return out
+
+
 # ==== The figures' experiments ==================================================================
 def figure_experiments(
     cfg, s: Setup, logs: list, per_seed: list, sft_losses: list, timings: dict, bcfg: metarm.BilevelConfig

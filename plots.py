@@ -2,6 +2,8 @@
 
 train.py calls results_markdown and make_all at the end of a run; this file only formats and draws (the
 run computes every interval, in train.py and evaluation.py), so a figure can be restyled without re-running.
+Given several runs of different worlds (`python plots.py runs/world_0 runs/world_1 ...`), it prints their
+pooled table instead (METHOD.md §5.1, worlds; evaluation.pool_worlds).
 """
 
 import json
@@ -12,6 +14,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+import evaluation
 
 COLORS = {
     "sft": "tab:gray",
@@ -217,6 +221,29 @@ def training_curves(fig_data, path):
     save(fig, path)
 
 
+def worlds_markdown(pooled: dict) -> str:
+    """The per-world and pooled table of evaluation.pool_worlds: each world's interval and verdict (conditional
+    on that world), the pooled interval over worlds and its verdict, the between-world spread."""
+    lines = [
+        "| comparison | per world: mean [95 % CI] verdict | pooled over worlds | verdict | between-world sd |",
+        "|---|---|---|---|---|",
+    ]
+    for name, p in pooled.items():
+        worlds = "; ".join(
+            f"world {w}: {q['mean']:+.3f} {fmt_ci(q['ci95'])} {q['verdict']}" for w, q in p["per_world"].items()
+        )
+        sd = "n/a" if p["between_world_sd"] is None else f"{p['between_world_sd']:.3f}"
+        verdict = p["pooled"]["verdict"] + (" (worlds differ)" if p["verdicts_differ"] else "")
+        lines.append(
+            f"| {name} | {worlds} | {p['pooled']['mean']:+.3f} {fmt_ci(p['pooled']['ci95'])} | {verdict} | {sd} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def fmt_ci(ci) -> str:
+    return "n/a" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 def make_all(results, out_dir):
     """Every figure whose data is in results, as PNGs in out_dir."""
     out_dir = Path(out_dir)
@@ -233,9 +260,25 @@ def make_all(results, out_dir):
             draw(figs[key], out_dir / f"{key}.png")
 
 
+def main(argv=None) -> int:
+    """One run folder: its figures (PNGs beside its results.json). Several runs of different worlds: their
+    pooled table on stdout."""
+    folders = [Path(f) for f in (sys.argv[1:] if argv is None else argv)] or [Path("runs/latest")]
+    for folder in folders:
+        if not (folder / "results.json").is_file():
+            print(f"plots.py: error: no results.json in {folder}", file=sys.stderr)
+            return 2
+    runs = [json.loads((folder / "results.json").read_text()) for folder in folders]
+    if len(runs) == 1:
+        make_all(runs[0], folders[0])
+        return 0
+    seeds = [run["config"].get("world_seed", 0) for run in runs]
+    if len(set(seeds)) < len(seeds):
+        print(f"plots.py: error: the runs must be of different worlds (world seeds {seeds})", file=sys.stderr)
+        return 2
+    print(worlds_markdown(evaluation.pool_worlds(dict(zip(seeds, runs)))), end="")
+    return 0
+
+
 if __name__ == "__main__":
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/latest")
-    if not (folder / "results.json").is_file():
-        print(f"plots.py: error: no results.json in {folder}", file=sys.stderr)
-        sys.exit(2)
-    make_all(json.loads((folder / "results.json").read_text()), folder)
+    sys.exit(main())

@@ -1298,6 +1298,52 @@ def test_matched_kl_and_within_prompt_accuracy_by_hand():
     assert evaluation.within_prompt_accuracy(r, torch.zeros(6, dtype=f64), 3) is None
 
 
+def test_pool_worlds_by_hand(tmp_path, capsys):
+    """METHOD.md §5.1, worlds: per-world means 0.1, 0.2, 0.6 pool to 0.3 with the t-interval over W = 3 worlds
+    (df 2: t = 4.302653), s = sqrt(0.07), so the between-world spread is sqrt(0.07); differing verdicts are flagged;
+    a comparison missing from a world is pooled over the others. `python plots.py` of two worlds' runs prints the
+    table; two runs of one world are refused in one line."""
+    names = [f"{a} - {b}" for a, b in evaluation.PREREGISTRATION["primary"]]
+
+    def run(mean, verdict):
+        return {
+            "paired": {
+                n: {"mean": mean, "ci95": [mean - 1, mean + 1], "n_seeds": 10, "verdict": verdict} for n in names
+            }
+        }
+
+    worlds = {0: run(0.1, "absent"), 1: run(0.2, "absent"), 2: run(0.6, "reproduced")}
+    del worlds[2]["paired"][names[1]]
+    out = evaluation.pool_worlds(worlds)
+    first = out[names[0]]
+    half = 4.302653 * math.sqrt(0.07 / 3)
+    assert first["pooled"]["mean"] == pytest.approx(0.3)
+    assert first["pooled"]["ci95"] == pytest.approx([0.3 - half, 0.3 + half], abs=1e-5)
+    assert first["pooled"]["n_seeds"] == 3
+    assert first["pooled"]["verdict"] == "undetermined"  # over worlds: no 10-seed minimum
+    assert first["between_world_sd"] == pytest.approx(math.sqrt(0.07))
+    assert first["verdicts_differ"] is True
+    assert first["per_world"][2]["verdict"] == "reproduced"
+    second = out[names[1]]
+    assert second["pooled"]["mean"] == pytest.approx(0.15)
+    assert second["verdicts_differ"] is False
+    assert list(second["per_world"]) == [0, 1]
+
+    def write(folder, seed, mean):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({**run(mean, "absent"), "config": {"world_seed": seed}}))
+
+    write(tmp_path / "w0", 0, 0.1)
+    write(tmp_path / "w1", 1, 0.2)
+    write(tmp_path / "w1b", 1, 0.6)
+    assert plots.main([str(tmp_path / "w0"), str(tmp_path / "w1")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + len(names)
+    assert table[2].startswith(f"| {names[0]} | world 0: +0.100 [-0.900, +1.100] absent; world 1: +0.200")
+    assert plots.main([str(tmp_path / "w1"), str(tmp_path / "w1b")]) == 2
+    assert "different worlds" in one_line_error(capsys)
+
+
 def test_summarise_pairs_methods_by_seed_and_crn_seeds():
     """summarise: seeds' means over domains, paired difference with wins and interval by hand, ceilings; crn_seed
     distinct."""
