@@ -362,24 +362,24 @@ def test_bad_input_is_one_line_and_keeps_earlier_outputs(files, tmp_path, capsys
     (tmp_path / "unknown.jsonl").write_text(json.dumps({"prompt": x, "chosen": "yummy", "rejected": "bad"}) + "\n")
     (tmp_path / "broken.jsonl").write_text('{"prompt": "x", "responses": ["a", "b"\n')
     good = f"train --pairs {files}/train_pairs.jsonl --shifted {files}/shifted.jsonl --out {tmp_path}/earlier"
-    cases = {
-        "missing or mistyped fields ['rejected']": f"{good} --k 4 --pairs {tmp_path}/no_rejected.jsonl",
-        "expected k = 5": f"{good} --k 5",
-        "not a local model folder": f"{good} --k 4 --model {tmp_path}",
-        "not JSON": f"{good} --k 4 --shifted {tmp_path}/broken.jsonl",
-        "cannot be read": f"{good} --k 4 --eval-pairs {tmp_path}/missing.jsonl",
-        "not in the toy world's vocabulary": f"{good} --k 4 --pairs {tmp_path}/unknown.jsonl",
-        "not a local model folder ": f"shifted --policy {tmp_path} --prompts {files}/eval.jsonl --out {tmp_path}/s",
-        "must be a command": "fit",
-        "--eta must be a finite number >= 0": f"{good} --k 4 --eta -1",
-        "--lr a finite number > 0": f"{good} --k 4 --lr inf",
-        "a multiple of 4": f"{good} --k 4 --hidden 30",
-        "--layers must be >= 1": f"{good} --k 4 --layers 0",
-        "--sft-steps must be >= 1": f"shifted --sft-steps 0 --out {tmp_path}/s",
-        "--max-new-tokens must be in 1 .. 18": f"shifted --max-new-tokens 19 --out {tmp_path}/s",
-    }
-    for message, command in cases.items():
+    cases = [
+        ("missing or mistyped fields ['rejected']", f"{good} --k 4 --pairs {tmp_path}/no_rejected.jsonl"),
+        ("expected k = 5", f"{good} --k 5"),
+        ("not a local model folder", f"{good} --k 4 --model {tmp_path}"),
+        ("not JSON", f"{good} --k 4 --shifted {tmp_path}/broken.jsonl"),
+        ("cannot be read", f"{good} --k 4 --eval-pairs {tmp_path}/missing.jsonl"),
+        ("not in the toy world's vocabulary", f"{good} --k 4 --pairs {tmp_path}/unknown.jsonl"),
+        ("not a local model folder", f"shifted --policy {tmp_path} --prompts {files}/eval.jsonl --out {tmp_path}/s"),
+        ("must be a command", "fit"),
+        ("--eta must be a finite number >= 0", f"{good} --k 4 --eta -1"),
+        ("--lr a finite number > 0", f"{good} --k 4 --lr inf"),
+        ("a multiple of 4", f"{good} --k 4 --hidden 30"),
+        ("--layers must be >= 1", f"{good} --k 4 --layers 0"),
+        ("--sft-steps must be >= 1", f"shifted --sft-steps 0 --out {tmp_path}/s"),
+        ("--max-new-tokens must be in 1 .. 18", f"shifted --max-new-tokens 19 --out {tmp_path}/s"),
+    ]
+    for message, command in cases:
         code, out, err = run_main(command, capsys)
         assert code == 2 and err.startswith("hf.py: error: ") and err.count("\n") == 1, (message, err)
-        assert message.strip() in err, (message, err)
+        assert message in err, (message, err)
     assert (tmp_path / "earlier" / "metrics.json").read_text() == "{}" and not (tmp_path / "s").exists()
