@@ -329,7 +329,8 @@ def hypergrad_implicit(
     **solver_kwargs,
 ) -> tuple[Params, dict]:
     """Eq. (8) of METHOD.md, by the implicit function theorem:
-    ∇F(φ) = ∇_φ f(θ*, φ) - ∂_φ [∇_θ g(θ*, φ) · v],  v = H⁻¹ ∇_θ f(θ*, φ),  H = ∇²_θθ g(θ*, φ).
+    ∇F(φ) = ∇_φ f(θ*, φ) - ∂_φ [∇_θ g(θ*, φ) · v],
+    v = H⁻¹ ∇_θ f(θ*, φ),  H = ∇²_θθ g(θ*, φ).
 
     Assumes ∇_θ g(θ*, φ) = 0 (solve the inner problem to tolerance) and H SPD (ρ in Eq. (5), or
     damping). An error in v propagates linearly: ∇F is off by ∂_φ[∇_θ g · (v - v_exact)].
@@ -392,8 +393,8 @@ def hypergrad_fd_full(F: Callable[[Params], torch.Tensor], phi: Params, eps: flo
 
 # ---- closed-form problems (the self-demonstration's and the tests'): python bilevel.py ------------
 def quadratic_problem(gen, n=30, p=5, cond=50.0, gamma=1.0) -> dict:
-    """g = ½θᵀAθ - θᵀ(Bφ + c), f = ½‖θ - θ_t‖² + ½γ‖φ‖², A's spectrum log-spaced in [1, cond]; θ is
-    split into two tensors {"a", "b"} (flat(θ) joins them). Closed forms: θ* = A⁻¹(Bφ + c),
+    """g = ½θᵀAθ - θᵀ(Bφ + c), f = ½‖θ - θ_t‖² + ½γ‖φ‖², A's spectrum log-spaced in [1, cond];
+    θ is split into two tensors {"a", "b"} (flat(θ) joins them). Closed forms: θ* = A⁻¹(Bφ + c),
     v* = A⁻¹(θ* - θ_t) (the solve of Eq. (8)) and ∇F = Bᵀv* + γφ."""
 
     def randn(*shape):

@@ -107,7 +107,7 @@ def test_eq2_dpo_loss_by_hand_and_outer_dpo_of_a_manual_forward(micro):
     )
 
 
-# ==== (3) KL-regularised adaptation (RLOO, k1 penalty) and §1 reward standardisation =================================
+# ==== (3) KL-regularised adaptation (RLOO, k1 penalty) and §1 reward standardisation ================================
 @pytest.fixture(scope="module")
 def enumerable():
     """A policy over 5 tokens (pad, bos, eos, a, b), prompt <bos>, responses of at most 2 tokens: 7 in all."""
@@ -227,8 +227,8 @@ def test_s1_standardised_by_hand_and_every_adaptation_reward_is_standardised(wor
 
 
 def test_s1_metarm_and_rlhf_rounds_standardise_every_round(micro, monkeypatch):
-    """§1, §3: metarm_rounds adapts R times (R - 1 MetaRM updates between), rlhf_rounds R times (R updates), each time
-    with the current RM's reward standardised on pi_ref's samples."""
+    """§1, §3: metarm_rounds adapts R times (R - 1 MetaRM updates between), rlhf_rounds R times (R updates), each
+    time with the current RM's reward standardised on pi_ref's samples."""
     (rm, phi), (prompts, c, r), calls = policy.make_reward_model(micro, G(6)), micro_batches(micro, G(6), 4), []
     prompts = torch.tensor(prompts)
     ref = policy.sample(micro, {}, prompts.repeat(4, 1), 4, G(7))
@@ -498,8 +498,8 @@ def test_eq7_domain_subsets_rescaled_by_N_over_n(bl):
 
 
 def test_eq5_shift_invariance_and_rho_from_explicit_hessian(bl):
-    """(5)/§2.1, with the explicit 108 x 108 Hessian of g: at rho = 0 it is indefinite at theta_ref and annihilates the
-    shift direction (W + 1u^T, b + 1); calibrate's rho makes it positive definite at theta*; rho_from by hand."""
+    """(5)/§2.1, with the explicit 108 x 108 Hessian of g: at rho = 0 it is indefinite at theta_ref and annihilates
+    the shift direction (W + 1u^T, b + 1); calibrate's rho makes it positive definite at theta*; rho_from by hand."""
     s, prob = bl, bl["problems"]["a"]
     r = std_rewards(s, s["phi"], prob["cand"])
     g = metarm.level_functions(s["model"], prob, s["cfg"], s["theta_ref"])[0]
@@ -763,7 +763,7 @@ def test_eq11_eta0_metarm_is_plain_bradley_terry(meta, micro, monkeypatch):
     )
 
 
-# ==== §3 spread ======================================================================================================
+# ==== §3 spread =====================================================================================================
 def test_s3_reward_spread_by_hand():
     """§3: r = (0, 1 | 0, 3): differences -1, -3 (std sqrt 2) / reward std sqrt 2 = 1; r -> 5r keeps it; shifts per
     prompt."""
@@ -823,7 +823,8 @@ def _eye(n):
     return torch.eye(n, dtype=f64)
 
 
-# bilevel.quadratic_problem's closed forms (θ*, v*, ∇F by torch.linalg.solve) share no code with the solvers under test
+# bilevel.quadratic_problem's closed forms (θ*, v*, ∇F by torch.linalg.solve) share no code with the solvers
+# under test
 def quadratic():
     return bilevel.quadratic_problem(G(0), n=9, p=4, cond=20.0, gamma=0.3)
 
@@ -1200,7 +1201,7 @@ def test_jvp_of_logprob_and_sft(world, tiny_gpt):
     assert policy.perplexity(model, world.sft[:100]) < 0.5 * before
 
 
-# ==== train.py: statistics, the pipeline, bad input (evaluation: §3 above) ===========================================
+# ==== train.py: statistics, the pipeline, bad input (evaluation: §3 above) ==========================================
 def test_t_quantile_and_interval():
     """t quantiles (tables); interval = mean +- t(n - 1) s / sqrt(n) by hand."""
     assert [evaluation.t_quantile(df) for df in (9, 2, 29)] == pytest.approx([2.262157, 4.302653, 2.045230], abs=1e-4)
