@@ -150,10 +150,7 @@ class QuickRunFailed(Exception):
 def measure(cfg: Config) -> dict:
     """Every measurement of the module docstring, as the dict written to bench.json."""
     world = data.World()
-    torch.manual_seed(0)
-    model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab)))
-    policy.sft(model, world.sft[1000:], 100 if cfg.quick else 1500, torch.Generator().manual_seed(0))
-    model.requires_grad_(False)
+    model, _ = policy.train_pi_ref(world, 100 if cfg.quick else 1500)
     result = {
         "config": asdict(cfg),
         "torch": torch.__version__,

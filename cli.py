@@ -60,15 +60,20 @@ def parse(config_cls, argv, description: str) -> dict:
     return given
 
 
+def check_out(out: Path, marker: str):
+    """--out must be new, empty, or an earlier run (holding marker), else BadInput: see prepare_out."""
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
+        raise BadInput(
+            f"--out {out} exists and is not an earlier run (no {marker} in it); give a new folder or an earlier run's"
+        )
+
+
 def prepare_out(out: Path, marker: str) -> Path:
     """The folder a run writes into (<out>.partial), created now so that an --out that cannot be
     written fails before any work starts. out must be absolute (resolved). An existing out is replaced
     at the end, so it must be empty or an earlier run (holding marker): `--out .` or `--out ~` is
     refused rather than swapped away."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).is_file())):
-        raise BadInput(
-            f"--out {out} exists and is not an earlier run (no {marker} in it); give a new folder or an earlier run's"
-        )
+    check_out(out, marker)
     tmp = out.with_name(out.name + ".partial")
     try:
         shutil.rmtree(tmp, ignore_errors=True)

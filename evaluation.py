@@ -418,6 +418,17 @@ def rlhf_figure(cfg, s: Setup, logs: list, seeds: list, rounds: int = 3) -> dict
     return out
 
 
+def to_float64(x):
+    """A float64 CPU copy of a tensor, or of every tensor in a (nested) dict or tuple; other values as they are."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().double().cpu() if x.is_floating_point() else x.detach().cpu()
+    if isinstance(x, dict):
+        return {k: to_float64(v) for k, v in x.items()}
+    if isinstance(x, tuple):
+        return tuple(to_float64(v) for v in x)
+    return x
+
+
 def hypergradient_error(
     model,
     rm,
@@ -440,8 +451,8 @@ def hypergradient_error(
     curv: metarm.calibrate's result (rho and the inner step)."""
     model = copy.deepcopy(model).double().cpu()
     rm = copy.deepcopy(rm).double().cpu()
-    phi = {n: p.detach().double().cpu() for n, p in phi.items()}
-    theta_ref = {n: p.detach().double().cpu() for n, p in theta_ref.items()}
+    phi = to_float64(phi)
+    theta_ref = to_float64(theta_ref)
     bcfg = metarm.BilevelConfig(**{**asdict(bcfg), "rho": curv["rho"], "inner_lr": curv["inner_lr"]})
     prompts = torch.tensor(world.prompts[domain])
     candidate_prompts = prompts.repeat_interleave(bcfg.K, 0)
@@ -503,17 +514,6 @@ def hypergradient_error(
 # off), a run warns (README, Troubleshooting). The dev run's 30 checks gave 0.904 at the least: 0.8 leaves room for
 # another machine's rounding and still catches a broken solve (one inner step and one CG iteration: about 0.5-0.7).
 HYPERGRADIENT_COSINE_WARNING = 0.8
-
-
-def to_float64(x):
-    """A float64 CPU copy of a tensor, or of every tensor in a (nested) dict or tuple; other values as they are."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().double().cpu() if x.is_floating_point() else x.detach().cpu()
-    if isinstance(x, dict):
-        return {k: to_float64(v) for k, v in x.items()}
-    if isinstance(x, tuple):
-        return tuple(to_float64(v) for v in x)
-    return x
 
 
 def hypergradient_accuracy(model, rm, theta_ref: dict, inputs: dict, n_domains: int, newton_tol: float = 1e-8) -> dict:

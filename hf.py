@@ -414,10 +414,7 @@ def toy_shifted(a: ShiftedArgs) -> list:
     if unknown or not domains:
         raise BadInput(f"--domains: unknown domains {unknown} (known: {', '.join(data.DOMAINS)})")
     world = data.World()
-    torch.manual_seed(a.seed)
-    model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab)))
-    policy.sft(model, world.sft[1000:], a.sft_steps, torch.Generator().manual_seed(a.seed), progress=False)
-    model.eval()
+    model, _ = policy.train_pi_ref(world, a.sft_steps, seed=a.seed, progress=False)
     prompts = [x for d in domains for x in world.prompts[d]]
     if a.max_prompts:
         prompts = prompts[: a.max_prompts]
@@ -532,20 +529,13 @@ class TrainArgs:
     seed: int = option(0, "seed of the model, the pairs' order and X_s's draws")
 
 
-def check_out(out: Path):
-    """--out must be new, empty or an earlier run (metrics.json in it), the rule of cli.prepare_out, checked on
-    every rank before any work (prepare_out itself runs on the main process only)."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").is_file())):
-        raise BadInput(f"--out {out} exists and is not an earlier run (no metrics.json in it)")
-
-
 def train_command(a: TrainArgs):
     # ---- check every input before anything is written
     for name in ("pairs", "shifted", "out"):
         if not getattr(a, name):
             raise BadInput(f"--{name} is required")
     out = Path(a.out).resolve()
-    check_out(out)
+    cli.check_out(out, "metrics.json")  # on every rank before any work (prepare_out runs on the main process only)
     if a.dtype not in ("float32", "float64"):
         raise BadInput("--dtype must be float32 or float64")
     if a.k < 2 or a.steps < 1 or a.batch_size < 1 or a.grad_accum < 1 or a.shifted_batch_size < 1 or a.lora_r < 1:

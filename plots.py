@@ -43,6 +43,11 @@ def fmt(iv, digits: int = 3) -> str:
     return text if iv.get("ci95") is None else text + f" [{iv['ci95'][0]:.{digits}f}, {iv['ci95'][1]:.{digits}f}]"
 
 
+def fmt_ci(ci) -> str:
+    """'[lo, hi]' of a paired 95 % interval, signed, 'n/a' for None."""
+    return "n/a" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
+
+
 def results_markdown(results: dict) -> str:
     """results.md: the main table, the paired comparisons with verdicts, the ceilings and the premises."""
     cfg = results["config"]
@@ -69,7 +74,7 @@ def results_markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, p in results["paired"].items():
-        ci = "n/a" if p["ci95"] is None else f"[{p['ci95'][0]:+.3f}, {p['ci95'][1]:+.3f}]"
+        ci = fmt_ci(p["ci95"])
         excluded = {True: "yes", False: "no"}.get(p.get("benefit_excluded"), "n/a")
         mde = "n/a" if p.get("mde80") is None else f"{p['mde80']:.3f}"
         row = (
@@ -238,10 +243,6 @@ def worlds_markdown(pooled: dict) -> str:
             f"| {name} | {worlds} | {p['pooled']['mean']:+.3f} {fmt_ci(p['pooled']['ci95'])} | {verdict} | {sd} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def fmt_ci(ci) -> str:
-    return "n/a" if ci is None else f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 def make_all(results, out_dir):

@@ -371,3 +371,16 @@ def sft(
         sched.step()
         losses.append(loss.item())
     return losses
+
+
+SFT_VALIDATION = 1000  # the corpus's first reviews, held out of SFT for the validation perplexity
+
+
+def train_pi_ref(world, steps: int, seed: int = 0, device="cpu", progress: bool = True):
+    """pi_ref as every script makes it: a GPT over the world's vocabulary from torch.manual_seed(seed), `sft` for
+    `steps` on the corpus less its first SFT_VALIDATION reviews (generator seeded with seed), then frozen.
+    Returns (model, the SFT losses)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=len(world.vocab))).to(device)
+    losses = sft(model, world.sft[SFT_VALIDATION:], steps, generator(seed, device), device, progress=progress)
+    return model.requires_grad_(False), losses

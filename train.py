@@ -127,11 +127,8 @@ def run(cfg: Config, tmp: Path) -> dict:
     world = data.World(data.WorldConfig(seed=cfg.world_seed))
     write_datasets(world, tmp)
     with clock(timings, "sft"):
-        torch.manual_seed(0)
-        model = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab))).to(device)
-        sft_losses = policy.sft(model, world.sft[1000:], cfg.sft_steps, policy.generator(0, device), device)
-        model.requires_grad_(False)
-        ppl = policy.perplexity(model, world.sft[:1000], device)
+        model, sft_losses = policy.train_pi_ref(world, cfg.sft_steps, seed=0, device=device)
+        ppl = policy.perplexity(model, world.sft[: policy.SFT_VALIDATION], device)
     print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
     with clock(timings, "encode"):
         setup = make_setup(cfg, world, model, device)
