@@ -46,11 +46,12 @@ class Setup:
     rm: policy.RewardModel  # the reward model's architecture; each method's phi is a dict of its own
     train_pairs: tuple  # (chosen, rejected): the pooled training domains' pairs, encoded
     domain_pairs: dict  # training domain -> its rows of train_pairs
-    own_pairs: dict  # evaluation domain -> its own labelled pairs (the in-domain ceiling only)
+    own_pairs: dict  # evaluation domain -> its own labelled pairs (the in-domain ceiling, the positive control)
     eval_pairs: dict  # evaluation domain -> its held-out labelled pairs, encoded
     gold_margins: dict  # evaluation domain -> r*(chosen) - r*(rejected) of its eval_pairs
     prompts: dict  # every domain -> its prompts (tensor)
     theta_ref: dict  # pi_ref's adapted parameters (the output head)
+    unseen_tokens: torch.Tensor  # (V,) bool: the tokens no training pair's response contains
     adapt_cfg: metarm.AdaptConfig
     rm_cfg: metarm.RMConfig
     metarm_cfg: metarm.MetaRMConfig
@@ -71,12 +72,17 @@ def reward_functions(s: Setup, rms: dict, d: str, ref: dict) -> dict:
         elif m == "agnostic_oracle":
             fn = gold_fn(s.world, agnostic=True)
         elif m in ("vanilla_rm", "vanilla_rm_long", "bilevel", "bilevel_bt_only", "in_domain_rm"):
-            phi = rms[m][d] if m == "in_domain_rm" else rms[m]
-            fn = reward_fn(s.rm, phi)
+            fn = reward_fn(s.rm, phi_of(rms, m, d))
         else:
             continue  # sft, dpo: no adaptation; metarm: its own rounds
         out[m] = metarm.standardised(fn, ref)
     return out
+
+
+def phi_of(rms: dict, m: str, d: str) -> dict:
+    """Method m's reward model on domain d: one per domain (in_domain_rm; the bilevel RMs of --outer-data
+    own, keyed by domain) or one for all."""
+    return rms[m][d] if d in rms[m] else rms[m]
 
 
 def reward_fn(rm, phi: dict):
@@ -99,29 +105,45 @@ def gold_fn(world, agnostic: bool = False):
     return gold
 
 
-def evaluate(model, theta, prompts, ref_eval, gold, gen, n: int):
+def evaluate(model, theta, prompts, ref_eval, gold, gen, n: int, unseen_tokens):
     """Gold reward of pi_theta's samples, win rate against pi_ref's samples ref_eval of the same prompts
-    (judged by the gold reward, ties 1/2) and KL(pi_theta || pi_ref) (k1 on the policy's samples)."""
+    (judged by the gold reward, ties 1/2), KL(pi_theta || pi_ref) (k1 on the policy's samples) and the
+    probability pi_theta puts on unseen_tokens along its samples (unseen_mass)."""
     batch = policy.sample(model, theta, prompts.repeat(n, 1), MAX_NEW, gen)
     g = gold(batch)
     kl = (policy.logprob(model, theta, batch) - batch["logp_ref"]).mean()
-    return (
-        {"gold_reward": g.mean().item(), "win_rate": metarm.tie_accuracy(g - gold(ref_eval)).item(), "kl": kl.item()},
-        batch,
-        g,
-    )
+    res = {
+        "gold_reward": g.mean().item(),
+        "win_rate": metarm.tie_accuracy(g - gold(ref_eval)).item(),
+        "kl": kl.item(),
+        "unseen_mass": unseen_mass(model, theta, batch, unseen_tokens),
+    }
+    return res, batch, g
+
+
+@torch.no_grad()
+def unseen_mass(model, theta: dict, batch: dict, unseen_tokens) -> float:
+    """The probability pi_theta gives the tokens in unseen_tokens (V,) bool, averaged over the response
+    positions of batch: the mean of sum_{v unseen} pi_theta(v | x, y_<t) over every response token y_t.
+    With unseen_tokens the tokens no training pair's response contains, it measures the mass DPO can move
+    to tokens its pairs never show (METHOD.md §5.2, likelihood displacement)."""
+    if policy.is_head(theta):
+        logits = policy.head_logits(theta, batch["h"])
+    else:
+        logits, _ = torch.func.functional_call(model, theta, (batch["idx"],))
+    mass = torch.softmax(logits[:, :-1], dim=-1)[..., unseen_tokens].sum(-1)  # position t predicts token t + 1
+    mask = batch["mask"][:, 1:]
+    return ((mass * mask).sum() / mask.sum()).item()
 
 
 @torch.no_grad()
 def rm_accuracy(s: Setup, rms: dict, m: str, d: str) -> float:
     """The RM's accuracy on d's labelled evaluation pairs against the noise-free gold ordering (gold
     ties excluded, RM ties 1/2); MetaRM's RMs (one per repeat) are averaged."""
-    if m == "in_domain_rm":
-        phis = [rms[m][d]]
-    elif m == "metarm":
+    if m == "metarm":
         phis = [phi for (domain, _), phi in rms[m].items() if domain == d]
     else:
-        phis = [rms[m]]
+        phis = [phi_of(rms, m, d)]
     chosen, rejected = s.eval_pairs[d]
     accuracies = []
     for phi in phis:
@@ -130,11 +152,19 @@ def rm_accuracy(s: Setup, rms: dict, m: str, d: str) -> float:
     return mean(accuracies)
 
 
+# MetaRM's premise holds when the collapse ratio's 95 % interval lies below this (METHOD.md §5.2, registered)
+COLLAPSE_THRESHOLD = 0.5
+# the gold-margin bins of the premise's binned accuracy (METHOD.md §5.2): [0, 0.5), [0.5, 1), [1, 2), [2, inf)
+MARGIN_BINS = (0.0, 0.5, 1.0, 2.0, math.inf)
+
+
 @torch.no_grad()
 def measure_premises(rm, phi: dict, ref_eval: dict, adapted: dict, gold, n: int) -> dict:
     """The papers' premises, measured with the vanilla RM (§4): its accuracy on gold-labelled pairs of
     two samples of the same prompt, from pi_ref and from the policy adapted with it; its normalised
-    reward-difference spread (§3) on the same samples."""
+    reward-difference spread (§3) on the same samples; and MetaRM's premise as the paper shows it (METHOD.md
+    §5.2, within_prompt_differences): the within-prompt |r_i - r_j| at this fixed phi, and the accuracy
+    binned by gold margin. Batches hold n samples per prompt, repeat-major (row = repeat x prompts + prompt)."""
     out = {}
     for name, batch in (("pi_ref", ref_eval), ("adapted", adapted)):
         r, g = policy.reward(rm, phi, batch), gold(batch)
@@ -142,6 +172,27 @@ def measure_premises(rm, phi: dict, ref_eval: dict, adapted: dict, gold, n: int)
         acc = metarm.tie_accuracy(r[:half] - r[half : 2 * half], g[:half] - g[half : 2 * half]).item()
         out[f"acc_{name}_samples"] = None if math.isnan(acc) else acc  # NaN: every pair tied in gold
         out[f"spread_{name}"] = metarm.reward_spread(r.view(n, -1).T.reshape(-1), n)
+        prompt_major = (r.view(n, -1).T.reshape(-1), g.view(n, -1).T.reshape(-1))
+        for k, v in within_prompt_differences(*prompt_major, n).items():
+            out[f"{k}_{name}"] = v
+    return out
+
+
+def within_prompt_differences(r, g, k: int) -> dict:
+    """Every pair i < j of two of the k samples of a prompt (prompt-major): the quartiles of |r_i - r_j|
+    (absdiff_q25, _median, _q75), and for each gold-margin bin b of MARGIN_BINS (|g_i - g_j| in [lo, hi))
+    the share of pairs in it (share_bin{b}) and the RM's accuracy against the gold order there (acc_bin{b};
+    gold ties left out, RM ties 1/2; None for a bin without a pair that is not a gold tie)."""
+    i, j = torch.triu_indices(k, k, 1)
+    r, g = r.view(-1, k), g.view(-1, k)
+    dr, dg = (r[:, i] - r[:, j]).flatten(), (g[:, i] - g[:, j]).flatten()
+    q = torch.quantile(dr.abs().double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    out = {"absdiff_q25": q[0].item(), "absdiff_median": q[1].item(), "absdiff_q75": q[2].item()}
+    for b, (lo, hi) in enumerate(zip(MARGIN_BINS, MARGIN_BINS[1:])):
+        inside = (dg.abs() >= lo) & (dg.abs() < hi)
+        out[f"share_bin{b}"] = inside.double().mean().item()
+        acc = metarm.tie_accuracy(dr[inside], dg[inside]).item() if inside.any() else math.nan
+        out[f"acc_bin{b}"] = None if math.isnan(acc) else acc
     return out
 
 
@@ -300,7 +351,9 @@ def frontier(cfg, s: Setup, logs: list, per_seed: list, seeds: list) -> dict:
                 rewards = reward_functions(replace(s, methods=methods), logs[seed]["rms"], d, ref)
                 for m in methods:
                     theta = metarm.adapt(s.model, prompts, rewards[m], acfg, gen(key))[0]
-                    res = evaluate(s.model, theta, prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)[0]
+                    res = evaluate(
+                        s.model, theta, prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples, s.unseen_tokens
+                    )[0]
                     points[m].setdefault(str(beta), {}).setdefault(seed, []).append(res)
     values = {
         m: {

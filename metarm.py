@@ -485,7 +485,8 @@ def metarm_rounds(
     pairs with those samples as X_s]; the last round stops after its adaptation, whose policy counts.
     ref_batch: pi_ref's samples (§1). phi, opt: the vanilla RM's copy and optimiser, updated in place.
     seeds: of (adaptation -- shared with the other methods --, sampling, pairs -- vanilla_rm_long's in train.py
-    --, shifted prompts). theta_first: round 1's policy if known. Returns (theta, per round: spread on X_s, J)."""
+    --, shifted prompts). theta_first: round 1's policy if known. Returns (theta, per round: spread on X_s, J,
+    the samples X_s)."""
     adapt_seed, sample_seed, pair_seed, meta_seed = seeds
     pair_gen = policy.generator(pair_seed, prompts.device)
     meta_gen = policy.generator(meta_seed, prompts.device)
@@ -514,4 +515,4 @@ def metarm_rounds(
         with torch.no_grad():
             spread = reward_spread(policy.reward(rm, phi, meta), cfg.k)
         log = train_metarm(rm, phi, opt, pairs, meta, cfg, pair_gen, meta_gen)
-        history.append({"round": t, "spread": spread, "J": sum(e["J"] for e in log) / len(log)})
+        history.append({"round": t, "spread": spread, "J": sum(e["J"] for e in log) / len(log), "samples": meta})

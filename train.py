@@ -48,7 +48,11 @@ CEILINGS = ("oracle", "in_domain_rm", "agnostic_oracle")
 # (method, control): a paired difference over seeds; each paper predicts method - control > 0. The five primary
 # comparisons of the pre-registration (METHOD.md §5.1)
 COMPARISONS = tuple((method, control) for method, control in evaluation.PREREGISTRATION["primary"])
-METRICS = ("gold_reward", "win_rate", "rm_accuracy", "kl")
+METRICS = ("gold_reward", "win_rate", "rm_accuracy", "kl", "unseen_mass", "shifted_accuracy")
+# the positive controls' comparisons (METHOD.md §5.2): with --outer-data own, and whenever dpo and sft both run
+POSITIVE_CONTROLS = evaluation.PREREGISTRATION["positive_controls"]
+OWN_DATA_COMPARISONS = tuple(tuple(pair) for pair in POSITIVE_CONTROLS["bilevel_own_data"]["comparisons"])
+DPO_COMPARISONS = tuple(tuple(pair) for pair in POSITIVE_CONTROLS["dpo"]["comparisons"])
 # seed + X_T draws X_t for vanilla_rm_long's extra steps and MetaRM's updates: at eta = 0 MetaRM is vanilla_rm_long
 X_T = 1
 
@@ -86,7 +90,16 @@ class Config:
         "vanilla_rm_long's extra steps",
     )
     beta_dpo: float = option(0.1, "beta_DPO of the DPO baseline (2)")
-    dpo_lr: float = option(1e-2, "Adam step size of the DPO baseline (as many steps as adaptation, 64 pairs each)")
+    dpo_lr: float = option(1e-2, "Adam step size of the DPO baseline (2)")
+    dpo_steps: int = option(25, "steps of the DPO baseline (2), 64 pairs each")
+    outer_data: str = option(
+        "train",
+        "train: the outer objective (7) and inner problem (5) use the training domains | own: each evaluation "
+        "domain's own labelled pairs and prompts, one bilevel RM per domain (the positive control, METHOD.md §5.2)",
+    )
+    outer_lr: float = option(
+        metarm.BilevelConfig.lr, "Adam step size of bilevel's outer steps on phi (and its control)"
+    )
     lam: float = option(metarm.BilevelConfig.lam, "lambda, weight of L_BT in the outer objective (7)")
     outer_beta_dpo: float = option(metarm.BilevelConfig.beta_dpo, "beta_DPO inside the outer objective (7)")
     K: int = option(metarm.BilevelConfig.K, "K, candidates per prompt of the inner problem (4)(5)")
@@ -143,10 +156,12 @@ def run(cfg: Config, tmp: Path) -> dict:
     results["world_version"] = data.WORLD_VERSION
     results["sft_val_perplexity"] = ppl
     results["bilevel_curvature"] = [log["curvature"] for log in logs if "curvature" in log]
-    if "bilevel" in setup.methods:
+    if "bilevel" in setup.methods and cfg.outer_data == "train":
         accuracy = evaluation.accuracy_summary([log["hypergradient_accuracy"] for log in logs])
         results["hypergradient_accuracy"] = accuracy
         report_accuracy(accuracy)
+    if "dpo" in setup.methods:
+        results["dpo_training"] = dpo_training([log["dpo"] for log in logs])
     if cfg.lam == 0 and "bilevel_bt_only" in setup.methods:
         results["reused_runs"] = {
             "bilevel_bt_only": f"{reused_runs(cfg)['bilevel_bt_only']}'s: at lam = 0 the outer objective (7) "
@@ -198,15 +213,30 @@ def make_setup(cfg: Config, world, model, device) -> evaluation.Setup:
         rm=policy.RewardModel(model).to(device).requires_grad_(False),
         train_pairs=train_pairs,
         domain_pairs=domain_pairs,
-        own_pairs={d: encode(world.pairs[d]) for d in domains} if "in_domain_rm" in methods else {},
+        own_pairs={d: encode(world.pairs[d]) for d in domains} if needs_own_pairs(cfg) else {},
         eval_pairs={d: encode(world.eval_pairs[d]) for d in domains},
         gold_margins=gold_margins,
         prompts={d: torch.tensor(world.prompts[d], device=device) for d in data.DOMAINS},
         theta_ref={name: p.detach() for name, p in policy.adapted_params(model).items()},
+        unseen_tokens=unseen_tokens(world, device),
         adapt_cfg=metarm.AdaptConfig(beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=MAX_NEW),
         rm_cfg=metarm.RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr),
         metarm_cfg=metarm_cfg,
     )
+
+
+def unseen_tokens(world, device) -> torch.Tensor:
+    """(V,) bool: the tokens that no training pair's response (chosen or rejected) contains."""
+    unseen = torch.ones(len(world.vocab), dtype=torch.bool)
+    for pair in world.pooled_pairs(data.TRAIN_DOMAINS):
+        unseen[pair.chosen] = False
+        unseen[pair.rejected] = False
+    return unseen.to(device)
+
+
+def needs_own_pairs(cfg: Config) -> bool:
+    """The evaluation domains' own labelled pairs are read by the in-domain ceiling and the positive control."""
+    return "in_domain_rm" in cfg.methods.split(",") or cfg.outer_data == "own"
 
 
 def bilevel_config(cfg: Config) -> metarm.BilevelConfig:
@@ -219,7 +249,7 @@ def bilevel_config(cfg: Config) -> metarm.BilevelConfig:
         T=cfg.T,
         solver=cfg.solver,
         outer_steps=cfg.extra_steps,
-        lr=cfg.rm_lr,
+        lr=cfg.outer_lr,
         max_new_tokens=MAX_NEW,
     )
 
@@ -240,22 +270,47 @@ def train_reward_model(rm, phi: dict, pairs, cfg: metarm.RMConfig, generator, op
 
 
 def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: float, generator):
-    """Eq. (2) on the pooled training pairs, Adam on the same theta as meta-test adaptation."""
+    """Eq. (2) on the pooled training pairs, Adam on the same theta as meta-test adaptation.
+
+    Returns (theta, log): per step, on the step's pairs before its update, the loss and the means of
+    log pi_theta(y|x) and Delta = log pi_theta - log pi_ref of the chosen and of the rejected responses;
+    the log's last entry ("end") is the same on every training pair, after the last step."""
     theta = policy.adapted_params(model)
     opt = torch.optim.Adam(theta.values(), lr=lr)
     chosen, rejected = pairs
+    log = []
     for step in range(steps):
         rows = policy.draw(len(chosen["idx"]), batch_size, generator)
-        loss = metarm.dpo_loss(
-            metarm.implicit_reward(model, theta, policy.rows_of(chosen, rows)),
-            metarm.implicit_reward(model, theta, policy.rows_of(rejected, rows)),
-            beta_dpo,
-        )[0]
+        batch_chosen, batch_rejected = policy.rows_of(chosen, rows), policy.rows_of(rejected, rows)
+        delta_chosen = metarm.implicit_reward(model, theta, batch_chosen)
+        delta_rejected = metarm.implicit_reward(model, theta, batch_rejected)
+        loss = metarm.dpo_loss(delta_chosen, delta_rejected, beta_dpo)[0]
         policy.check_finite(loss.detach(), "DPO loss (2)", step)
+        log.append(
+            {
+                "step": step,
+                "loss": loss.item(),
+                **dpo_logprobs(batch_chosen, batch_rejected, delta_chosen, delta_rejected),
+            }
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return {n: p.detach() for n, p in theta.items()}
+    with torch.no_grad():
+        delta_chosen = metarm.implicit_reward(model, theta, chosen)
+        delta_rejected = metarm.implicit_reward(model, theta, rejected)
+    log.append({"step": "end", **dpo_logprobs(chosen, rejected, delta_chosen, delta_rejected)})
+    return {n: p.detach() for n, p in theta.items()}, log
+
+
+def dpo_logprobs(chosen: dict, rejected: dict, delta_chosen, delta_rejected) -> dict:
+    """Means of log pi_theta(y|x) = Delta + log pi_ref(y|x) and of Delta, for chosen and rejected responses."""
+    out = {}
+    for name, batch, delta in (("chosen", chosen, delta_chosen), ("rejected", rejected, delta_rejected)):
+        delta = delta.detach()
+        out[f"logp_{name}"] = (delta + batch["logp_ref"]).mean().item()
+        out[f"delta_{name}"] = delta.mean().item()
+    return out
 
 
 def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: dict):
@@ -291,7 +346,10 @@ def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: di
                     rm, out["in_domain_rm"][d], s.own_pairs[d], s.rm_cfg, own_gen, opt_d, cfg.ceiling_steps
                 )
     domains = {d: (s.prompts[d], s.domain_pairs[d]) for d in data.TRAIN_DOMAINS}
-    if "bilevel" in methods:
+    if "bilevel" in methods and cfg.outer_data == "own":  # the positive control: one RM per evaluation domain
+        with clock(timings, "bilevel"), stage("bilevel", seed):
+            out["bilevel"], logs["curvature"] = train_own_data_bilevel(seed, cfg, s, phi, dpo_term=True)
+    elif "bilevel" in methods:
         with clock(timings, "bilevel"), stage("bilevel", seed):
             bcfg = bilevel_config(cfg)
             out["bilevel"] = policy.copy_params(phi)
@@ -327,6 +385,9 @@ def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: di
     if "bilevel_bt_only" in methods and cfg.lam == 0:
         # (7) without its DPO term is lam L_BT = 0: no step is taken, so the control is the vanilla RM
         out["bilevel_bt_only"] = out["vanilla_rm"]
+    elif "bilevel_bt_only" in methods and cfg.outer_data == "own":
+        with clock(timings, "bilevel_bt_only"), stage("bilevel_bt_only", seed):
+            out["bilevel_bt_only"], _ = train_own_data_bilevel(seed, cfg, s, phi, dpo_term=False)
     elif "bilevel_bt_only" in methods:
         with clock(timings, "bilevel_bt_only"), stage("bilevel_bt_only", seed):
             out["bilevel_bt_only"] = policy.copy_params(phi)
@@ -344,8 +405,37 @@ def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: di
             )
     if "dpo" in methods:
         with clock(timings, "dpo"), stage("dpo", seed):
-            out["dpo"] = train_dpo(model, s.train_pairs, cfg.adapt_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen(seed + 6))
+            out["dpo"], logs["dpo"] = train_dpo(
+                model, s.train_pairs, cfg.dpo_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen(seed + 6)
+            )
     return out, logs
+
+
+def train_own_data_bilevel(seed: int, cfg: Config, s: evaluation.Setup, phi: dict, dpo_term: bool):
+    """The positive control of the bilevel path (METHOD.md §5.2): for each evaluation domain d, (7) on d's own
+    labelled pairs (its DPO term and its lam L_BT term) with (5) on d's prompts, from the vanilla RM phi;
+    dpo_term=False is its control bilevel_bt_only (the same draws). Returns ({d: phi_d}, {d: curvature})."""
+    phis, curvature = {}, {}
+    for d in s.domains:
+        bcfg = bilevel_config(cfg)
+        one_domain = {d: (s.prompts[d], s.own_pairs[d])}
+        phis[d] = policy.copy_params(phi)
+        if dpo_term:
+            probe = {d: metarm.draw_problem(s.model, *one_domain[d], bcfg, policy.generator(seed + 3, s.device))}
+            curvature[d] = metarm.calibrate(s.model, s.rm, phis[d], probe, bcfg, s.theta_ref)
+        metarm.train_bilevel(
+            s.model,
+            s.rm,
+            phis[d],
+            one_domain,
+            s.own_pairs[d],
+            bcfg,
+            s.theta_ref,
+            policy.generator(seed + 4, s.device),
+            policy.generator(seed + 5, s.device),
+            dpo_term=dpo_term,
+        )
+    return phis, curvature
 
 
 def reused_runs(cfg: Config) -> dict:
@@ -377,6 +467,7 @@ def evaluate_seed(seed: int, cfg: Config, s: evaluation.Setup, rms: dict, timing
         )  # the reward scale (§1)
         rewards = evaluation.reward_functions(s, rms, d, ref)
         runs = {m: [] for m in methods}
+        shifted = []  # per repeat: {RM: its accuracy on MetaRM's last shifted samples X_s}
         for j in range(cfg.repeats):
             key = crn_seed(seed, i, j)
             ref_eval = policy.sample(model, {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
@@ -390,7 +481,7 @@ def evaluate_seed(seed: int, cfg: Config, s: evaluation.Setup, rms: dict, timing
                 if "metarm" in methods:
                     with stage("metarm", seed):
                         phi, opt = policy.continue_from(rms["vanilla_rm"], rms["vanilla_opt"], cfg.rm_lr)
-                        thetas["metarm"], _ = metarm.metarm_rounds(
+                        thetas["metarm"], history = metarm.metarm_rounds(
                             model,
                             prompts,
                             ref,
@@ -404,13 +495,14 @@ def evaluate_seed(seed: int, cfg: Config, s: evaluation.Setup, rms: dict, timing
                             theta_first=thetas.get("vanilla_rm"),
                         )
                         metarm_rms[(d, j)] = phi
+                        shifted.append(shifted_accuracy(s, rms, phi, history[-1]["samples"], gold))
             for m, source in reused.items():  # its reward model is source's (train_reward_models), so is its policy
                 thetas[m] = thetas[source]
             with clock(timings, "evaluation"):
                 for m in methods:
                     eval_gen = gen(key + 600)
                     res, batch, g = evaluation.evaluate(
-                        model, thetas[m], prompts, ref_eval, gold, eval_gen, cfg.eval_samples
+                        model, thetas[m], prompts, ref_eval, gold, eval_gen, cfg.eval_samples, s.unseen_tokens
                     )
                     runs[m].append(res)
                     if j == 0:
@@ -421,16 +513,33 @@ def evaluate_seed(seed: int, cfg: Config, s: evaluation.Setup, rms: dict, timing
                         )
                         premises.setdefault(d, []).append(premise)
         for m in methods:
-            metrics[m][d] = {k: mean([r[k] for r in runs[m]]) for k in ("gold_reward", "win_rate", "kl")}
+            metrics[m][d] = {
+                k: mean([r[k] for r in runs[m]]) for k in ("gold_reward", "win_rate", "kl", "unseen_mass")
+            }
             if m in RM_METHODS:
                 metrics[m][d]["rm_accuracy"] = evaluation.rm_accuracy(s, {**rms, "metarm": metarm_rms}, m, d)
             else:
                 metrics[m][d]["rm_accuracy"] = None
+            metrics[m][d]["shifted_accuracy"] = (
+                mean([acc[m] for acc in shifted]) if shifted and m in shifted[0] else None
+            )
         if d in premises:
             premises[d] = {k: mean([p[k] for p in premises[d]]) for k in premises[d][0]}
             # the vanilla RM's accuracy on d's held-out labelled pairs
             premises[d]["acc_behaviour_pairs"] = metrics["vanilla_rm"][d]["rm_accuracy"]
     return metrics, premises, samples
+
+
+@torch.no_grad()
+def shifted_accuracy(s: evaluation.Setup, rms: dict, metarm_phi: dict, samples: dict, gold) -> dict:
+    """MetaRM's mechanism (METHOD.md §5.2): on the shifted samples X_s of its last update round (k per prompt),
+    the accuracy against the gold order over every within-prompt pair of MetaRM's RM after the updates, of
+    the eta = 0 RM on the same samples (vanilla_rm_long's, whose X_t draws are the same) and of the vanilla RM."""
+    k, g = s.metarm_cfg.k, gold(samples)
+    phis = {"metarm": metarm_phi, "vanilla_rm": rms["vanilla_rm"]}
+    if "metarm_eta0" in rms:
+        phis["metarm_eta0"] = rms["metarm_eta0"]
+    return {m: evaluation.within_prompt_accuracy(policy.reward(s.rm, phi, samples), g, k) for m, phi in phis.items()}
 
 
 def sample_records(world, method: str, domain: str, seed: int, batch: dict, gold_rewards, n: int = 8) -> list:
@@ -479,7 +588,8 @@ def summarise(cfg: Config, per_seed: list) -> dict:
                 "per_domain": per_domain,
             }
     out["paired"] = {}
-    for a, b in COMPARISONS + (("in_domain_rm", "vanilla_rm"), ("oracle", "vanilla_rm")):
+    judged_pairs = judged_comparisons(cfg, methods)
+    for a, b in judged_pairs + (("in_domain_rm", "vanilla_rm"), ("oracle", "vanilla_rm")):
         if a not in methods or b not in methods:
             continue
         diffs = [seed_value(run, a, "gold_reward") - seed_value(run, b, "gold_reward") for run in per_seed]
@@ -488,7 +598,7 @@ def summarise(cfg: Config, per_seed: list) -> dict:
             per_domain[d] = mean(
                 [run["metrics"][a][d]["gold_reward"] - run["metrics"][b][d]["gold_reward"] for run in per_seed]
             )
-        if (a, b) in COMPARISONS:
+        if (a, b) in judged_pairs:
             judged = evaluation.decide(diffs, evaluation.DELTA["gold_reward"])
         else:
             judged = {**evaluation.interval(diffs), "verdict": "n/a (a ceiling)"}
@@ -510,6 +620,23 @@ def summarise(cfg: Config, per_seed: list) -> dict:
             "ratio": head["mean"] / widest if widest > 0 else None,
             "met": head["mean"] >= 3 * widest,
         }
+    if "metarm" in methods and "metarm_eta0" in methods:
+        # MetaRM's mechanism, paired against eta = 0 on the same shifted samples (METHOD.md §5.2)
+        diffs = [
+            seed_value(run, "metarm", "shifted_accuracy") - seed_value(run, "metarm_eta0", "shifted_accuracy")
+            for run in per_seed
+        ]
+        out["paired_rm_accuracy"] = {
+            "metarm - metarm_eta0 (accuracy on MetaRM's shifted samples X_s)": {
+                **evaluation.decide(diffs, evaluation.DELTA["rm_accuracy"]),
+                "wins": sum(x > 0 for x in diffs),
+                "per_seed": diffs,
+            }
+        }
+    if "dpo" in methods and "sft" in methods:
+        # likelihood displacement (METHOD.md §5.2): more probability on tokens no training response contains
+        diffs = [seed_value(run, "dpo", "unseen_mass") - seed_value(run, "sft", "unseen_mass") for run in per_seed]
+        out["unseen_mass_dpo_minus_sft"] = {**evaluation.interval(diffs), "per_seed": diffs}
     out["ceilings"] = {}
     for m in CEILINGS:
         if m in methods:
@@ -519,6 +646,46 @@ def summarise(cfg: Config, per_seed: list) -> dict:
         for k in per_seed[0]["premises"][domains[0]]:
             values = [mean([run["premises"][d][k] for d in domains]) for run in per_seed]
             out["premises"][k] = evaluation.interval(values)
+        out["premises"]["collapse_ratio"] = collapse(per_seed, domains)
+    return out
+
+
+def dpo_training(per_seed: list) -> dict:
+    """DPO's training log over seeds (train_dpo): per step, the mean over seeds of the loss and of the chosen
+    and rejected responses' log pi_theta and Delta; at the end, on every training pair, each with its interval."""
+    keys = [k for k in per_seed[0][-1] if k != "step"]
+    steps = []
+    for entries in zip(*[log[:-1] for log in per_seed]):
+        steps.append(
+            {"step": entries[0]["step"], **{k: mean([e[k] for e in entries]) for k in entries[0] if k != "step"}}
+        )
+    end = {k: evaluation.interval([log[-1][k] for log in per_seed]) for k in keys}
+    return {"per_step": steps, "end_all_training_pairs": end}
+
+
+def judged_comparisons(cfg: Config, methods: list) -> tuple:
+    """The comparisons a run judges by the verdict rule: the primary ones, those of the bilevel positive control
+    with --outer-data own, DPO's when dpo and sft run (METHOD.md §5.1, §5.2); each once, in that order."""
+    pairs = list(COMPARISONS)
+    if cfg.outer_data == "own":
+        pairs += OWN_DATA_COMPARISONS
+    if "dpo" in methods and "sft" in methods:
+        pairs += DPO_COMPARISONS
+    return tuple(dict.fromkeys(pairs))
+
+
+def collapse(per_seed: list, domains: list) -> dict:
+    """MetaRM's premise (METHOD.md §5.2): per seed, the median within-prompt |r_i - r_j| of the vanilla RM on
+    the adapted policy's samples over that on pi_ref's (each averaged over domains first); "holds" when the
+    95 % interval's upper end is below the registered threshold."""
+    values = []
+    for run in per_seed:
+        adapted = mean([run["premises"][d]["absdiff_median_adapted"] for d in domains])
+        reference = mean([run["premises"][d]["absdiff_median_pi_ref"] for d in domains])
+        values.append(adapted / reference)
+    out = evaluation.interval(values)
+    out["threshold"] = evaluation.COLLAPSE_THRESHOLD
+    out["holds"] = out["ci95"] is not None and out["ci95"][1] < evaluation.COLLAPSE_THRESHOLD
     return out
 
 
@@ -532,14 +699,31 @@ def parse_config(argv) -> Config:
     given = cli.parse(Config, argv, __doc__.splitlines()[0])
     cfg = Config(**({**QUICK, **given} if given.get("quick") else given))
     methods = cfg.methods.split(",")
-    rates = (cfg.beta, cfg.adapt_lr, cfg.rm_lr, cfg.dpo_lr, cfg.beta_dpo, cfg.outer_beta_dpo, cfg.temperature)
-    counts = (cfg.sft_steps, cfg.rm_steps, cfg.ceiling_steps, cfg.adapt_steps, cfg.extra_steps, cfg.repeats)
+    rates = (
+        cfg.beta,
+        cfg.adapt_lr,
+        cfg.rm_lr,
+        cfg.outer_lr,
+        cfg.dpo_lr,
+        cfg.beta_dpo,
+        cfg.outer_beta_dpo,
+        cfg.temperature,
+    )
+    counts = (
+        cfg.sft_steps,
+        cfg.rm_steps,
+        cfg.ceiling_steps,
+        cfg.adapt_steps,
+        cfg.extra_steps,
+        cfg.repeats,
+        cfg.dpo_steps,
+    )
     checks = [
         (cfg.seeds >= 1, "--seeds must be an integer >= 1"),
         (cfg.figure_seeds >= 1, "--figure-seeds must be an integer >= 1"),
         (
             all(positive(x) for x in rates),
-            "--beta, --adapt-lr, --rm-lr, --dpo-lr, --beta-dpo, --outer-beta-dpo and --temperature "
+            "--beta, --adapt-lr, --rm-lr, --outer-lr, --dpo-lr, --beta-dpo, --outer-beta-dpo and --temperature "
             "must be finite numbers > 0",
         ),
         (math.isfinite(cfg.eta) and cfg.eta >= 0, "--eta must be a finite number >= 0"),
@@ -547,6 +731,11 @@ def parse_config(argv) -> Config:
         (cfg.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
         (cfg.domains in ("test", "dev"), "--domains must be test or dev"),
         (cfg.solver in ("cg", "neumann", "unrolled"), "--solver must be cg, neumann or unrolled"),
+        (cfg.outer_data in ("train", "own"), "--outer-data must be train or own"),
+        (
+            cfg.outer_data == "train" or not cfg.figures,
+            "--outer-data own is the positive control of the main table, not of the figures: add --figures 0",
+        ),
         (
             bool(cfg.methods) and set(methods) <= set(METHODS) and "vanilla_rm" in methods,
             f"--methods must be a comma-separated subset of {','.join(METHODS)} that includes vanilla_rm",
