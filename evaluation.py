@@ -82,7 +82,7 @@ def reward_functions(s: Setup, rms: dict, d: str, ref: dict) -> dict:
 def phi_of(rms: dict, m: str, d: str) -> dict:
     """Method m's reward model on domain d: one per domain (in_domain_rm; the bilevel RMs of --outer-data
     own, keyed by domain) or one for all."""
-    return rms[m][d] if d in rms[m] else rms[m]
+    return rms[m][d] if isinstance(rms[m], dict) and d in rms[m] else rms[m]
 
 
 def reward_fn(rm, phi: dict):

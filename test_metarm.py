@@ -790,14 +790,166 @@ def test_s3_rm_accuracy_evaluate_and_premises_by_hand(monkeypatch):
     batch = B(g=[1.0, 0.0, 2.0, 1.0], logp_ref=[0.0, -1.0, 0.0, 0.0], lp=[0.5, 0.0, -0.5, 1.0])
     monkeypatch.setattr(evaluation.policy, "sample", lambda *a, **k: batch)
     monkeypatch.setattr(evaluation.policy, "logprob", lambda model, theta, b: b["lp"])
-    res = evaluation.evaluate(None, {}, torch.zeros(4, 1), B(g=[0.0, 0.0, 2.0, 1.0]), lambda b: b["g"], None, 1)[0]
+    monkeypatch.setattr(evaluation, "unseen_mass", lambda model, theta, b, unseen: unseen)
+    gold_of = B(g=[0.0, 0.0, 2.0, 1.0])
+    res = evaluation.evaluate(None, {}, torch.zeros(4, 1), gold_of, lambda b: b["g"], None, 1, 0.25)[0]
     assert [res[k] for k in ("win_rate", "kl", "gold_reward")] == pytest.approx([(1 + 0.5 + 0.5 + 0.5) / 4, 0.5, 1.0])
+    assert res["unseen_mass"] == 0.25
     ref = B(r=[0, 0, 0, 1, 2, 4], g=[0, 5, 1, 2, 1, 0])
     adapted = B(r=[2, 1, 0, 0, 1, 2], g=[1, 0, 0, 0, 0, 1])  # 3 prompts, n = 2
     out = evaluation.measure_premises(None, 1.0, ref, adapted, lambda b: b["g"], 2)
     assert [
         out[k] for k in ("acc_pi_ref_samples", "spread_pi_ref", "acc_adapted_samples", "spread_adapted")
     ] == pytest.approx([1 / 3, math.sqrt(7 / 3) / math.sqrt(77 / 30), 1.0, math.sqrt(5)])
+    # rows p and 3 + p share prompt p: |dr| on pi_ref's samples 1, 2, 4; on the adapted ones 2, 0, 2
+    assert out["absdiff_median_pi_ref"] == pytest.approx(2.0)
+    assert out["absdiff_q25_pi_ref"] == pytest.approx(1.5)
+    assert out["absdiff_median_adapted"] == pytest.approx(2.0)
+    assert out["absdiff_q25_adapted"] == pytest.approx(1.0)
+
+
+# ==== §5.2 positive controls: the bilevel path on own data, MetaRM's premise and mechanism, DPO's log ================
+def test_s52_within_prompt_differences_by_enumeration():
+    """MetaRM's premise measures (METHOD.md §5.2): quartiles of |r_i - r_j| over every within-prompt pair (linear
+    interpolation, written out), and per gold-margin bin the share of pairs and the accuracy against the gold order."""
+    r = T64(3.0, 1.0, 1.0, 0.0, 1.0, 2.5)  # 2 prompts x k = 3, prompt-major
+    g = T64(2.0, 0.0, 5.0, 1.0, 1.0, 2.7)
+    pairs = [(p * 3 + i, p * 3 + j) for p in range(2) for i, j in combinations(range(3), 2)]
+    absdiff = sorted(abs(r[a].item() - r[b].item()) for a, b in pairs)  # 0, 1, 1.5, 2, 2, 2.5
+
+    def quantile(q):
+        pos = q * (len(absdiff) - 1)
+        lo = math.floor(pos)
+        return absdiff[lo] + (pos - lo) * (absdiff[min(lo + 1, len(absdiff) - 1)] - absdiff[lo])
+
+    out = evaluation.within_prompt_differences(r, g, 3)
+    assert [out["absdiff_q25"], out["absdiff_median"], out["absdiff_q75"]] == pytest.approx([1.125, 1.75, 2.0])
+    assert [quantile(0.25), quantile(0.5), quantile(0.75)] == pytest.approx([1.125, 1.75, 2.0])
+    # |g_i - g_j|: prompt 1: 2, 3, 5 (bin 3); prompt 2: 0 (a gold tie, bin 0), 1.7, 1.7 (bin 2)
+    shares = [out[f"share_bin{b}"] for b in range(4)]
+    assert shares == pytest.approx([1 / 6, 0.0, 2 / 6, 3 / 6])
+    # bin 3: (0,1) right, (0,2) wrong, (1,2) an RM tie; bin 2: both right; bins 0 (only a gold tie) and 1: no pair
+    assert [out[f"acc_bin{b}"] for b in range(4)] == [None, None, pytest.approx(1.0), pytest.approx(0.5)]
+
+
+def test_s52_collapse_ratio_by_hand():
+    """The collapse ratio per seed = (adapted medians averaged over domains) / (pi_ref's likewise); the premise holds
+    only when the 95 % interval lies strictly below the registered 0.5."""
+
+    def run(adapted, reference):
+        prem = {
+            d: {"absdiff_median_adapted": a, "absdiff_median_pi_ref": b}
+            for d, a, b in zip(("x", "y"), adapted, reference)
+        }
+        return {"premises": prem}
+
+    out = train.collapse([run((1.0, 2.0), (3.0, 3.0)), run((1.0, 1.0), (4.0, 4.0))], ["x", "y"])  # 0.5, 0.25
+    assert out["mean"] == pytest.approx(0.375)
+    assert out["ci95"] == pytest.approx([0.375 - 12.706205 * 0.125, 0.375 + 12.706205 * 0.125], rel=1e-6)
+    assert out["holds"] is False
+    assert out["threshold"] == 0.5
+    assert train.collapse([run((1.0, 1.0), (4.0, 4.0))] * 3, ["x", "y"])["holds"] is True
+    assert train.collapse([run((2.0, 2.0), (4.0, 4.0))] * 3, ["x", "y"])["holds"] is False  # 0.5 is not below 0.5
+
+
+def test_s52_unseen_mass_against_a_manual_forward(world, tiny_gpt):
+    """unseen_mass: sum over the unseen tokens of softmax(head(h)) at every position that predicts a response token,
+    averaged over those positions, with the head and softmax written out (manual_stream)."""
+    prompts = [world.encode("<bos> <bakery>")[:2]] * 2
+    responses = [world.encode("fresh bread <eos>"), world.encode("stale <eos>")]
+    batch = batch_of(tiny_gpt, prompts, responses)
+    theta = jitter(policy.adapted_params(tiny_gpt), 0.5, 7)
+    unseen = torch.zeros(len(world.vocab), dtype=torch.bool)
+    unseen[world.encode("stale crumbly dry")] = True
+    h = manual_stream(tiny_gpt, batch["idx"])[0]
+    vocab = torch.arange(len(world.vocab))
+    never = (vocab == policy.PAD_ID) | (vocab == policy.BOS_ID)
+    probs = torch.softmax((h @ theta["head.weight"].T + theta["head.bias"]).masked_fill(never, -math.inf), -1)
+    masses = []
+    for row in range(2):
+        for t in range(batch["idx"].shape[1] - 1):
+            if batch["mask"][row, t + 1] > 0:  # position t predicts response token t + 1
+                masses.append(probs[row, t, unseen].sum().item())
+    assert len(masses) == 3 + 2
+    assert evaluation.unseen_mass(tiny_gpt, theta, batch, unseen) == pytest.approx(
+        sum(masses) / len(masses), rel=1e-10
+    )
+
+
+def test_s52_train_dpo_logs_log_probabilities_of_a_manual_forward(micro):
+    """train_dpo's log: step 0 at theta_ref (Delta 0, loss log 2, log pi of the step's pairs); the end entry's Delta
+    on every pair is manual_logprob(theta) - manual_logprob(theta_ref) of the theta it returns."""
+    _, chosen, rejected = micro_batches(micro, G(5), 6)
+    theta, log = train.train_dpo(micro, (chosen, rejected), 3, 4, 0.05, 0.1, G(9))
+    rows = policy.draw(6, 4, G(9))  # step 0's draw
+
+    def lp(b, th=None):
+        return manual_logprob(micro, b["idx"], b["mask"], th)
+
+    assert [e["step"] for e in log] == [0, 1, 2, "end"]
+    assert log[0]["loss"] == pytest.approx(math.log(2.0), rel=1e-12)
+    assert log[0]["delta_chosen"] == pytest.approx(0.0, abs=1e-12)
+    assert log[0]["logp_chosen"] == pytest.approx(lp(chosen)[rows].mean().item(), rel=1e-12)
+    assert log[0]["logp_rejected"] == pytest.approx(lp(rejected)[rows].mean().item(), rel=1e-12)
+    for name, b in (("chosen", chosen), ("rejected", rejected)):
+        assert log[-1][f"delta_{name}"] == pytest.approx((lp(b, theta) - lp(b)).mean().item(), rel=1e-10)
+        assert log[-1][f"logp_{name}"] == pytest.approx(lp(b, theta).mean().item(), rel=1e-10)
+    assert log[-1]["delta_chosen"] != 0.0
+    summary = train.dpo_training([log, log])
+    assert [e["step"] for e in summary["per_step"]] == [0, 1, 2]
+    assert summary["per_step"][1]["loss"] == pytest.approx(log[1]["loss"])
+    assert summary["end_all_training_pairs"]["delta_rejected"]["mean"] == pytest.approx(log[-1]["delta_rejected"])
+
+
+def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypatch):
+    """--outer-data own: per evaluation domain, (7) gets that domain's own pairs (DPO and lam term) and (5) its
+    prompts, from a copy of the vanilla RM; the control gets the same with the DPO term off and no calibration;
+    phi_of reads the per-domain RM."""
+    calls, calibrated = [], []
+    monkeypatch.setattr(train.metarm, "draw_problem", lambda *a: "probe")
+    monkeypatch.setattr(train.metarm, "calibrate", lambda model, rm, phi, probe, cfg, tr: calibrated.append(probe))
+
+    def fake_train(model, rm, phi, domains, bt_pairs, cfg, theta_ref, gen, bt_gen, dpo_term=True):
+        calls.append((domains, bt_pairs, dpo_term))
+        phi["w"].data += len(calls)
+
+    monkeypatch.setattr(train.metarm, "train_bilevel", fake_train)
+    own = {"a": ("A chosen", "A rejected"), "b": ("B chosen", "B rejected")}
+    s = SimpleNamespace(domains=["a", "b"], prompts={"a": "A prompts", "b": "B prompts"}, own_pairs=own)
+    s.model, s.rm, s.device, s.theta_ref = None, None, "cpu", {}
+    phi = {"w": torch.zeros(1)}
+    phis, curvature = train.train_own_data_bilevel(0, train.Config(), s, phi, dpo_term=True)
+    assert [c[0] for c in calls] == [{"a": ("A prompts", own["a"])}, {"b": ("B prompts", own["b"])}]
+    assert [c[1] for c in calls] == [own["a"], own["b"]]
+    assert [c[2] for c in calls] == [True, True]
+    assert calibrated == [{"a": "probe"}, {"b": "probe"}]
+    assert phis["a"]["w"].item() == 1.0
+    assert phis["b"]["w"].item() == 2.0
+    assert phi["w"].item() == 0.0  # the vanilla RM itself is untouched
+    assert evaluation.phi_of({"bilevel": phis}, "bilevel", "b") is phis["b"]
+    assert evaluation.phi_of({"bilevel": phi}, "bilevel", "b") is phi
+    calls.clear()
+    train.train_own_data_bilevel(0, train.Config(), s, phi, dpo_term=False)
+    assert [c[2] for c in calls] == [False, False]
+    assert len(calibrated) == 2
+
+
+def test_s52_shifted_accuracy_and_judged_comparisons_by_hand(monkeypatch):
+    """MetaRM's mechanism: each RM's accuracy against the gold order on every within-prompt pair of the same shifted
+    samples (by hand); the comparisons a run judges: primary, then the positive control's and DPO's, each once."""
+    monkeypatch.setattr(train.policy, "reward", lambda rm, phi, b: b["r"] * phi)
+    s = SimpleNamespace(metarm_cfg=SimpleNamespace(k=3), rm=None)
+    samples = {"r": T64(3.0, 1.0, 1.0, 0.0, 1.0, 2.0), "g": T64(2.0, 0.0, 5.0, 1.0, 1.0, 3.0)}
+    out = train.shifted_accuracy(s, {"vanilla_rm": 1.0, "metarm_eta0": -1.0}, 2.0, samples, lambda b: b["g"])
+    # pairs: right, wrong, RM tie; gold tie (left out), right, right -> 3.5 / 5; phi = -1 flips every non-tie
+    assert out == {"metarm": pytest.approx(0.7), "vanilla_rm": pytest.approx(0.7), "metarm_eta0": pytest.approx(0.3)}
+    every = list(train.METHODS)
+    assert train.judged_comparisons(train.Config(), every) == train.COMPARISONS + (
+        ("dpo", "sft"),
+        ("dpo", "vanilla_rm"),
+    )
+    own = train.judged_comparisons(train.Config(outer_data="own"), ["vanilla_rm", "bilevel", "bilevel_bt_only"])
+    assert own == train.COMPARISONS + (("bilevel_bt_only", "vanilla_rm"), ("bilevel", "in_domain_rm"))
 
 
 # ==== bilevel.py: products, solvers and hypergradients on closed-form problems =======================================
@@ -1494,14 +1646,19 @@ BOUNDARY_RUN = [
     "1",
     "--figure-seeds",
     "1",
+    "--dpo-steps",
+    "1",
 ]
+# the bilevel positive control (METHOD.md §5.2): one RM per evaluation domain from its own pairs
+OWN_DATA_RUN = TINY_RUN + ["--outer-data", "own", "--methods", "vanilla_rm,bilevel,bilevel_bt_only,in_domain_rm"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """Two tiny runs of the whole pipeline with the same seed, into two folders; a third with every numeric flag at
-    its boundary (BOUNDARY_RUN), figures included, their fixed budgets cut to one step (only the time changes)."""
-    outs = [tmp_path_factory.mktemp("run") / "out" for _ in range(3)]
+    its boundary (BOUNDARY_RUN), figures included, their fixed budgets cut to one step (only the time changes); a
+    fourth of the bilevel positive control (OWN_DATA_RUN)."""
+    outs = [tmp_path_factory.mktemp("run") / "out" for _ in range(4)]
     with pytest.MonkeyPatch.context() as mp:
         small_world(mp)
         assert train.main(TINY_RUN + ["--out", str(outs[0])]) == 0
@@ -1509,7 +1666,21 @@ def tiny_run(tmp_path_factory):
         mp.setattr(evaluation, "hypergradient_error", functools.partial(evaluation.hypergradient_error, ns=(1,)))
         mp.setattr(evaluation, "outer_convergence", functools.partial(evaluation.outer_convergence, steps=1, every=1))
         assert train.main(BOUNDARY_RUN + ["--out", str(outs[2])]) == 0
+        assert train.main(OWN_DATA_RUN + ["--out", str(outs[3])]) == 0
     return outs
+
+
+def test_own_data_run_judges_the_positive_control_s_comparisons(tiny_run):
+    """OWN_DATA_RUN: the positive control's comparisons judged by the verdict rule, in_domain_rm a ceiling, one
+    calibration per evaluation domain, no hypergradient accuracy check (its reference is the main run's)."""
+    res = json.loads((tiny_run[3] / "results.json").read_text())
+    judged = [f"{a} - {b}" for a, b in train.OWN_DATA_COMPARISONS]
+    assert set(judged) <= set(res["paired"])
+    assert all(res["paired"][c]["verdict"] == "undetermined (fewer than 10 seeds)" for c in judged)
+    assert res["paired"]["in_domain_rm - vanilla_rm"]["verdict"] == "n/a (a ceiling)"
+    assert list(res["bilevel_curvature"][0]) == data.DEV_DOMAINS
+    assert "hypergradient_accuracy" not in res
+    assert res["methods"]["bilevel"]["gold_reward"] != res["methods"]["bilevel_bt_only"]["gold_reward"]
 
 
 def test_every_flag_at_its_boundary_runs_and_its_reused_runs_are_exact(tiny_run):
@@ -1526,7 +1697,8 @@ def test_every_flag_at_its_boundary_runs_and_its_reused_runs_are_exact(tiny_run)
         "training_curves",
     }
     assert res["methods"]["metarm"] == res["methods"]["metarm_eta0"]
-    assert res["methods"]["bilevel_bt_only"] == res["methods"]["vanilla_rm"]
+    # (the vanilla RM's shifted_accuracy is measured on MetaRM's samples X_s, a reference, not a reused run)
+    assert res["methods"]["bilevel_bt_only"] == {**res["methods"]["vanilla_rm"], "shifted_accuracy": None}
     assert list(res["reused_runs"]) == ["bilevel_bt_only"]
     assert "reused_runs" not in json.loads((tiny_run[0] / "results.json").read_text())
 
@@ -1566,14 +1738,28 @@ def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(ti
     assert res["domains"] == data.DEV_DOMAINS
     for m, metrics in res["methods"].items():
         for k, v in metrics.items():
-            assert (v is None) == (k == "rm_accuracy" and m not in train.RM_METHODS), (m, k)
+            no_rm = k == "rm_accuracy" and m not in train.RM_METHODS
+            not_on_x_s = k == "shifted_accuracy" and m not in ("metarm", "metarm_eta0", "vanilla_rm")
+            assert (v is None) == (no_rm or not_on_x_s), (m, k)
             assert v is None or (
                 v["n_seeds"] == 1
                 and v["ci95"] is None
                 and set(v["per_domain"]) == set(data.DEV_DOMAINS)
                 and all(map(math.isfinite, v["per_domain"].values()))
             )
-    assert {f"{a} - {b}" for a, b in train.COMPARISONS} <= set(res["paired"])
+    assert {f"{a} - {b}" for a, b in train.COMPARISONS + train.DPO_COMPARISONS} <= set(res["paired"])
+    assert [e["step"] for e in res["dpo_training"]["per_step"]] == list(range(10))  # --quick: 10 DPO steps
+    assert set(res["dpo_training"]["end_all_training_pairs"]) == {
+        "logp_chosen",
+        "delta_chosen",
+        "logp_rejected",
+        "delta_rejected",
+    }
+    assert list(res["paired_rm_accuracy"]) == ["metarm - metarm_eta0 (accuracy on MetaRM's shifted samples X_s)"]
+    assert (
+        res["paired_rm_accuracy"]["metarm - metarm_eta0 (accuracy on MetaRM's shifted samples X_s)"]["delta"] == 0.05
+    )
+    assert res["unseen_mass_dpo_minus_sft"]["n_seeds"] == 1
     assert set(res["ceilings"]) == set(train.CEILINGS)
     assert {
         "acc_pi_ref_samples",
@@ -1581,6 +1767,11 @@ def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(ti
         "acc_adapted_samples",
         "spread_adapted",
         "acc_behaviour_pairs",
+        "absdiff_median_pi_ref",
+        "absdiff_median_adapted",
+        "acc_bin3_adapted",
+        "share_bin0_pi_ref",
+        "collapse_ratio",
     } <= set(res["premises"])
     assert res["methods"]["sft"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
     assert res["methods"]["oracle"]["gold_reward"]["mean"] > res["methods"]["sft"]["gold_reward"]["mean"] + 1.0
@@ -1625,6 +1816,9 @@ def one_line_error(capsys) -> str:  # the stderr of a refused command: one line,
         ["--rounds", "4"],
         ["--no-such-flag"],
         ["--methods", "vanilla_rm,metarm_eta0"],
+        ["--outer-data", "target"],
+        ["--outer-data", "own"],
+        ["--outer-lr", "0"],
         ["bench", "--device", "tpu"],
         ["bench", "--repeats", "-1"],
         ["bench", "--quick", "sometimes"],

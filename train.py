@@ -122,6 +122,7 @@ QUICK = dict(
     rm_steps=60,
     ceiling_steps=20,
     adapt_steps=10,
+    dpo_steps=10,
     extra_steps=4,
     repeats=1,
     eval_samples=4,
@@ -579,7 +580,7 @@ def summarise(cfg: Config, per_seed: list) -> dict:
     for m in methods:
         out["methods"][m] = {}
         for k in METRICS:
-            if per_seed[0]["metrics"][m][domains[0]][k] is None:
+            if per_seed[0]["metrics"][m][domains[0]].get(k) is None:
                 out["methods"][m][k] = None
                 continue
             per_domain = {d: mean([run["metrics"][m][d][k] for run in per_seed]) for d in domains}
@@ -646,7 +647,8 @@ def summarise(cfg: Config, per_seed: list) -> dict:
         for k in per_seed[0]["premises"][domains[0]]:
             values = [mean([run["premises"][d][k] for d in domains]) for run in per_seed]
             out["premises"][k] = evaluation.interval(values)
-        out["premises"]["collapse_ratio"] = collapse(per_seed, domains)
+        if "absdiff_median_adapted" in per_seed[0]["premises"][domains[0]]:
+            out["premises"]["collapse_ratio"] = collapse(per_seed, domains)
     return out
 
 
