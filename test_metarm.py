@@ -22,6 +22,14 @@ Index, equation -> tests:
   (9)-(11) MetaRM       test_eq9_difference_loss_by_hand, test_eq10_eq11_second_minus_first_order_is_eta_hessian_term,
                         test_eq11_eta0_metarm_is_plain_bradley_terry
   §3 spread             test_s3_reward_spread_by_hand, test_s3_rm_accuracy_evaluate_and_premises_by_hand
+  §5.2 positive controls
+                        test_s52_within_prompt_differences_by_enumeration, test_s52_collapse_ratio_by_hand,
+                        test_s52_unseen_mass_against_a_manual_forward,
+                        test_s52_train_dpo_logs_log_probabilities_of_a_manual_forward,
+                        test_s52_summarise_pairs_shifted_accuracy_and_unseen_mass_by_seed,
+                        test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts,
+                        test_s52_shifted_accuracy_and_judged_comparisons_by_hand,
+                        test_own_data_run_judges_the_positive_control_s_comparisons
   bilevel.py, data.py (world v3), policy.py, train.py (statistics, pipeline, bad input): the sections below.
 """
 
@@ -899,6 +907,42 @@ def test_s52_train_dpo_logs_log_probabilities_of_a_manual_forward(micro):
     assert [e["step"] for e in summary["per_step"]] == [0, 1, 2]
     assert summary["per_step"][1]["loss"] == pytest.approx(log[1]["loss"])
     assert summary["end_all_training_pairs"]["delta_rejected"]["mean"] == pytest.approx(log[-1]["delta_rejected"])
+
+
+def test_s52_summarise_pairs_shifted_accuracy_and_unseen_mass_by_seed():
+    """summarise: MetaRM's mechanism as a paired difference in accuracy on X_s (delta 0.05) and DPO's unseen mass
+    against pi_ref, each per seed from the domain means; dpo - sft and dpo - vanilla_rm judged in gold reward."""
+    doms = ("taxi", "pizzeria")
+
+    def seed(shift, mass):
+        values = {  # method -> (gold_reward, shifted_accuracy, unseen_mass)
+            "sft": (0.0, None, 0.1),
+            "dpo": (shift, None, 0.1 + mass),
+            "vanilla_rm": (1.0, 0.6, 0.1),
+            "vanilla_rm_long": (1.0, None, 0.1),
+            "metarm": (1.0, 0.6 + shift, 0.1),
+            "metarm_eta0": (1.0, 0.6, 0.1),
+        }
+        return {
+            m: {
+                d: {"gold_reward": g, "win_rate": 0.5, "kl": 1.0, "shifted_accuracy": a, "unseen_mass": u + i / 10}
+                for i, d in enumerate(doms)
+            }
+            for m, (g, a, u) in values.items()
+        }
+
+    per_seed = [
+        {"metrics": seed(x, y), "premises": {d: {"acc": 0.5} for d in doms}} for x, y in ((0.1, 0.2), (0.3, 0.0))
+    ]
+    out = train.summarise(train.Config(), per_seed)
+    mechanism = out["paired_rm_accuracy"]["metarm - metarm_eta0 (accuracy on MetaRM's shifted samples X_s)"]
+    assert mechanism["per_seed"] == [pytest.approx(0.1), pytest.approx(0.3)]
+    assert mechanism["delta"] == 0.05
+    assert mechanism["wins"] == 2
+    assert out["unseen_mass_dpo_minus_sft"]["per_seed"] == [pytest.approx(0.2), pytest.approx(0.0)]
+    assert out["paired"]["dpo - sft"]["per_seed"] == [pytest.approx(0.1), pytest.approx(0.3)]
+    assert out["paired"]["dpo - vanilla_rm"]["per_seed"] == [pytest.approx(-0.9), pytest.approx(-0.7)]
+    assert out["methods"]["sft"]["shifted_accuracy"] is None
 
 
 def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypatch):
