@@ -81,6 +81,26 @@ def results_markdown(results: dict) -> str:
             f"| {name} | {p['mean']:+.3f} | {ci} | {p['wins']}/{p['n_seeds']} | {p['verdict']} | {excluded} | {mde} |"
         )
         lines.append(row)
+    for name, p in results.get("paired_rm_accuracy", {}).items():
+        lines += [
+            "",
+            f"MetaRM's mechanism, RM accuracy against the gold order (delta = {p['delta']}): {name}: "
+            f"{p['mean']:+.3f} {fmt_ci(p['ci95'])}, {p['wins']}/{p['n_seeds']} seeds > 0, {p['verdict']}.",
+        ]
+    if results.get("dpo_training"):
+        end = results["dpo_training"]["end_all_training_pairs"]
+        mass = results.get("unseen_mass_dpo_minus_sft")
+        lines += [
+            "",
+            f"DPO at the end of training, on every training pair: Delta chosen {fmt(end['delta_chosen'])}, Delta "
+            f"rejected {fmt(end['delta_rejected'])} (log pi_theta - log pi_ref); log pi_theta chosen "
+            f"{fmt(end['logp_chosen'])}, rejected {fmt(end['logp_rejected'])}"
+            + (
+                "."
+                if mass is None
+                else f"; probability on tokens no training response contains, dpo - sft: {fmt(mass)}."
+            ),
+        ]
     rule = results.get("headroom_rule")
     if rule:
         ratio = "n/a" if rule["ratio"] is None else f"{rule['ratio']:.2f}"
@@ -92,7 +112,12 @@ def results_markdown(results: dict) -> str:
         ]
     if results.get("premises"):
         lines += ["", "Premises, measured with the vanilla RM:", "", "| measurement | value |", "|---|---|"]
-        lines += [f"| {k} | {fmt(v)} |" for k, v in results["premises"].items()]
+        for k, v in results["premises"].items():
+            if k == "collapse_ratio":  # MetaRM's premise (METHOD.md §5.2)
+                verdict = "holds" if v["holds"] else "does not hold"
+                lines.append(f"| {k} | {fmt(v)}: the premise {verdict} (threshold {v['threshold']}) |")
+            else:
+                lines.append(f"| {k} | {fmt(v)} |")
     return "\n".join(lines) + "\n"
 
 
