@@ -90,7 +90,7 @@ class Config:
         "vanilla_rm_long's extra steps",
     )
     beta_dpo: float = option(0.1, "beta_DPO of the DPO baseline (2)")
-    dpo_lr: float = option(1e-2, "Adam step size of the DPO baseline (2)")
+    dpo_lr: float = option(1e-3, "Adam step size of the DPO baseline (2), chosen on dev (README)")
     dpo_steps: int = option(25, "steps of the DPO baseline (2), 64 pairs each")
     outer_data: str = option(
         "train",
