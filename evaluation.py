@@ -81,8 +81,9 @@ def reward_functions(s: Setup, rms: dict, d: str, ref: dict) -> dict:
 
 def phi_of(rms: dict, m: str, d: str) -> dict:
     """Method m's reward model on domain d: one per domain (in_domain_rm; the bilevel RMs of --outer-data
-    own, keyed by domain) or one for all."""
-    return rms[m][d] if isinstance(rms[m], dict) and d in rms[m] else rms[m]
+    own), a dict keyed by domain names, or one for all, keyed by parameter names."""
+    per_domain = isinstance(rms[m], dict) and all(k in data.DOMAINS for k in rms[m])
+    return rms[m][d] if per_domain else rms[m]
 
 
 def reward_fn(rm, phi: dict):
@@ -186,7 +187,7 @@ def within_prompt_differences(r, g, k: int) -> dict:
     i, j = torch.triu_indices(k, k, 1)
     r, g = r.view(-1, k), g.view(-1, k)
     dr, dg = (r[:, i] - r[:, j]).flatten(), (g[:, i] - g[:, j]).flatten()
-    q = torch.quantile(dr.abs().double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
+    q = torch.quantile(dr.abs().double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=dr.device))
     out = {"absdiff_q25": q[0].item(), "absdiff_median": q[1].item(), "absdiff_q75": q[2].item()}
     for b, (lo, hi) in enumerate(zip(MARGIN_BINS, MARGIN_BINS[1:])):
         inside = (dg.abs() >= lo) & (dg.abs() < hi)

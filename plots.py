@@ -53,7 +53,12 @@ def results_markdown(results: dict) -> str:
     cfg = results["config"]
     lines = [
         f"# metarm results ({cfg['domains']} domains: {', '.join(results['domains'])}; {cfg['seeds']} seed(s); "
-        f"beta = {cfg['beta']})",
+        f"beta = {cfg['beta']})"
+        + (
+            " — the bilevel positive control, --outer-data own (METHOD.md §5.2)"
+            if cfg.get("outer_data") == "own"
+            else ""
+        ),
         "",
         "Mean over seeds of each seed's mean over domains, with its 95 % t-interval over seeds.",
         "",
@@ -115,6 +120,8 @@ def results_markdown(results: dict) -> str:
         for k, v in results["premises"].items():
             if k == "collapse_ratio":  # MetaRM's premise (METHOD.md §5.2)
                 verdict = "holds" if v["holds"] else "does not hold"
+                if v["ci95"] is None:
+                    verdict = "is undetermined (no interval)"
                 lines.append(f"| {k} | {fmt(v)}: the premise {verdict} (threshold {v['threshold']}) |")
             else:
                 lines.append(f"| {k} | {fmt(v)} |")

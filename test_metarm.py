@@ -851,7 +851,8 @@ def test_s52_collapse_ratio_by_hand():
         }
         return {"premises": prem}
 
-    out = train.collapse([run((1.0, 2.0), (3.0, 3.0)), run((1.0, 1.0), (4.0, 4.0))], ["x", "y"])  # 0.5, 0.25
+    # seed 1: (1 + 2) / 2 over (1 + 5) / 2 = 0.5 (the mean of the domains' ratios would be 0.7); seed 2: 0.25
+    out = train.collapse([run((1.0, 2.0), (1.0, 5.0)), run((1.0, 1.0), (4.0, 4.0))], ["x", "y"])
     assert out["mean"] == pytest.approx(0.375)
     assert out["ci95"] == pytest.approx([0.375 - 12.706205 * 0.125, 0.375 + 12.706205 * 0.125], rel=1e-6)
     assert out["holds"] is False
@@ -951,11 +952,14 @@ def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypat
     phi_of reads the per-domain RM."""
     calls, calibrated = [], []
     monkeypatch.setattr(train.metarm, "draw_problem", lambda *a: "probe")
-    monkeypatch.setattr(train.metarm, "calibrate", lambda model, rm, phi, probe, cfg, tr: calibrated.append(probe))
+    monkeypatch.setattr(
+        train.metarm, "calibrate", lambda model, rm, phi, probe, cfg, tr: calibrated.append(probe) or {}
+    )
 
     def fake_train(model, rm, phi, domains, bt_pairs, cfg, theta_ref, gen, bt_gen, dpo_term=True):
-        calls.append((domains, bt_pairs, dpo_term))
+        calls.append((domains, bt_pairs, dpo_term, gen.initial_seed(), bt_gen.initial_seed()))
         phi["w"].data += len(calls)
+        return [{"F": 1.0, "margin": 0.5}]
 
     monkeypatch.setattr(train.metarm, "train_bilevel", fake_train)
     own = {"a": ("A chosen", "A rejected"), "b": ("B chosen", "B rejected")}
@@ -966,15 +970,19 @@ def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypat
     assert [c[0] for c in calls] == [{"a": ("A prompts", own["a"])}, {"b": ("B prompts", own["b"])}]
     assert [c[1] for c in calls] == [own["a"], own["b"]]
     assert [c[2] for c in calls] == [True, True]
+    assert [c[3:] for c in calls] == [(4, 5), (4, 5)]  # seed 0's draws for every domain, and for the control
+    assert curvature["a"]["margins"] == [0.5]
     assert calibrated == [{"a": "probe"}, {"b": "probe"}]
     assert phis["a"]["w"].item() == 1.0
     assert phis["b"]["w"].item() == 2.0
     assert phi["w"].item() == 0.0  # the vanilla RM itself is untouched
-    assert evaluation.phi_of({"bilevel": phis}, "bilevel", "b") is phis["b"]
+    per_domain = {"bakery": phis["a"], "camera": phis["b"]}  # keyed by domain names, as train.py keys them
+    assert evaluation.phi_of({"bilevel": per_domain}, "bilevel", "camera") is phis["b"]
     assert evaluation.phi_of({"bilevel": phi}, "bilevel", "b") is phi
     calls.clear()
     train.train_own_data_bilevel(0, train.Config(), s, phi, dpo_term=False)
     assert [c[2] for c in calls] == [False, False]
+    assert [c[3:] for c in calls] == [(4, 5), (4, 5)]
     assert len(calibrated) == 2
 
 
@@ -984,9 +992,10 @@ def test_s52_shifted_accuracy_and_judged_comparisons_by_hand(monkeypatch):
     monkeypatch.setattr(train.policy, "reward", lambda rm, phi, b: b["r"] * phi)
     s = SimpleNamespace(metarm_cfg=SimpleNamespace(k=3), rm=None)
     samples = {"r": T64(3.0, 1.0, 1.0, 0.0, 1.0, 2.0), "g": T64(2.0, 0.0, 5.0, 1.0, 1.0, 3.0)}
-    out = train.shifted_accuracy(s, {"vanilla_rm": 1.0, "metarm_eta0": -1.0}, 2.0, samples, lambda b: b["g"])
-    # pairs: right, wrong, RM tie; gold tie (left out), right, right -> 3.5 / 5; phi = -1 flips every non-tie
-    assert out == {"metarm": pytest.approx(0.7), "vanilla_rm": pytest.approx(0.7), "metarm_eta0": pytest.approx(0.3)}
+    out = train.shifted_accuracy(s, {"vanilla_rm": 1.0, "metarm_eta0": -1.0}, 0.0, samples, lambda b: b["g"])
+    # pairs: right, wrong, RM tie; gold tie (left out), right, right -> 3.5 / 5; phi = -1 flips every non-tie;
+    # phi = 0 ties every pair
+    assert out == {"metarm": pytest.approx(0.5), "vanilla_rm": pytest.approx(0.7), "metarm_eta0": pytest.approx(0.3)}
     every = list(train.METHODS)
     assert train.judged_comparisons(train.Config(), every) == train.COMPARISONS + (
         ("dpo", "sft"),
@@ -1694,7 +1703,14 @@ BOUNDARY_RUN = [
     "1",
 ]
 # the bilevel positive control (METHOD.md §5.2): one RM per evaluation domain from its own pairs
-OWN_DATA_RUN = TINY_RUN + ["--outer-data", "own", "--methods", "vanilla_rm,bilevel,bilevel_bt_only,in_domain_rm"]
+OWN_DATA_RUN = TINY_RUN + [
+    "--outer-data",
+    "own",
+    "--ceiling-steps",
+    "2",
+    "--methods",
+    "vanilla_rm,bilevel,bilevel_bt_only,in_domain_rm",
+]
 
 
 @pytest.fixture(scope="module")
@@ -1862,6 +1878,7 @@ def one_line_error(capsys) -> str:  # the stderr of a refused command: one line,
         ["--methods", "vanilla_rm,metarm_eta0"],
         ["--outer-data", "target"],
         ["--outer-data", "own"],
+        ["--outer-data", "own", "--figures", "0", "--extra-steps", "40", "--ceiling-steps", "300"],
         ["--outer-lr", "0"],
         ["bench", "--device", "tpu"],
         ["bench", "--repeats", "-1"],

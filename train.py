@@ -80,7 +80,9 @@ class Config:
     repeats: int = option(2, "adaptations per (method, domain, seed), with common random numbers")
     eval_samples: int = option(16, "evaluation samples per prompt")
     rm_steps: int = option(metarm.RMConfig.steps, "Bradley-Terry steps (1) of the vanilla RM, 32 pairs each")
-    rm_lr: float = option(metarm.RMConfig.lr, "Adam step size of every reward model")
+    rm_lr: float = option(
+        metarm.RMConfig.lr, "Adam step size of the Bradley-Terry steps of every reward model (bilevel's: --outer-lr)"
+    )
     ceiling_steps: int = option(
         300, "Bradley-Terry steps of the in-domain RM ceiling on the domain's own pairs, from the vanilla RM"
     )
@@ -340,7 +342,7 @@ def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: di
     if "in_domain_rm" in methods:
         with clock(timings, "in_domain_rm"), stage("in_domain_rm", seed):
             out["in_domain_rm"] = {}
-            for d in s.domains:  # a ceiling: the domain's own labels, seen by no method
+            for d in s.domains:  # a ceiling: the domain's own labels (seen by no method but the positive control)
                 out["in_domain_rm"][d], opt_d = policy.continue_from(phi, opt, cfg.rm_lr)
                 own_gen = gen(seed + 2)
                 train_reward_model(
@@ -424,7 +426,7 @@ def train_own_data_bilevel(seed: int, cfg: Config, s: evaluation.Setup, phi: dic
         if dpo_term:
             probe = {d: metarm.draw_problem(s.model, *one_domain[d], bcfg, policy.generator(seed + 3, s.device))}
             curvature[d] = metarm.calibrate(s.model, s.rm, phis[d], probe, bcfg, s.theta_ref)
-        metarm.train_bilevel(
+        log = metarm.train_bilevel(
             s.model,
             s.rm,
             phis[d],
@@ -436,6 +438,10 @@ def train_own_data_bilevel(seed: int, cfg: Config, s: evaluation.Setup, phi: dic
             policy.generator(seed + 5, s.device),
             dpo_term=dpo_term,
         )
+        if dpo_term:
+            curvature[d]["margins"] = [e["margin"] for e in log if "margin" in e]
+            curvature[d]["rho_final"] = bcfg.rho
+            curvature[d]["F"] = [e["F"] for e in log]
     return phis, curvature
 
 
@@ -624,7 +630,9 @@ def summarise(cfg: Config, per_seed: list) -> dict:
     if "metarm" in methods and "metarm_eta0" in methods:
         # MetaRM's mechanism, paired against eta = 0 on the same shifted samples (METHOD.md §5.2)
         diffs = [
-            seed_value(run, "metarm", "shifted_accuracy") - seed_value(run, "metarm_eta0", "shifted_accuracy")
+            difference(
+                seed_value(run, "metarm", "shifted_accuracy"), seed_value(run, "metarm_eta0", "shifted_accuracy")
+            )
             for run in per_seed
         ]
         out["paired_rm_accuracy"] = {
@@ -663,6 +671,11 @@ def dpo_training(per_seed: list) -> dict:
         )
     end = {k: evaluation.interval([log[-1][k] for log in per_seed]) for k in keys}
     return {"per_step": steps, "end_all_training_pairs": end}
+
+
+def difference(a, b):
+    """a - b, None when either is None (a seed whose pairs all tie in gold: left out of the interval)."""
+    return None if a is None or b is None else a - b
 
 
 def judged_comparisons(cfg: Config, methods: list) -> tuple:
@@ -737,6 +750,10 @@ def parse_config(argv) -> Config:
         (
             cfg.outer_data == "train" or not cfg.figures,
             "--outer-data own is the positive control of the main table, not of the figures: add --figures 0",
+        ),
+        (
+            cfg.outer_data == "train" or "in_domain_rm" not in methods or cfg.ceiling_steps == cfg.extra_steps,
+            "--outer-data own compares in_domain_rm at bilevel's budget: give --ceiling-steps equal to --extra-steps",
         ),
         (
             bool(cfg.methods) and set(methods) <= set(METHODS) and "vanilla_rm" in methods,
