@@ -638,7 +638,7 @@ def summarise(cfg: Config, per_seed: list) -> dict:
         out["paired_rm_accuracy"] = {
             "metarm - metarm_eta0 (accuracy on MetaRM's shifted samples X_s)": {
                 **evaluation.decide(diffs, evaluation.DELTA["rm_accuracy"]),
-                "wins": sum(x > 0 for x in diffs),
+                "wins": sum(x is not None and x > 0 for x in diffs),
                 "per_seed": diffs,
             }
         }
