@@ -106,10 +106,10 @@ def gold_fn(world, agnostic: bool = False):
     return gold
 
 
-def evaluate(model, theta, prompts, ref_eval, gold, gen, n: int, unseen_tokens):
+def evaluate(model, theta, prompts, ref_eval, gold, gen, n: int, unseen_tokens=None):
     """Gold reward of pi_theta's samples, win rate against pi_ref's samples ref_eval of the same prompts
-    (judged by the gold reward, ties 1/2), KL(pi_theta || pi_ref) (k1 on the policy's samples) and the
-    probability pi_theta puts on unseen_tokens along its samples (unseen_mass)."""
+    (judged by the gold reward, ties 1/2), KL(pi_theta || pi_ref) (k1 on the policy's samples) and, given
+    unseen_tokens, the probability pi_theta puts on them along its samples (unseen_mass)."""
     batch = policy.sample(model, theta, prompts.repeat(n, 1), MAX_NEW, gen)
     g = gold(batch)
     kl = (policy.logprob(model, theta, batch) - batch["logp_ref"]).mean()
@@ -117,8 +117,9 @@ def evaluate(model, theta, prompts, ref_eval, gold, gen, n: int, unseen_tokens):
         "gold_reward": g.mean().item(),
         "win_rate": metarm.tie_accuracy(g - gold(ref_eval)).item(),
         "kl": kl.item(),
-        "unseen_mass": unseen_mass(model, theta, batch, unseen_tokens),
     }
+    if unseen_tokens is not None:
+        res["unseen_mass"] = unseen_mass(model, theta, batch, unseen_tokens)
     return res, batch, g
 
 
@@ -172,9 +173,9 @@ def measure_premises(rm, phi: dict, ref_eval: dict, adapted: dict, gold, n: int)
         half = len(r) // 2  # rows i and i + half share a prompt
         acc = metarm.tie_accuracy(r[:half] - r[half : 2 * half], g[:half] - g[half : 2 * half]).item()
         out[f"acc_{name}_samples"] = None if math.isnan(acc) else acc  # NaN: every pair tied in gold
-        out[f"spread_{name}"] = metarm.reward_spread(r.view(n, -1).T.reshape(-1), n)
-        prompt_major = (r.view(n, -1).T.reshape(-1), g.view(n, -1).T.reshape(-1))
-        for k, v in within_prompt_differences(*prompt_major, n).items():
+        r_by_prompt, g_by_prompt = r.view(n, -1).T.reshape(-1), g.view(n, -1).T.reshape(-1)  # prompt-major
+        out[f"spread_{name}"] = metarm.reward_spread(r_by_prompt, n)
+        for k, v in within_prompt_differences(r_by_prompt, g_by_prompt, n).items():
             out[f"{k}_{name}"] = v
     return out
 
@@ -184,9 +185,7 @@ def within_prompt_differences(r, g, k: int) -> dict:
     (absdiff_q25, _median, _q75), and for each gold-margin bin b of MARGIN_BINS (|g_i - g_j| in [lo, hi))
     the share of pairs in it (share_bin{b}) and the RM's accuracy against the gold order there (acc_bin{b};
     gold ties left out, RM ties 1/2; None for a bin without a pair that is not a gold tie)."""
-    i, j = torch.triu_indices(k, k, 1)
-    r, g = r.view(-1, k), g.view(-1, k)
-    dr, dg = (r[:, i] - r[:, j]).flatten(), (g[:, i] - g[:, j]).flatten()
+    dr, dg = within_prompt_pairs(r, k), within_prompt_pairs(g, k)
     q = torch.quantile(dr.abs().double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=dr.device))
     out = {"absdiff_q25": q[0].item(), "absdiff_median": q[1].item(), "absdiff_q75": q[2].item()}
     for b, (lo, hi) in enumerate(zip(MARGIN_BINS, MARGIN_BINS[1:])):
@@ -352,9 +351,7 @@ def frontier(cfg, s: Setup, logs: list, per_seed: list, seeds: list) -> dict:
                 rewards = reward_functions(replace(s, methods=methods), logs[seed]["rms"], d, ref)
                 for m in methods:
                     theta = metarm.adapt(s.model, prompts, rewards[m], acfg, gen(key))[0]
-                    res = evaluate(
-                        s.model, theta, prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples, s.unseen_tokens
-                    )[0]
+                    res = evaluate(s.model, theta, prompts, ref_eval, gold, gen(key + 600), cfg.eval_samples)[0]
                     points[m].setdefault(str(beta), {}).setdefault(seed, []).append(res)
     values = {
         m: {
@@ -681,12 +678,17 @@ def outer_convergence(
     }
 
 
+def within_prompt_pairs(x, k: int):
+    """x_i - x_j over every pair i < j of two of the k samples of a prompt (prompt-major), flattened."""
+    i, j = torch.triu_indices(k, k, 1)
+    x = x.view(-1, k)
+    return (x[:, i] - x[:, j]).flatten()
+
+
 def within_prompt_accuracy(r, g, k: int):
     """The RM's accuracy against the gold order over every pair of two samples of the same prompt (k per
     prompt, prompt-major): gold ties left out, RM ties 1/2; None if every pair ties in gold."""
-    i, j = torch.triu_indices(k, k, 1)
-    r, g = r.view(-1, k), g.view(-1, k)
-    accuracy = metarm.tie_accuracy((r[:, i] - r[:, j]).flatten(), (g[:, i] - g[:, j]).flatten()).item()
+    accuracy = metarm.tie_accuracy(within_prompt_pairs(r, k), within_prompt_pairs(g, k)).item()
     return None if math.isnan(accuracy) else accuracy
 
 

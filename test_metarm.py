@@ -816,7 +816,7 @@ def test_s3_rm_accuracy_evaluate_and_premises_by_hand(monkeypatch):
     assert out["absdiff_q25_adapted"] == pytest.approx(1.0)
 
 
-# ==== §5.2 positive controls: the bilevel path on own data, MetaRM's premise and mechanism, DPO's log ================
+# ==== §5.2 positive controls: the bilevel path on own data, MetaRM's premise and mechanism, DPO's log ===============
 def test_s52_within_prompt_differences_by_enumeration():
     """MetaRM's premise measures (METHOD.md §5.2): quartiles of |r_i - r_j| over every within-prompt pair (linear
     interpolation, written out), and per gold-margin bin the share of pairs and the accuracy against the gold order."""
@@ -863,7 +863,8 @@ def test_s52_collapse_ratio_by_hand():
 
 def test_s52_unseen_mass_against_a_manual_forward(world, tiny_gpt):
     """unseen_mass: sum over the unseen tokens of softmax(head(h)) at every position that predicts a response token,
-    averaged over those positions, with the head and softmax written out (manual_stream)."""
+    averaged over those positions, with the head and softmax written out (manual_stream); unseen_tokens by
+    enumeration."""
     prompts = [world.encode("<bos> <bakery>")[:2]] * 2
     responses = [world.encode("fresh bread <eos>"), world.encode("stale <eos>")]
     batch = batch_of(tiny_gpt, prompts, responses)
@@ -880,6 +881,10 @@ def test_s52_unseen_mass_against_a_manual_forward(world, tiny_gpt):
             if batch["mask"][row, t + 1] > 0:  # position t predicts response token t + 1
                 masses.append(probs[row, t, unseen].sum().item())
     assert len(masses) == 3 + 2
+    pairs = world.pooled_pairs(data.TRAIN_DOMAINS)  # unseen_tokens by enumeration of every token and pair
+    truth = [not any(v in p.chosen or v in p.rejected for p in pairs) for v in range(len(world.vocab))]
+    assert train.unseen_tokens(world, "cpu").tolist() == truth
+    assert 0 < sum(truth) < len(truth)
     assert evaluation.unseen_mass(tiny_gpt, theta, batch, unseen) == pytest.approx(
         sum(masses) / len(masses), rel=1e-10
     )
@@ -956,7 +961,7 @@ def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypat
         train.metarm, "calibrate", lambda model, rm, phi, probe, cfg, tr: calibrated.append(probe) or {}
     )
 
-    def fake_train(model, rm, phi, domains, bt_pairs, cfg, theta_ref, gen, bt_gen, dpo_term=True):
+    def fake_train(model, rm, phi, domains, bt_pairs, cfg, theta_ref, gen, bt_gen, dpo_term=True, keep_steps=()):
         calls.append((domains, bt_pairs, dpo_term, gen.initial_seed(), bt_gen.initial_seed()))
         phi["w"].data += len(calls)
         return [{"F": 1.0, "margin": 0.5}]

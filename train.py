@@ -230,10 +230,9 @@ def make_setup(cfg: Config, world, model, device) -> evaluation.Setup:
 
 def unseen_tokens(world, device) -> torch.Tensor:
     """(V,) bool: the tokens that no training pair's response (chosen or rejected) contains."""
+    seen = {t for pair in world.pooled_pairs(data.TRAIN_DOMAINS) for t in pair.chosen + pair.rejected}
     unseen = torch.ones(len(world.vocab), dtype=torch.bool)
-    for pair in world.pooled_pairs(data.TRAIN_DOMAINS):
-        unseen[pair.chosen] = False
-        unseen[pair.rejected] = False
+    unseen[sorted(seen)] = False
     return unseen.to(device)
 
 
@@ -354,26 +353,11 @@ def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: di
             out["bilevel"], logs["curvature"] = train_own_data_bilevel(seed, cfg, s, phi, dpo_term=True)
     elif "bilevel" in methods:
         with clock(timings, "bilevel"), stage("bilevel", seed):
-            bcfg = bilevel_config(cfg)
             out["bilevel"] = policy.copy_params(phi)
-            probe = {}
-            for d in data.TRAIN_DOMAINS[:4]:
-                probe[d] = metarm.draw_problem(model, *domains[d], bcfg, gen(seed + 3))
-            logs["curvature"] = metarm.calibrate(model, rm, out["bilevel"], probe, bcfg, s.theta_ref)
-            logs["bilevel"] = metarm.train_bilevel(
-                model,
-                rm,
-                out["bilevel"],
-                domains,
-                s.train_pairs,
-                bcfg,
-                s.theta_ref,
-                gen(seed + 4),
-                gen(seed + 5),
-                keep_steps=evaluation.accuracy_steps(bcfg.outer_steps),
+            keep = evaluation.accuracy_steps(cfg.extra_steps)
+            logs["bilevel"], logs["curvature"] = fit_bilevel(
+                seed, cfg, s, out["bilevel"], domains, s.train_pairs, data.TRAIN_DOMAINS[:4], keep_steps=keep
             )
-            logs["curvature"]["margins"] = [e["margin"] for e in logs["bilevel"] if "margin" in e]
-            logs["curvature"]["rho_final"] = bcfg.rho
         with clock(timings, "hypergradient_accuracy"), stage("bilevel", seed):
             logs["hypergradient_accuracy"] = []
             for step, entry in enumerate(logs["bilevel"]):
@@ -394,18 +378,7 @@ def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: di
     elif "bilevel_bt_only" in methods:
         with clock(timings, "bilevel_bt_only"), stage("bilevel_bt_only", seed):
             out["bilevel_bt_only"] = policy.copy_params(phi)
-            metarm.train_bilevel(
-                model,
-                rm,
-                out["bilevel_bt_only"],
-                domains,
-                s.train_pairs,
-                bilevel_config(cfg),
-                s.theta_ref,
-                gen(seed + 4),
-                gen(seed + 5),
-                dpo_term=False,
-            )
+            fit_bilevel(seed, cfg, s, out["bilevel_bt_only"], domains, s.train_pairs, dpo_term=False)
     if "dpo" in methods:
         with clock(timings, "dpo"), stage("dpo", seed):
             out["dpo"], logs["dpo"] = train_dpo(
@@ -414,33 +387,57 @@ def train_reward_models(seed: int, cfg: Config, s: evaluation.Setup, timings: di
     return out, logs
 
 
+def fit_bilevel(
+    seed: int,
+    cfg: Config,
+    s: evaluation.Setup,
+    phi: dict,
+    domains: dict,
+    bt_pairs,
+    probe_domains=(),
+    dpo_term: bool = True,
+    keep_steps=(),
+):
+    """Eqs. (6)-(8) on phi in place: domains -> (prompts, encoded pairs) of (5) and (7)'s DPO term, bt_pairs for
+    its lam term; with the DPO term, rho and the inner step first calibrated at theta* on one problem of each of
+    probe_domains. dpo_term=False is the control bilevel_bt_only (the same draws, no calibration needed).
+    Returns (the training log, the curvature with the rho re-checks' margins and the final rho, or None)."""
+    bcfg, curvature = bilevel_config(cfg), None
+    if dpo_term:
+        probe = {}
+        for d in probe_domains:
+            probe[d] = metarm.draw_problem(s.model, *domains[d], bcfg, policy.generator(seed + 3, s.device))
+        curvature = metarm.calibrate(s.model, s.rm, phi, probe, bcfg, s.theta_ref)
+    log = metarm.train_bilevel(
+        s.model,
+        s.rm,
+        phi,
+        domains,
+        bt_pairs,
+        bcfg,
+        s.theta_ref,
+        policy.generator(seed + 4, s.device),
+        policy.generator(seed + 5, s.device),
+        dpo_term=dpo_term,
+        keep_steps=keep_steps,
+    )
+    if dpo_term:
+        curvature["margins"] = [e["margin"] for e in log if "margin" in e]
+        curvature["rho_final"] = bcfg.rho
+    return log, curvature
+
+
 def train_own_data_bilevel(seed: int, cfg: Config, s: evaluation.Setup, phi: dict, dpo_term: bool):
     """The positive control of the bilevel path (METHOD.md §5.2): for each evaluation domain d, (7) on d's own
     labelled pairs (its DPO term and its lam L_BT term) with (5) on d's prompts, from the vanilla RM phi;
-    dpo_term=False is its control bilevel_bt_only (the same draws). Returns ({d: phi_d}, {d: curvature})."""
+    dpo_term=False is its control bilevel_bt_only (the same draws). Returns ({d: phi_d}, {d: curvature, with
+    each outer step's F})."""
     phis, curvature = {}, {}
     for d in s.domains:
-        bcfg = bilevel_config(cfg)
         one_domain = {d: (s.prompts[d], s.own_pairs[d])}
         phis[d] = policy.copy_params(phi)
+        log, curvature[d] = fit_bilevel(seed, cfg, s, phis[d], one_domain, s.own_pairs[d], [d], dpo_term)
         if dpo_term:
-            probe = {d: metarm.draw_problem(s.model, *one_domain[d], bcfg, policy.generator(seed + 3, s.device))}
-            curvature[d] = metarm.calibrate(s.model, s.rm, phis[d], probe, bcfg, s.theta_ref)
-        log = metarm.train_bilevel(
-            s.model,
-            s.rm,
-            phis[d],
-            one_domain,
-            s.own_pairs[d],
-            bcfg,
-            s.theta_ref,
-            policy.generator(seed + 4, s.device),
-            policy.generator(seed + 5, s.device),
-            dpo_term=dpo_term,
-        )
-        if dpo_term:
-            curvature[d]["margins"] = [e["margin"] for e in log if "margin" in e]
-            curvature[d]["rho_final"] = bcfg.rho
             curvature[d]["F"] = [e["F"] for e in log]
     return phis, curvature
 
