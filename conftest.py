@@ -1,4 +1,4 @@
-"""Shared test fixtures, small helpers and the reference forward pass written out, for test_metarm.py.
+"""Shared test fixtures, small helpers and the reference forward pass written out, for test_metarm.py and study/.
 
 The manual_* functions recompute pi_ref's residual stream, log-probabilities and the reward model's output
 from the model's submodules, sharing no code with GPT.features or policy.encode / logprob / reward: the
@@ -6,13 +6,18 @@ tests compare the project's fast paths against them. METARM_TEST_THREADS sets to
 safe on a busy 2-core machine).
 """
 
+import importlib
 import math
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
+import bilevel
 import data
+import metarm
 import policy
 
 THREADS = int(os.environ.get("METARM_TEST_THREADS", "1"))
@@ -91,6 +96,59 @@ def micro_batches(model, gen, n):
     return prompts, batch_of(model, prompts, responses()), batch_of(model, prompts, responses())
 
 
+def earlier_run(tmp_path):
+    (tmp_path / "out").mkdir(), (tmp_path / "out" / "results.json").write_text("earlier run")
+    return tmp_path / "out"
+
+
+def one_line_error(capsys) -> str:  # the stderr of a refused command: one line, no traceback
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+ROOT = Path(__file__).parent
+# the modules a document may name as `module.name`: the project's (study: study.<name>), and those that moved into
+# study/, so that a name left behind fails to resolve
+PROJECT_MODULES = ("data", "policy", "bilevel", "metarm", "train", "conftest", "hf", "study")
+FORMER_MODULES = ("evaluation", "plots", "cli", "bench")
+DOCUMENTS = ("README.md", "METHOD.md", "study/REPORT.md")
+
+
+def documented_names() -> list:
+    """Every `module.name` or `module.name(...)` in backticks in the documents, module one of PROJECT_MODULES or
+    FORMER_MODULES (file names such as `train.py` left out), each once, in order."""
+    names = []
+    for doc in DOCUMENTS:
+        if not (ROOT / doc).is_file():
+            continue
+        for span in re.findall(r"`([^`\n]+)`", (ROOT / doc).read_text()):
+            m = re.fullmatch(r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)(\(.*\))?", span)
+            if not m or m.group(1).split(".")[-1] in ("py", "md", "json"):
+                continue
+            if m.group(1).split(".")[0] in PROJECT_MODULES + FORMER_MODULES:
+                names.append(m.group(1))
+    return list(dict.fromkeys(names))
+
+
+def resolve(name: str) -> bool:
+    """Whether a dotted name is a module of the project, or an attribute (function, class, constant, field) of one."""
+    parts = name.split(".")
+    if parts[0] in FORMER_MODULES:
+        return False
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            if not hasattr(obj, attr):
+                return False
+            obj = getattr(obj, attr)
+        return True
+    return False
+
+
 # ---- fixtures -------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def world():
@@ -139,3 +197,72 @@ def manual_reward(model, rm, phi, idx, mask):
 
     h_mid = manual_stream(model, idx)[1]
     return (sub("head", sub("ln", sub("block", h_mid)[0]))[..., 0] * mask).sum(1)
+
+
+# ---- a bilevel problem with its exact inner solutions (the (6)-(8) tests, the hypergradient accuracy check) -----
+@pytest.fixture(scope="module")
+def bl(micro):
+    """Domains a, b, c: 3 prompts x K = 4 candidates, 6 pairs each; an RM with a unit-scale head; rho, inner step from
+    calibrate; beta_dpo 0.3. warm: theta*_d by 300 GD steps + Newton (rho is sized at theta*: Newton from theta_ref
+    does not converge)."""
+    rm, phi = policy.make_reward_model(micro, gen := G(0))
+    phi["head.weight"] = torch.randn(phi["head.weight"].shape, generator=gen, dtype=f64).requires_grad_()
+    cfg = metarm.BilevelConfig(
+        beta=0.5,
+        beta_dpo=0.3,
+        lam=0.0,
+        K=4,
+        prompts_per_domain=3,
+        pairs_per_domain=6,
+        cg_iters=300,
+        cg_tol=1e-12,
+        max_new_tokens=5,
+    )
+    domains = {}
+    for d in "abc":
+        prompts, chosen, rejected = micro_batches(micro, gen, 8)
+        domains[d] = (torch.tensor(prompts), (chosen, rejected))
+    problems = {d: metarm.draw_problem(micro, *domains[d], cfg, gen) for d in domains}
+    theta_ref = {n: p.detach() for n, p in policy.adapted_params(micro).items()}
+    s = dict(
+        model=micro,
+        rm=rm,
+        phi=phi,
+        cfg=cfg,
+        problems=problems,
+        domains=domains,
+        theta_ref=theta_ref,
+        pairs=domains["a"][1],
+        curv=metarm.calibrate(micro, rm, phi, problems, cfg, theta_ref),
+        warm={},
+    )
+    for d, prob in problems.items():
+        g, r = lower_ref(s, prob), {"r": std_rewards(s, phi, prob["cand"])}
+        s["warm"][d], info = bilevel.newton_solve(
+            g, bilevel.inner_solve(g, theta_ref, r, 300, cfg.inner_lr)[0], r, tol=1e-12
+        )
+        assert info["converged"]
+    return s
+
+
+def lower_ref(s, prob):
+    """Eq. (5) of one domain written out on manual_logprob (the candidates' features computed once)."""
+    cfg, theta_ref, c, K = s["cfg"], s["theta_ref"], prob["cand"], s["cfg"].K
+    h = manual_stream(s["model"], c["idx"])[0]
+
+    def lp(th):
+        return manual_logprob(s["model"], c["idx"], c["mask"], th, h)
+
+    lp0 = lp(theta_ref)
+
+    def g(th, up):
+        w = torch.softmax((lp(th) - lp0).view(-1, K), -1)
+        prox = sum(((th[n] - theta_ref[n]) ** 2).sum() for n in th)
+        return (-(w * up["r"]).sum(-1) + cfg.beta * (w * torch.log(K * w)).sum(-1)).mean() + cfg.rho / 2 * prox
+
+    return g
+
+
+def std_rewards(s, phi, batch):
+    r = manual_reward(s["model"], s["rm"], phi, batch["idx"], batch["mask"])
+    return ((r - r.mean()) / r.std()).view(-1, s["cfg"].K)

@@ -77,11 +77,11 @@ from transformers import (
 )
 from trl import RewardConfig, RewardTrainer
 
-import cli
 import data
 import metarm
 import policy
-from cli import BadInput, option
+from study import cli
+from study.cli import BadInput, option
 
 UNK = "<unk>"  # the toy tokenizer's one added word (unknown words are refused before they reach it)
 

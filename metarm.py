@@ -2,9 +2,12 @@
 
 1. Shared losses and the meta-test, Eqs. (1)-(3): Bradley-Terry, DPO, KL-regularised policy optimisation.
 2. The bilevel meta-learned reward model, Eqs. (4)-(8): Jia, "Generalizing Reward Modeling for
-   Out-of-Distribution Preference Learning" (arXiv 2402.14760).
+   Out-of-Distribution Preference Learning" (arXiv 2402.14760). Its public text does not give its objectives:
+   (4), (5) and (7) are this project's formalisation of the bilevel structure it states.
 3. MetaRM, Eqs. (9)-(11), and its rounds: Dou et al., "MetaRM: Shifted Distributions Alignment via
-   Meta-Learning" (arXiv 2405.00438).
+   Meta-Learning" (arXiv 2405.00438; the arXiv v1 numbering: (9)-(11) here are its Eqs. (2)-(5)).
+
+Each function that computes an equation names METHOD.md's number and the paper's.
 
 Symbols -> names:
     beta        KL coefficient of (3), of the inner problem (5) and of meta-test adaptation
@@ -20,7 +23,7 @@ A batch is policy.encode's dict (tokens, mask, pi_ref's features); a reward func
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,13 +44,15 @@ def tie_accuracy(margins, gold_margins=None):
 
 
 def bt_loss(r_chosen, r_rejected):
-    """Eq. (1): L_BT = -E log sigmoid(r(x, y_w) - r(x, y_l)). Returns (loss, accuracy, margins (B,))."""
+    """Eq. (1); Dou et al. Eq. (1): L_BT = -E log sigmoid(r(x, y_w) - r(x, y_l)).
+    Returns (loss, accuracy, margins (B,))."""
     margins = r_chosen - r_rejected
     return -F.logsigmoid(margins).mean(), tie_accuracy(margins), margins
 
 
 def dpo_loss(delta_chosen, delta_rejected, beta_dpo: float):
-    """Eq. (2): L_DPO = -E log sigmoid(beta_dpo [Delta(x, y_w) - Delta(x, y_l)]), as bt_loss returns it."""
+    """Eq. (2); Rafailov et al. (arXiv 2305.18290) Eq. (7):
+    L_DPO = -E log sigmoid(beta_dpo [Delta(x, y_w) - Delta(x, y_l)]), as bt_loss returns it."""
     return bt_loss(beta_dpo * delta_chosen, beta_dpo * delta_rejected)
 
 
@@ -93,10 +98,11 @@ class AdaptConfig:
 
 
 def adapt(model, prompts, reward_fn, cfg: AdaptConfig, generator, theta0: dict | None = None):
-    """Eq. (3) by on-policy RLOO with the sequence-level k1 penalty r - beta Delta_theta: each step samples
-    cfg.samples responses per prompt of pi_theta (temperature 1, no top-k); a sample's baseline is the mean
-    penalised reward of its prompt's other samples. reward_fn(batch) -> (B,), standardised by the caller;
-    theta0: start there instead of at theta_ref. Returns (theta, per-step reward, kl_k1, kl_k3)."""
+    """Eq. (3), the meta-test of both papers (Jia: regularised policy optimisation; Dou et al.: PPO), by on-policy RLOO
+    with the sequence-level k1 penalty r - beta Delta_theta: each step samples cfg.samples responses per prompt of
+    pi_theta (temperature 1, no top-k); a sample's baseline is the mean penalised reward of its prompt's other samples.
+    reward_fn(batch) -> (B,), standardised by the caller; theta0: start there instead of at theta_ref. Returns (theta,
+    per-step reward, kl_k1, kl_k3)."""
     theta = policy.adapted_params(model) if theta0 is None else policy.copy_params(theta0)
     opt = torch.optim.Adam(theta.values(), lr=cfg.lr)
     log, n = [], cfg.samples
@@ -120,20 +126,37 @@ def adapt(model, prompts, reward_fn, cfg: AdaptConfig, generator, theta0: dict |
 
 
 def rm_bt_loss(rm, phi: dict, chosen: dict, rejected: dict):
-    """Eq. (1) for the reward model r_phi on encoded pair batches: (loss, accuracy, margins)."""
+    """Eq. (1); Dou et al. Eq. (1), for the reward model r_phi on encoded pair batches: (loss, accuracy, margins)."""
     return bt_loss(policy.reward(rm, phi, chosen), policy.reward(rm, phi, rejected))
+
+
+def train_reward_model(rm, phi: dict, pairs, cfg: RMConfig, generator, opt=None, steps: int | None = None):
+    """Eq. (1) minimised by Adam on phi, in place: cfg.steps steps (or `steps`) on batches of cfg.batch_size pairs
+    drawn from pairs = (chosen, rejected); opt continues an earlier run's optimiser. Returns (per-step loss and
+    accuracy, the optimiser)."""
+    opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
+    chosen, rejected = pairs
+    log = []
+    for step in range(cfg.steps if steps is None else steps):
+        rows = policy.draw(len(chosen["idx"]), cfg.batch_size, generator)
+        loss, acc, _ = rm_bt_loss(rm, phi, policy.rows_of(chosen, rows), policy.rows_of(rejected, rows))
+        check_finite(loss.detach(), "reward-model loss (1)", step)
+        apply_gradient(opt, phi, torch.autograd.grad(loss, list(phi.values())))
+        log.append({"loss": loss.item(), "acc": acc.item()})
+    return log, opt
 
 
 # ==== 2. The bilevel meta-learned reward model (Jia), Eqs. (4)-(8) ===============================
 def importance_weights(delta, K: int):
-    """Eq. (4): w_k(theta; x) = softmax_k Delta_theta(x, y_k), (B, K); w = 1/K at theta = theta_ref."""
+    """Eq. (4); Jia, meta-training's lower level (this project's formalisation): w_k(theta; x) = softmax_k
+    Delta_theta(x, y_k), (B, K); w = 1/K at theta = theta_ref."""
     return torch.softmax(delta.view(-1, K), dim=-1)
 
 
 def inner_objective(delta, r, K: int, beta: float):
-    """Eq. (5) without its proximal term: E_x[-sum_k w_k r_k + beta sum_k w_k log(K w_k)], w = Eq. (4),
-    with log w = log_softmax (finite where a weight underflows). Over free weights the minimiser is
-    w* = softmax_k(r_k / beta). Args: delta (B K,), r (B, K)."""
+    """Eq. (5) without its proximal term (Jia's lower level, this project's formalisation): E_x[-sum_k w_k r_k + beta
+    sum_k w_k log(K w_k)], w = Eq. (4), with log w = log_softmax (finite where a weight underflows). Over free weights
+    the minimiser is w* = softmax_k(r_k / beta). Args: delta (B K,), r (B, K)."""
     log_w = torch.log_softmax(delta.view(-1, K), dim=-1)
     w = log_w.exp()
     kl = (w * (log_w + math.log(K))).sum(-1)  # KL(w || uniform) <= log K
@@ -141,14 +164,16 @@ def inner_objective(delta, r, K: int, beta: float):
 
 
 def inner_loss(model, theta, r, cand, K: int, beta: float, rho: float, theta_ref):
-    """Eq. (5): g_d(theta, phi) = inner_objective + rho/2 |theta - theta_ref|^2; r (B, K): the rewards
-    r_phi(x, y_k) of the candidates (phi enters g only through them), cand: their encoded batch."""
+    """Eq. (5); Jia, the lower level (this project's formalisation): g_d(theta, phi) = inner_objective + rho/2 |theta -
+    theta_ref|^2; r (B, K): the rewards r_phi(x, y_k) of the candidates (phi enters g only through them), cand: their
+    encoded batch."""
     prox = sum(((theta[n] - theta_ref[n]) ** 2).sum() for n in theta)
     return inner_objective(implicit_reward(model, theta, cand), r, K, beta) + 0.5 * rho * prox
 
 
 def outer_dpo(model, theta, chosen: dict, rejected: dict, beta_dpo: float):
-    """Eq. (7), one domain's term: L_DPO(theta; P_d) on encoded chosen / rejected batches."""
+    """Eq. (7), one domain's term (Jia, the upper level; this project's formalisation): L_DPO(theta; P_d) on encoded
+    chosen / rejected batches."""
     return dpo_loss(implicit_reward(model, theta, chosen), implicit_reward(model, theta, rejected), beta_dpo)[0]
 
 
@@ -192,34 +217,25 @@ def level_functions(model, prob: dict, cfg: BilevelConfig, theta_ref):
     return g, f
 
 
-def hypergradient(
-    model, rm, phi, prob: dict, cfg: BilevelConfig, theta_ref, theta0=None, solver=None, iters=None, newton_tol=None
-):
-    """Eq. (8) for one domain: (dF_d/dr (B, K), the candidates' rewards r with graph to phi, info). phi
-    enters g only through r = r_phi(x, y_k): bilevel.py differentiates with respect to r, one backward pass
-    through the RM carries it to phi. theta0: start of the T inner steps (default theta_ref). solver: cg |
-    neumann (iters: iterations) | unrolled (iters: T). newton_tol: solve (6) by Newton (tests, references)."""
-    solver = solver or cfg.solver
+def hypergradient(model, rm, phi, prob: dict, cfg: BilevelConfig, theta_ref, theta0=None):
+    """Eq. (8) for one domain (Jia: the hypergradient of the upper level; by the implicit function theorem here,
+    this project's choice): (dF_d/dr (B, K), the candidates' rewards r with graph to phi, info). phi enters g only
+    through r = r_phi(x, y_k): bilevel.py differentiates with respect to r, one backward pass through the RM
+    carries it to phi. theta0: start of the cfg.T inner steps (6) (default theta_ref). cfg.solver: cg | neumann
+    (cfg.cg_iters iterations, Neumann's step the inner step) | unrolled (through the T steps)."""
     r = candidate_rewards(rm, phi, prob["cand"], cfg.K)
     outer = {"r": r.detach()}
     g, f = level_functions(model, prob, cfg, theta_ref)
     start = theta_ref if theta0 is None else theta0
-    if solver == "unrolled":
-        grad, info = bilevel.hypergrad_unrolled(f, g, start, outer, iters or cfg.T, cfg.inner_lr)
+    if cfg.solver == "unrolled":
+        grad, info = bilevel.hypergrad_unrolled(f, g, start, outer, cfg.T, cfg.inner_lr)
     else:
-        if newton_tol:  # g is not convex far from theta*: gradient steps first, then Newton
-            theta_star, _ = bilevel.inner_solve(g, start, outer, 10 * cfg.T, cfg.inner_lr)
-            theta_star, newton = bilevel.newton_solve(g, theta_star, outer, tol=newton_tol)
-            if not newton["converged"]:
-                raise FloatingPointError(f"the inner problem was not solved to |grad g| <= {newton_tol}")
+        theta_star, _ = bilevel.inner_solve(g, start, outer, cfg.T, cfg.inner_lr)
+        if cfg.solver == "cg":
+            kw = dict(max_iter=cfg.cg_iters, tol=cfg.cg_tol)
         else:
-            theta_star, _ = bilevel.inner_solve(g, start, outer, cfg.T, cfg.inner_lr)
-        kw = (
-            dict(max_iter=iters or cfg.cg_iters, tol=cfg.cg_tol)
-            if solver == "cg"
-            else dict(alpha=cfg.inner_lr, J=iters or cfg.cg_iters)
-        )
-        grad, info = bilevel.hypergrad_implicit(f, g, theta_star, outer, solver=solver, **kw)
+            kw = dict(alpha=cfg.inner_lr, J=cfg.cg_iters)
+        grad, info = bilevel.hypergrad_implicit(f, g, theta_star, outer, solver=cfg.solver, **kw)
         info["theta"] = theta_star
     info["F"] = f(info["theta"], outer).item()
     return grad["r"], r, info
@@ -285,27 +301,16 @@ def recheck_rho(model, rm, phi, problems: dict, warm: dict, cfg: BilevelConfig, 
     return lam_min + cfg.rho
 
 
-def outer_gradient(
-    model,
-    rm,
-    phi,
-    problems: dict,
-    pairs,
-    cfg: BilevelConfig,
-    theta_ref,
-    n_domains: int | None = None,
-    warm: dict | None = None,
-    **hyper_kw,
-):
-    """grad_phi F for F(phi) = (N/n) sum_{d drawn} L_DPO(theta*_d(phi); P_d) + lam L_BT(phi; pairs), (7)(8):
-    problems are n domains drawn from the N = n_domains of D_train (default n = N), and N/n makes their sum
-    unbiased. warm: domain -> start of its inner solve, updated to the new theta*. Returns (gradients in
-    phi's order, F, info: HVPs, per-domain DPO terms)."""
+def outer_gradient(model, rm, phi, problems: dict, pairs, cfg: BilevelConfig, theta_ref, n_domains=None, warm=None):
+    """Eqs. (7)(8); Jia, the upper level's gradient (this project's formalisation): grad_phi F for
+    F(phi) = (N/n) sum_{d drawn} L_DPO(theta*_d(phi); P_d) + lam L_BT(phi; pairs). problems: n domains drawn from
+    the N = n_domains of D_train (default n = N); N/n makes their sum unbiased. warm: domain -> start of its inner
+    solve, updated to the new theta*. Returns (gradients in phi's order, F, info: HVPs, per-domain DPO terms)."""
     surrogate, F_value, info = 0.0, 0.0, {"hvps": 0, "dpo": {}, "unconverged": 0}
     scale = (n_domains or len(problems)) / max(1, len(problems))
     for d, prob in problems.items():
         theta0 = None if warm is None else warm.get(d)
-        dF_dr, r, h_info = hypergradient(model, rm, phi, prob, cfg, theta_ref, theta0=theta0, **hyper_kw)
+        dF_dr, r, h_info = hypergradient(model, rm, phi, prob, cfg, theta_ref, theta0=theta0)
         if warm is not None:
             warm[d] = h_info["theta"]
         surrogate = surrogate + scale * (r * dF_dr).sum()  # its phi-gradient is (dr/dphi)^T dF/dr
@@ -329,6 +334,19 @@ def draw_problem(model, prompts, pairs, cfg: BilevelConfig, generator) -> dict:
     return {"cand": cand, "chosen": policy.rows_of(chosen, picks), "rejected": policy.rows_of(rejected, picks)}
 
 
+def draw_outer_batch(model, domains: dict, bt_pairs, cfg: BilevelConfig, generator, bt_generator):
+    """One outer step's data: cfg.pairs_per_domain pooled pairs for (7)'s lam term (from bt_generator), then
+    cfg.domains_per_step of the domains and each one's problem (draw_problem, from generator). Two generators, so
+    that the lam term's pairs are the same whatever the domains draw. Returns (problems, lam_pairs)."""
+    chosen, rejected = bt_pairs
+    rows = policy.draw(len(chosen["idx"]), cfg.pairs_per_domain, bt_generator)
+    lam_pairs = (policy.rows_of(chosen, rows), policy.rows_of(rejected, rows))
+    names = list(domains)
+    picks = torch.randperm(len(names), generator=generator, device=generator.device)[: cfg.domains_per_step]
+    problems = {names[i]: draw_problem(model, *domains[names[i]], cfg, generator) for i in picks.tolist()}
+    return problems, lam_pairs
+
+
 def train_bilevel(
     model,
     rm,
@@ -339,53 +357,44 @@ def train_bilevel(
     theta_ref,
     generator,
     bt_generator,
-    steps: int | None = None,
-    opt=None,
-    dpo_term: bool = True,
-    keep_steps: tuple = (),
+    steps=None,
+    state=None,
 ):
-    """Eqs. (6)-(8): Adam on phi along the hypergradient of F. domains: d -> (prompts F_d, encoded P_d).
-    Each outer step draws cfg.domains_per_step domains and their data (draw_problem, from `generator`) and
-    pooled pairs bt_pairs for the lam term (from `bt_generator`, so that dpo_term=False -- the control
-    bilevel_bt_only -- draws the same). Inner solves warm-start from the domain's last theta*; rho is
-    re-checked every cfg.recalibrate_every steps. Returns per-step F, grad_norm, hvps, unconverged, margin;
-    at keep_steps also "inputs", what the step's hypergradient was computed from (phi, the warm starts, the
-    drawn problems, cfg), for evaluation.hypergradient_accuracy. Solves that stop at cg_iters above cg_tol
-    are expected (the tolerance is loose by design) and counted per step, not warned about."""
-    if dpo_term and cfg.inner_lr <= 0:
+    """Eqs. (6)-(8); Jia, meta-training: Adam on phi, in place, along the hypergradient of F. domains: d ->
+    (prompts F_d, encoded P_d) of (5) and of (7)'s DPO term; with no domain, F is lam L_BT alone. Each outer step
+    draws its data by draw_outer_batch; each inner solve starts from the domain's last theta*; rho is re-checked at
+    every cfg.recalibrate_every-th step. state: where an earlier call stopped ({"step", "warm": domain -> its last
+    theta*, "opt": Adam on phi}), so that a run can be taken in parts with the same result. steps: how many to
+    take (default: up to cfg.outer_steps). Returns (per step F, grad_norm, hvps, unconverged, margin; the state).
+    Solves that stop at cg_iters above cg_tol are expected (the tolerance is loose by design) and counted per step,
+    not warned about."""
+    if domains and cfg.inner_lr <= 0:
         raise ValueError("BilevelConfig.inner_lr must be > 0: set it (and rho) with metarm.calibrate (§2.1)")
-    if not dpo_term and cfg.lam == 0:
-        raise ValueError("dpo_term=False with lam = 0: F is 0 and phi would not move (use the vanilla RM)")
-    opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
-    names = list(domains)
-    log, warm = [], {}  # per-step entries; domain -> the last theta*, where its next inner solve starts
-    chosen, rejected = bt_pairs
-    for step in range(cfg.outer_steps if steps is None else steps):
-        rows = policy.draw(len(chosen["idx"]), cfg.pairs_per_domain, bt_generator)
-        lam_pairs = (policy.rows_of(chosen, rows), policy.rows_of(rejected, rows))
-        problems = {}
-        if dpo_term:
-            picks = torch.randperm(len(names), generator=generator, device=generator.device)[: cfg.domains_per_step]
-            problems = {names[i]: draw_problem(model, *domains[names[i]], cfg, generator) for i in picks.tolist()}
-        if step in keep_steps:
-            inputs = {"phi": policy.copy_params(phi), "warm": dict(warm), "problems": problems, "cfg": replace(cfg)}
+    if not domains and cfg.lam == 0:
+        raise ValueError("no domains and lam = 0: F is 0 and phi would not move (use the vanilla RM)")
+    if state is None:
+        state = {"step": 0, "warm": {}, "opt": torch.optim.Adam(phi.values(), lr=cfg.lr)}
+    first = state["step"]
+    last = cfg.outer_steps if steps is None else first + steps
+    log, warm = [], state["warm"]
+    for step in range(first, last):
+        problems, lam_pairs = draw_outer_batch(model, domains, bt_pairs, cfg, generator, bt_generator)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="cg did not converge")
             try:
                 grads, F_value, info = outer_gradient(
-                    model, rm, phi, problems, lam_pairs, cfg, theta_ref, n_domains=len(names), warm=warm
+                    model, rm, phi, problems, lam_pairs, cfg, theta_ref, n_domains=len(domains), warm=warm
                 )
             except FloatingPointError as e:  # a solve that diverged: name the step
                 raise FloatingPointError(f"{e} at step {step}") from None
         check_finite(torch.tensor([F_value] + [g.norm() for g in grads]), "bilevel F or hypergradient", step)
-        apply_gradient(opt, phi, grads)
+        apply_gradient(state["opt"], phi, grads)
         entry = {"F": F_value, "grad_norm": torch.sqrt(sum((g**2).sum() for g in grads)).item(), **info}
-        if dpo_term and cfg.recalibrate_every and step % cfg.recalibrate_every == 0:
+        if problems and cfg.recalibrate_every and step % cfg.recalibrate_every == 0:
             entry["margin"] = recheck_rho(model, rm, phi, problems, warm, cfg, theta_ref)
-        if step in keep_steps:
-            entry["inputs"] = inputs
         log.append(entry)
-    return log
+    state["step"] = last
+    return log, state
 
 
 # ==== 3. MetaRM (Dou et al.), Eqs. (9)-(11), and its rounds ======================================
@@ -397,8 +406,8 @@ def distinct_pairs(idx, k: int):
 
 
 def difference_loss(r, k: int, distinct):
-    """Eq. (9): J = E_x (2/k^2) sum_{i<j} sigmoid(|r(x, s_i) - r(x, s_j)|) over the distinct pairs, the
-    mean over the batch's prompts (a sum would rescale eta). r (B k,), distinct (B, k(k-1)/2)."""
+    """Eq. (9); Dou et al. Eq. (2): J = E_x (2/k^2) sum_{i<j} sigmoid(|r(x, s_i) - r(x, s_j)|) over the distinct pairs,
+    the mean over the batch's prompts (a sum would rescale eta). r (B k,), distinct (B, k(k-1)/2)."""
     r = r.view(-1, k)
     i, j = torch.triu_indices(k, k, 1)
     terms = torch.sigmoid((r[:, i] - r[:, j]).abs()) * distinct
@@ -406,8 +415,8 @@ def difference_loss(r, k: int, distinct):
 
 
 def metarm_grad(rm, phi, chosen, rejected, meta, distinct, k: int, eta: float, second_order: bool = False):
-    """Eqs. (10)(11): the gradient of phi -> L_BT(phi'), phi' = phi + eta grad J(phi; X_s); second_order=False
-    (default): the gradient taken at phi', applied to phi -- the authors' update; True: the exact
+    """Eqs. (10)(11); Dou et al. Eqs. (3)-(5): the gradient of phi -> L_BT(phi'), phi' = phi + eta grad J(phi; X_s);
+    second_order=False (default): the gradient taken at phi', applied to phi -- the authors' update; True: the exact
     (I + eta grad^2 J(phi)) g, g = grad L_BT(phi'), one HVP. chosen, rejected: X_t; meta: X_s, k responses
     per shifted prompt (prompt-major). Returns (gradient, L_BT(phi'), J(phi))."""
     phi = {n: p.detach().requires_grad_(True) for n, p in phi.items()}
@@ -417,12 +426,13 @@ def metarm_grad(rm, phi, chosen, rejected, meta, distinct, k: int, eta: float, s
 
     J = J_fn(phi)
     gJ = torch.autograd.grad(J, list(phi.values()))
-    # Eq. (10): gradient *ascent* on the difference loss
+    # Eq. (10); Dou et al. Eq. (3): gradient *ascent* on the difference loss
     phi_prime = {n: (p + eta * gj).detach().requires_grad_(True) for (n, p), gj in zip(phi.items(), gJ)}
     loss = rm_bt_loss(rm, phi_prime, chosen, rejected)[0]
     g = dict(zip(phi, torch.autograd.grad(loss, list(phi_prime.values()))))
     if second_order and eta != 0.0:
-        # Eq. (11): grad_phi L_BT(phi') = (I + eta grad^2 J(phi)) grad L_BT(phi')
+        # Eq. (11) by the exact chain rule through (10) (Dou et al. take the first-order update):
+        # grad_phi L_BT(phi') = (I + eta grad^2 J(phi)) grad L_BT(phi')
         Hg = bilevel.hvp(J_fn, phi, g)
         g = {n: g[n] + eta * Hg[n] for n in g}
     return g, loss.detach(), J.detach()
@@ -441,8 +451,8 @@ class MetaRMConfig:
 
 
 def train_metarm(rm, phi, opt, pairs, meta, cfg: MetaRMConfig, generator, meta_generator):
-    """The authors' loop (9)-(11), cfg.steps times: draw X_t (from `generator`) and shifted prompts X_s
-    (from `meta_generator`, so that eta = 0 draws the same X_t), ascend on J, take the Bradley-Terry
+    """Eqs. (9)-(11); Dou et al.'s loop (their Eqs. (2)-(5)), cfg.steps times: draw X_t (from `generator`) and shifted
+    prompts X_s (from `meta_generator`, so that eta = 0 draws the same X_t), ascend on J, take the Bradley-Terry
     gradient at phi' and step phi with it (opt: Adam, its state carried over from the vanilla RM)."""
     chosen, rejected = pairs
     distinct = distinct_pairs(meta["idx"], cfg.k)
@@ -470,27 +480,38 @@ def train_metarm(rm, phi, opt, pairs, meta, cfg: MetaRMConfig, generator, meta_g
 
 
 def reward_spread(r, k: int) -> float:
-    """§3's diagnostic: std of r(x, s_i) - r(x, s_j) over the pairs of responses to the same prompt,
-    divided by the reward std on the same samples (ascent on J inflates the scale)."""
+    """§3's diagnostic (Dou et al.: the variance of within-prompt reward differences shrinks in PPO): the std of
+    r(x, s_i) - r(x, s_j) over the pairs of responses to the same prompt, divided by the reward std on the same
+    samples (ascent on J inflates the scale)."""
     r = r.view(-1, k)
     i, j = torch.triu_indices(k, k, 1)
     return ((r[:, i] - r[:, j]).std() / r.std().clamp_min(1e-8)).item()
 
 
 def metarm_rounds(
-    model, prompts, ref_batch, rm, phi, opt, pairs, cfg: MetaRMConfig, adapt_cfg: AdaptConfig, seeds, theta_first=None
+    model,
+    prompts,
+    ref_batch,
+    rm,
+    phi,
+    opt,
+    pairs,
+    cfg: MetaRMConfig,
+    adapt_cfg: AdaptConfig,
+    adapt_seed: int,
+    sample_generator,
+    pair_generator,
+    meta_generator,
+    theta_first=None,
 ):
-    """MetaRM out of distribution (§3), on one domain: cfg.rounds rounds of [adapt (3) from theta_ref with
-    the current RM -> sample the policy at cfg.temperature, k per prompt -> MetaRM update on the training
-    pairs with those samples as X_s]; the last round stops after its adaptation, whose policy counts.
-    ref_batch: pi_ref's samples (§1). phi, opt: the vanilla RM's copy and optimiser, updated in place.
-    seeds: of (adaptation -- shared with the other methods --, sampling, pairs -- vanilla_rm_long's in train.py
-    --, shifted prompts). theta_first: round 1's policy if known. Returns (theta, per round: spread on X_s, J,
-    the samples X_s)."""
-    adapt_seed, sample_seed, pair_seed, meta_seed = seeds
-    pair_gen = policy.generator(pair_seed, prompts.device)
-    meta_gen = policy.generator(meta_seed, prompts.device)
-    sample_gen = policy.generator(sample_seed, prompts.device)
+    """MetaRM out of distribution (§3; Dou et al.'s OOD setting: the meta set sampled on the OOD domain's prompts),
+    on one domain: cfg.rounds rounds of [adapt (3) from theta_ref with the current RM -> sample the policy at
+    cfg.temperature, k per prompt -> MetaRM update (train_metarm) on the training pairs with those samples as X_s];
+    the last round stops after its adaptation, whose policy counts. ref_batch: pi_ref's samples, the reward scale of
+    §1. phi, opt: the reward model and its optimiser, updated in place. Every round's adaptation draws from a
+    generator seeded with adapt_seed (the same draws each round); sample_generator draws X_s; pair_generator and
+    meta_generator are train_metarm's. theta_first: round 1's policy, when it is already known (adapted with the
+    same RM and adapt_seed). Returns (theta, per update round: the spread (§3) on X_s, the mean J, X_s itself)."""
 
     def reward_fn(batch):
         return policy.reward(rm, phi, batch)
@@ -509,10 +530,10 @@ def metarm_rounds(
             theta,
             prompts.repeat_interleave(cfg.k, dim=0),
             adapt_cfg.max_new_tokens,
-            sample_gen,
+            sample_generator,
             temperature=cfg.temperature,
         )
         with torch.no_grad():
             spread = reward_spread(policy.reward(rm, phi, meta), cfg.k)
-        log = train_metarm(rm, phi, opt, pairs, meta, cfg, pair_gen, meta_gen)
+        log = train_metarm(rm, phi, opt, pairs, meta, cfg, pair_generator, meta_generator)
         history.append({"round": t, "spread": spread, "J": sum(e["J"] for e in log) / len(log), "samples": meta})

@@ -9,7 +9,8 @@ Truths, in float64 on tiny Llama reward models built from the toy vocabulary (no
     test_two_processes_match_the_rule                  DDP on 2 CPU processes: identical ranks, == one process
                                                          with the global batch and the same X_s
     test_engines_other_than_ddp_are_refused            DeepSpeed / FSDP are refused with a clear error
-Commands: test_shifted_command_*, test_train_command_smoke (a smoke test, not a truth), test_bad_input_*.
+Commands: test_shifted_command_*, test_train_command_smoke (a smoke test, not a truth), test_bad_input_*; the
+extra's documented names: test_the_extra_s_documented_names_resolve_and_nothing_imports_it.
 """
 
 import importlib
@@ -383,3 +384,15 @@ def test_bad_input_is_one_line_and_keeps_earlier_outputs(files, tmp_path, capsys
         assert code == 2 and err.startswith("hf.py: error: ") and err.count("\n") == 1, (message, err)
         assert message in err, (message, err)
     assert (tmp_path / "earlier" / "metrics.json").read_text() == "{}" and not (tmp_path / "s").exists()
+
+
+def test_the_extra_s_documented_names_resolve_and_nothing_imports_it():
+    """Every `hf.name` that README.md and METHOD.md name exists (the core's names: study/test_layout.py); no module
+    of the reference or the study imports hf."""
+    from conftest import ROOT, documented_names, resolve
+
+    names = [n for n in documented_names() if n.startswith("hf.")]
+    assert all(resolve(n) for n in names), [n for n in names if not resolve(n)]
+    for path in list(ROOT.glob("*.py")) + list((ROOT / "study").glob("*.py")):
+        if path.name not in ("hf.py", "test_hf.py"):
+            assert "import hf" not in path.read_text(), path

@@ -1,15 +1,15 @@
-"""Tests of METHOD.md by equation, each against an independent truth: a hand computation, a closed form, float64
-central differences, an explicit Hessian, enumeration, or a forward pass written out in conftest.py (manual_*) that
-shares no code with GPT.features, policy.encode/logprob/reward. Run: python -m pytest -q (METARM_TEST_THREADS sets
-torch's threads).
+"""Tests of the reference (METHOD.md, by equation), each against an independent truth: a hand computation, a closed
+form, float64 central differences, an explicit Hessian, enumeration, or a forward pass written out in conftest.py
+(manual_*) that shares no code with GPT.features, policy.encode/logprob/reward. They import the reference alone
+(data, policy, bilevel, metarm); the study's tests are in study/. Run: python -m pytest -q (both; METARM_TEST_THREADS
+sets torch's threads).
 
 Index, equation -> tests:
   (1) Bradley-Terry     test_eq1_bt_loss_and_tie_accuracy_by_hand, test_eq1_rm_bt_loss_of_manual_rewards
   (2) DPO               test_eq2_dpo_loss_by_hand_and_outer_dpo_of_a_manual_forward
   (3) adaptation        test_eq3_adapt_step_is_the_rloo_k1_gradient, test_eq3_kl_estimates_match_exact_kl,
                         test_eq3_adaptation_approaches_the_kl_optimum
-  §1 standardisation    test_s1_standardised_by_hand_and_every_adaptation_reward_is_standardised,
-                        test_s1_metarm_and_rlhf_rounds_standardise_every_round
+  §1 standardisation    test_s1_standardised_by_hand, test_s1_metarm_rounds_standardise_every_round
   (4)(5) inner problem  test_eq4_importance_weights_against_a_full_forward, test_eq5_inner_loss_by_hand,
                         test_eq5_inner_objective_is_exact_in_float64,
                         test_eq5_free_weight_minimiser_is_softmax_r_over_beta
@@ -18,44 +18,30 @@ Index, equation -> tests:
                         test_eq7_lam_term_is_lam_grad_bt, test_eq7_domain_subsets_rescaled_by_N_over_n,
                         test_eq5_shift_invariance_and_rho_from_explicit_hessian,
                         test_eq6_eq8_unrolled_and_training_path_converge, test_s22_reduction_to_rescaled_bradley_terry,
+                        test_eq6_train_bilevel_in_parts_and_without_domains,
                         test_eq6_train_bilevel_needs_rho_and_nan_stops_training
   (9)-(11) MetaRM       test_eq9_difference_loss_by_hand, test_eq10_eq11_second_minus_first_order_is_eta_hessian_term,
                         test_eq11_eta0_metarm_is_plain_bradley_terry
-  §3 spread             test_s3_reward_spread_by_hand, test_s3_rm_accuracy_evaluate_and_premises_by_hand
-  §5.2 positive controls
-                        test_s52_within_prompt_differences_by_enumeration, test_s52_collapse_ratio_by_hand,
-                        test_s52_unseen_mass_against_a_manual_forward,
-                        test_s52_train_dpo_logs_log_probabilities_of_a_manual_forward,
-                        test_s52_summarise_pairs_shifted_accuracy_and_unseen_mass_by_seed,
-                        test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts,
-                        test_s52_shifted_accuracy_and_judged_comparisons_by_hand,
-                        test_own_data_run_judges_the_positive_control_s_comparisons
-  bilevel.py, data.py (world v3), policy.py, train.py (statistics, pipeline, bad input): the sections below.
+  §3 spread             test_s3_reward_spread_by_hand
+  bilevel.py, data.py (world v3), policy.py: the sections below.
 """
 
 import copy
-import functools
 import json
 import math
 from dataclasses import replace
 from itertools import combinations
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
 import bilevel
 import data
-import evaluation
 import metarm
-import plots
 import policy
-import train
 from conftest import (
     T64,
-    THREADS,
     TINY_WORLD,
     G,
     batch_of,
@@ -63,18 +49,22 @@ from conftest import (
     f64,
     flat_fn,
     jitter,
+    lower_ref,
     manual_logprob,
     manual_reward,
     manual_stream,
     micro_batches,
     noisy_gpt,
     randn_like,
+    std_rewards,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated", "ignore:cg did not converge")
 
 
 # ==== (1) Bradley-Terry ==============================================================================================
+
+
 def test_eq1_bt_loss_and_tie_accuracy_by_hand():
     """(1): -E log sigmoid(r_w - r_l) and margins by hand; tie_accuracy: a tie counts 1/2, gold ties are left out."""
     loss, acc, margins = metarm.bt_loss(T64(2.0, 0.0, -1.0), T64(1.0, 0.0, 1.0))
@@ -98,6 +88,8 @@ def test_eq1_rm_bt_loss_of_manual_rewards(micro):
 
 
 # ==== (2) DPO ========================================================================================================
+
+
 def test_eq2_dpo_loss_by_hand_and_outer_dpo_of_a_manual_forward(micro):
     """(2) by hand (beta_dpo = 0.1); outer_dpo (7) = L_DPO with Delta = log pi_theta - log pi_ref from
     manual_logprob."""
@@ -116,6 +108,8 @@ def test_eq2_dpo_loss_by_hand_and_outer_dpo_of_a_manual_forward(micro):
 
 
 # ==== (3) KL-regularised adaptation (RLOO, k1 penalty) and §1 reward standardisation ================================
+
+
 @pytest.fixture(scope="module")
 def enumerable():
     """A policy over 5 tokens (pad, bos, eos, a, b), prompt <bos>, responses of at most 2 tokens: 7 in all."""
@@ -197,46 +191,19 @@ def test_eq3_adaptation_approaches_the_kl_optimum(enumerable):
     assert len(log) == 150
 
 
-def test_s1_standardised_by_hand_and_every_adaptation_reward_is_standardised(world, tiny_gpt):
-    """§1: r = 2x + 1 on x = 1, 2, 3, 6 is 3, 5, 7, 13: mean 7, unbiased std sqrt(56/3). evaluation.reward_functions
-    gives each RM's and each oracle's reward as (r - mean) / std over pi_ref's samples (checked on others too); sft,
-    metarm none."""
+def test_s1_standardised_by_hand():
+    """§1: r = 2x + 1 on x = 1, 2, 3, 6 is 3, 5, 7, 13: mean 7, unbiased std sqrt(56/3); the standardised reward is
+    (r - mean) / std over the reference batch, on any batch."""
     x = T64(1.0, 2.0, 3.0, 6.0)
     fn = metarm.standardised(lambda x: 2 * x + 1, x)
     assert fn(T64(4.0)).item() == pytest.approx((9 - 7) / math.sqrt(56 / 3), rel=1e-12)
     assert fn(x).mean().item() == pytest.approx(0, abs=1e-12)
     assert fn(x).std().item() == pytest.approx(1, rel=1e-12)
-    rm, phi = policy.make_reward_model(tiny_gpt, G(5))
-    phi, prompts = jitter(phi, 0.3, 5), torch.tensor(world.prompts["bar"])
-    ref, other = (policy.sample(tiny_gpt, {}, prompts, 8, G(s)) for s in (5, 6))
-    methods = ["vanilla_rm", "bilevel", "in_domain_rm", "oracle", "agnostic_oracle", "sft", "metarm"]
-    rms = {"vanilla_rm": phi, "bilevel": phi, "in_domain_rm": {"bar": phi}}
-    out = evaluation.reward_functions(SimpleNamespace(world=world, methods=methods, rm=rm), rms, "bar", ref)
-
-    def gold(agnostic):
-        return lambda b: torch.tensor(world.gold_rewards(b["idx"].tolist(), agnostic), dtype=f64)
-
-    def rm_fn(b):
-        return manual_reward(tiny_gpt, rm, phi, b["idx"], b["mask"])
-
-    raw = {
-        "vanilla_rm": rm_fn,
-        "in_domain_rm": rm_fn,
-        "bilevel": rm_fn,
-        "oracle": gold(False),
-        "agnostic_oracle": gold(True),
-    }
-    assert set(out) == set(raw)
-    for m, fn in raw.items():
-        r = fn(ref)
-        assert r.std() > 0.1
-        for b in (ref, other):
-            torch.testing.assert_close(out[m](b).double(), (fn(b) - r.mean()) / r.std(), rtol=0, atol=1e-5)
 
 
-def test_s1_metarm_and_rlhf_rounds_standardise_every_round(micro, monkeypatch):
-    """§1, §3: metarm_rounds adapts R times (R - 1 MetaRM updates between), rlhf_rounds R times (R updates), each
-    time with the current RM's reward standardised on pi_ref's samples."""
+def test_s1_metarm_rounds_standardise_every_round(micro, monkeypatch):
+    """§1, §3: metarm_rounds adapts R times (R - 1 MetaRM updates between), each time with the current RM's reward
+    standardised on pi_ref's samples."""
     (rm, phi), (prompts, c, r), calls = policy.make_reward_model(micro, G(6)), micro_batches(micro, G(6), 4), []
     prompts = torch.tensor(prompts)
     ref = policy.sample(micro, {}, prompts.repeat(4, 1), 4, G(7))
@@ -257,22 +224,15 @@ def test_s1_metarm_and_rlhf_rounds_standardise_every_round(micro, monkeypatch):
     def sgd():
         return torch.optim.SGD(phi.values(), lr=0.5)
 
-    assert len(metarm.metarm_rounds(micro, prompts, ref, rm, phi, sgd(), (c, r), *args, (1, 2, 3, 4))[1]) == 2
+    assert len(metarm.metarm_rounds(micro, prompts, ref, rm, phi, sgd(), (c, r), *args, 1, G(2), G(3), G(4))[1]) == 2
     assert len(calls) == 3
-    assert (
-        len(
-            evaluation.rlhf_rounds(
-                micro, prompts, ref, rm, phi, sgd(), (c, r), *args, 2, lambda b: b["mask"].sum(1), G(8), G(9)
-            )
-        )
-        == 2
-    )
-    assert len(calls) == 5
-    assert all(calls[i][2] != calls[i + 1][2] for i in (0, 1, 3))  # the RM moved in between
+    assert all(calls[i][2] != calls[i + 1][2] for i in (0, 1))  # the RM moved in between
     assert all(mu == pytest.approx(0, abs=1e-10) and sd == pytest.approx(1, rel=1e-10) for mu, sd, _ in calls)
 
 
 # ==== (4)(5) the inner problem =======================================================================================
+
+
 def test_eq4_importance_weights_against_a_full_forward(world, tiny_gpt):
     """(4): w = 1/K at theta_ref, else softmax_k(log pi_theta - log pi_ref) from plain model(idx) passes (theta in a
     deepcopy)."""
@@ -342,73 +302,7 @@ def test_eq5_free_weight_minimiser_is_softmax_r_over_beta():
     )
 
 
-# ==== (6)-(8) the hypergradient and the outer objective ==============================================================
-@pytest.fixture(scope="module")
-def bl(micro):
-    """Domains a, b, c: 3 prompts x K = 4 candidates, 6 pairs each; an RM with a unit-scale head; rho, inner step from
-    calibrate; beta_dpo 0.3. warm: theta*_d by 300 GD steps + Newton (rho is sized at theta*: Newton from theta_ref
-    does not converge)."""
-    rm, phi = policy.make_reward_model(micro, gen := G(0))
-    phi["head.weight"] = torch.randn(phi["head.weight"].shape, generator=gen, dtype=f64).requires_grad_()
-    cfg = metarm.BilevelConfig(
-        beta=0.5,
-        beta_dpo=0.3,
-        lam=0.0,
-        K=4,
-        prompts_per_domain=3,
-        pairs_per_domain=6,
-        cg_iters=300,
-        cg_tol=1e-12,
-        max_new_tokens=5,
-    )
-    domains = {}
-    for d in "abc":
-        prompts, chosen, rejected = micro_batches(micro, gen, 8)
-        domains[d] = (torch.tensor(prompts), (chosen, rejected))
-    problems = {d: metarm.draw_problem(micro, *domains[d], cfg, gen) for d in domains}
-    theta_ref = {n: p.detach() for n, p in policy.adapted_params(micro).items()}
-    s = dict(
-        model=micro,
-        rm=rm,
-        phi=phi,
-        cfg=cfg,
-        problems=problems,
-        domains=domains,
-        theta_ref=theta_ref,
-        pairs=domains["a"][1],
-        curv=metarm.calibrate(micro, rm, phi, problems, cfg, theta_ref),
-        warm={},
-    )
-    for d, prob in problems.items():
-        g, r = lower_ref(s, prob), {"r": std_rewards(s, phi, prob["cand"])}
-        s["warm"][d], info = bilevel.newton_solve(
-            g, bilevel.inner_solve(g, theta_ref, r, 300, cfg.inner_lr)[0], r, tol=1e-12
-        )
-        assert info["converged"]
-    return s
-
-
-def lower_ref(s, prob):
-    """Eq. (5) of one domain written out on manual_logprob (the candidates' features computed once)."""
-    cfg, theta_ref, c, K = s["cfg"], s["theta_ref"], prob["cand"], s["cfg"].K
-    h = manual_stream(s["model"], c["idx"])[0]
-
-    def lp(th):
-        return manual_logprob(s["model"], c["idx"], c["mask"], th, h)
-
-    lp0 = lp(theta_ref)
-
-    def g(th, up):
-        w = torch.softmax((lp(th) - lp0).view(-1, K), -1)
-        prox = sum(((th[n] - theta_ref[n]) ** 2).sum() for n in th)
-        return (-(w * up["r"]).sum(-1) + cfg.beta * (w * torch.log(K * w)).sum(-1)).mean() + cfg.rho / 2 * prox
-
-    return g
-
-
-def std_rewards(s, phi, batch):
-    r = manual_reward(s["model"], s["rm"], phi, batch["idx"], batch["mask"])
-    return ((r - r.mean()) / r.std()).view(-1, s["cfg"].K)
+# ==== (6)-(8) the hypergradient and the outer objective (fixture bl: conftest.py) ==================================
 
 
 def F_of_r(s, d, r):
@@ -438,7 +332,8 @@ def F_ref(s, phi, lam=0.0, domains="abc", n_domains=3):
 
 
 def outer(s, lam=0.0, problems=None):
-    """metarm.outer_gradient with lam, N = 3, Newton inner solves (warm-started): (gradient dict, F)."""
+    """metarm.outer_gradient with lam, N = 3, its inner solves started at the fixture's Newton-solved theta* (so
+    exact): (gradient dict, F)."""
     cfg = metarm.BilevelConfig(**{**s["cfg"].__dict__, "lam": lam})
     g, Fv, _ = metarm.outer_gradient(
         s["model"],
@@ -450,17 +345,16 @@ def outer(s, lam=0.0, problems=None):
         s["theta_ref"],
         n_domains=3,
         warm=dict(s["warm"]),
-        newton_tol=1e-10,
     )
     return dict(zip(s["phi"], g)), Fv
 
 
 def test_eq8_dF_dr_matches_finite_differences(bl):
-    """(8) alone: dF_d/dr of hypergradient (IFT + CG, Newton theta*) vs central differences of the written-out F_d,
-    1e-6 rel."""
+    """(8) alone: dF_d/dr of hypergradient (IFT + CG, from the Newton-solved theta*) vs central differences of the
+    written-out F_d, 1e-6 rel."""
     prob = bl["problems"]["a"]
     dF_dr, r, info = metarm.hypergradient(
-        bl["model"], bl["rm"], bl["phi"], prob, bl["cfg"], bl["theta_ref"], bl["warm"]["a"], newton_tol=1e-10
+        bl["model"], bl["rm"], bl["phi"], prob, bl["cfg"], bl["theta_ref"], bl["warm"]["a"]
     )
     torch.testing.assert_close(r.detach(), std_rewards(bl, bl["phi"], prob["cand"]), rtol=0, atol=1e-12)
     assert info["converged"]
@@ -535,82 +429,17 @@ def test_eq6_eq8_unrolled_and_training_path_converge(bl):
     5."""
     s, prob = bl, bl["problems"]["b"]
 
-    def hyper(T=10, **kw):
-        return metarm.hypergradient(
-            s["model"],
-            s["rm"],
-            s["phi"],
-            prob,
-            metarm.BilevelConfig(**{**s["cfg"].__dict__, "T": T}),
-            s["theta_ref"],
-            **kw,
-        )[0]
+    def hyper(T=10, solver="cg", theta0=None):
+        cfg = replace(s["cfg"], T=T, solver=solver)
+        return metarm.hypergradient(s["model"], s["rm"], s["phi"], prob, cfg, s["theta_ref"], theta0)[0]
 
-    exact = hyper(newton_tol=1e-10, theta0=s["warm"]["b"])
+    exact = hyper(theta0=s["warm"]["b"])  # from the Newton-solved theta*
 
     def err(g):
         return ((g - exact).norm() / exact.norm()).item()
 
-    for path in (lambda T: hyper(solver="unrolled", iters=T), lambda T: hyper(T=T)):
+    for path in (lambda T: hyper(T, "unrolled"), lambda T: hyper(T)):
         assert err(path(300)) < 0.05 * err(path(5))
-
-
-def test_eq8_hypergradient_accuracy_recomputes_training_and_sees_its_error(bl, recwarn):
-    """evaluation.hypergradient_accuracy recomputes the gradient a training step used (its norm = the step's logged
-    grad_norm, lam = 0) and compares it with the Newton-solved IFT reference (outer_gradient with newton_tol, checked
-    against finite differences in test_eq7_eq8_outer_gradient_matches_finite_differences): about exact when the
-    step's own solves are tight (T = 1000, CG to 1e-12), clearly off when they are cut (T = 1, one CG iteration).
-    report_accuracy warns below the stated cosine, and only there."""
-    s = bl
-    errors = {}
-    for T, cg_iters, lam in ((1000, 300, 0.0), (1, 1, 0.0), (1000, 300, 0.4)):
-        cfg = replace(s["cfg"], T=T, cg_iters=cg_iters, lam=lam)
-        phi = policy.copy_params(s["phi"])
-        log = metarm.train_bilevel(
-            s["model"],
-            s["rm"],
-            phi,
-            s["domains"],
-            s["pairs"],
-            cfg,
-            s["theta_ref"],
-            G(0),
-            G(1),
-            steps=1,
-            keep_steps=(0,),
-        )
-        assert "inputs" in log[0]
-        acc = evaluation.hypergradient_accuracy(s["model"], s["rm"], s["theta_ref"], log[0]["inputs"], n_domains=3)
-        if lam == 0:
-            assert acc["norm"] == pytest.approx(log[0]["grad_norm"], rel=1e-12)
-        errors[(T, lam)] = acc
-    # with lam > 0 the step used grad F + lam grad L_BT, and the check leaves the exact lam term out
-    assert errors[(1000, 0.4)]["norm"] == pytest.approx(errors[(1000, 0.0)]["norm"], rel=1e-12)
-    errors = {T: errors[(T, 0.0)] for T in (1000, 1)}
-    assert errors[1000]["rel_error"] < 1e-6
-    assert errors[1000]["cosine"] > 1 - 1e-10
-    assert errors[1]["rel_error"] > 0.5
-    assert errors[1]["cosine"] < 0.9
-    checks = [{"step": 0, "cosine": 0.95, "rel_error": 0.2}, {"step": 3, "cosine": 0.999, "rel_error": 0.01}]
-    summary = evaluation.accuracy_summary([checks, [{"step": 0, "cosine": 0.75, "rel_error": 0.4}]])
-    assert summary["all"] == {
-        "n": 3,
-        "cosine_min": 0.75,
-        "cosine_median": 0.95,
-        "rel_error_median": 0.2,
-        "rel_error_max": 0.4,
-    }
-    assert summary["by_step"]["0"]["cosine_median"] == pytest.approx(0.85)
-    assert summary["failed_checks"] == 0
-    train.report_accuracy(evaluation.accuracy_summary([checks]))
-    assert len(recwarn) == 0
-    with pytest.warns(UserWarning, match="cosine 0.750 < 0.8"):
-        train.report_accuracy(summary)
-    failed = evaluation.accuracy_summary([[{"step": 0, "cosine": None, "rel_error": None, "failed": "Newton"}]])
-    assert failed["failed_checks"] == 1
-    assert failed["all"] is None
-    with pytest.warns(UserWarning, match="1 hypergradient accuracy check"):
-        train.report_accuracy(failed)
 
 
 def test_s22_reduction_to_rescaled_bradley_terry():
@@ -640,45 +469,71 @@ def test_s22_reduction_to_rescaled_bradley_terry():
     torch.testing.assert_close(grad["r"], torch.autograd.grad(bt, r_leaf)[0], rtol=1e-8, atol=1e-12)
 
 
+def test_eq6_train_bilevel_in_parts_and_without_domains(bl):
+    """(6)-(8): train_bilevel taken in parts (its state carried) is the run taken in one call, bit for bit, rho's
+    re-checks included. With no domain, (7) is lam L_BT alone: each step is Adam on lam times (1) of manual_reward on
+    the pairs drawn from bt_generator, and F is that loss."""
+    s = bl
+    cfg = replace(s["cfg"], lam=0.4, outer_steps=3, recalibrate_every=2, domains_per_step=2)
+
+    def train(phi, domains, gen, bt_gen, cfg, steps=None, state=None):
+        return metarm.train_bilevel(
+            s["model"], s["rm"], phi, domains, s["pairs"], cfg, s["theta_ref"], gen, bt_gen, steps, state
+        )
+
+    whole, parted = policy.copy_params(s["phi"]), policy.copy_params(s["phi"])
+    log, state = train(whole, s["domains"], G(0), G(1), replace(cfg))  # (a re-check may change rho: copies)
+    gen, bt_gen, cfg_parts = G(0), G(1), replace(cfg)
+    first, part = train(parted, s["domains"], gen, bt_gen, cfg_parts, steps=1)
+    second, part = train(parted, s["domains"], gen, bt_gen, cfg_parts, state=part)
+    assert first + second == log
+    assert [("margin" in e) for e in log] == [True, False, True]
+    assert part["step"] == state["step"] == 3
+    assert all(torch.equal(whole[n], parted[n]) for n in whole)
+    phi, by_hand = policy.copy_params(s["phi"]), policy.copy_params(s["phi"])
+    log, _ = train(phi, {}, G(0), G(1), cfg)
+    opt, bt_gen, (c, r) = torch.optim.Adam(by_hand.values(), lr=cfg.lr), G(1), s["pairs"]
+    for entry in log:
+        rows = torch.randint(len(c["idx"]), (cfg.pairs_per_domain,), generator=bt_gen)
+
+        def rew(b):
+            return manual_reward(s["model"], s["rm"], by_hand, b["idx"][rows], b["mask"][rows])
+
+        loss = 0.4 * -F.logsigmoid(rew(c) - rew(r)).mean()
+        assert entry["F"] == pytest.approx(loss.item(), rel=1e-10)
+        assert entry["hvps"] == 0 and "margin" not in entry
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for n in phi:
+        torch.testing.assert_close(phi[n], by_hand[n], rtol=1e-9, atol=1e-12)
+    assert not torch.equal(phi["head.weight"], s["phi"]["head.weight"])
+
+
 def test_eq6_train_bilevel_needs_rho_and_nan_stops_training(bl):
-    """train_bilevel refuses an uncalibrated inner step and, at lam = 0, a run without the DPO term (nothing to
-    differentiate); an RM gone NaN stops bilevel and BT training at step 0, named."""
+    """train_bilevel refuses an uncalibrated inner step and, with no domain at lam = 0, an objective that is 0
+    (nothing to differentiate); an RM gone NaN stops bilevel and Bradley-Terry training at step 0, named."""
     s, bad = bl, policy.copy_params(bl["phi"])
 
-    def run(phi, cfg):
+    def run(phi, cfg, domains):
         return metarm.train_bilevel(
-            s["model"], s["rm"], phi, s["domains"], s["pairs"], cfg, s["theta_ref"], G(0), G(1), steps=2
+            s["model"], s["rm"], phi, domains, s["pairs"], cfg, s["theta_ref"], G(0), G(1), steps=2
         )
 
     with pytest.raises(ValueError, match="inner_lr"):
-        run(policy.copy_params(s["phi"]), metarm.BilevelConfig(K=4))
+        run(policy.copy_params(s["phi"]), metarm.BilevelConfig(K=4), s["domains"])
     with pytest.raises(ValueError, match="lam = 0"):
-        metarm.train_bilevel(
-            s["model"],
-            s["rm"],
-            s["phi"],
-            s["domains"],
-            s["pairs"],
-            s["cfg"],
-            s["theta_ref"],
-            G(0),
-            G(1),
-            dpo_term=False,
-        )
+        run(policy.copy_params(s["phi"]), s["cfg"], {})
     bad["head.weight"] = torch.full_like(bad["head.weight"], math.nan)
-    with (
-        pytest.raises(FloatingPointError, match=r"^bilevel, seed 3: .*finite.* at step 0$"),
-        train.stage("bilevel", 3),
-    ):
-        run(bad, metarm.BilevelConfig(**{**s["cfg"].__dict__, "domains_per_step": 2}))
-    with (
-        pytest.raises(FloatingPointError, match=r"^vanilla_rm, seed 7: non-finite reward-model loss \(1\) at step 0$"),
-        train.stage("vanilla_rm", 7),
-    ):
-        train.train_reward_model(s["rm"], bad, s["pairs"], metarm.RMConfig(steps=3, batch_size=4), G(0))
+    with pytest.raises(FloatingPointError, match=r"^.*finite.* at step 0$"):
+        run(bad, replace(s["cfg"], domains_per_step=2), s["domains"])
+    with pytest.raises(FloatingPointError, match=r"^non-finite reward-model loss \(1\) at step 0$"):
+        metarm.train_reward_model(s["rm"], bad, s["pairs"], metarm.RMConfig(steps=3, batch_size=4), G(0))
 
 
 # ==== (9)-(11) MetaRM ================================================================================================
+
+
 def test_eq9_difference_loss_by_hand():
     """(9), 2 prompts x k = 3: the mean over prompts of (2/k^2) sum_{i<j} sigmoid(|r_i - r_j|), duplicate pairs
     dropped."""
@@ -758,13 +613,16 @@ def test_eq11_eta0_metarm_is_plain_bradley_terry(meta, micro, monkeypatch):
         (c, r),
         mcfg,
         metarm.AdaptConfig(max_new_tokens=2),
-        (1, 2, 9, 4),
+        1,
+        G(2),
+        G(9),
+        G(4),
     )  # eta 0, k 3, 2 prompts: 3 rounds x 2 updates
-    opt = train.train_reward_model(rm, b, (c, r), rm_cfg := metarm.RMConfig(steps=6, batch_size=4, lr=0.05), G(9))[1]
+    opt = metarm.train_reward_model(rm, b, (c, r), rm_cfg := metarm.RMConfig(steps=6, batch_size=4, lr=0.05), G(9))[1]
     assert all(torch.equal(a[n], b[n]) and not torch.equal(a[n], phi[n]) for n in phi)
     before = copy.deepcopy(opt.state_dict())
     b_before = policy.copy_params(b)  # continue_from: a copy, its own optimiser state
-    train.train_reward_model(rm, (b2 := policy.continue_from(b, opt, 0.05))[0], (c, r), rm_cfg, G(11), b2[1])
+    metarm.train_reward_model(rm, (b2 := policy.continue_from(b, opt, 0.05))[0], (c, r), rm_cfg, G(11), b2[1])
     assert all(torch.equal(b[n], b_before[n]) and not torch.equal(b2[0][n], b[n]) for n in b)
     assert all(
         torch.equal(v, before["state"][i][k]) for i, st in opt.state_dict()["state"].items() for k, v in st.items()
@@ -772,6 +630,8 @@ def test_eq11_eta0_metarm_is_plain_bradley_terry(meta, micro, monkeypatch):
 
 
 # ==== §3 spread =====================================================================================================
+
+
 def test_s3_reward_spread_by_hand():
     """§3: r = (0, 1 | 0, 3): differences -1, -3 (std sqrt 2) / reward std sqrt 2 = 1; r -> 5r keeps it; shifts per
     prompt."""
@@ -781,236 +641,9 @@ def test_s3_reward_spread_by_hand():
     assert metarm.reward_spread(shifted, 2) == pytest.approx(math.sqrt(2) / shifted.std().item())
 
 
-def test_s3_rm_accuracy_evaluate_and_premises_by_hand(monkeypatch):
-    """evaluation.py, reward/sample/logprob stubbed: rm_accuracy (gold ties out, RM ties 1/2, MetaRM's repeats
-    averaged); evaluate (win rate, ties 1/2; KL = mean log-ratio); measure_premises (rows i, i + n/2 share a prompt):
-    accuracy, §3 spread."""
-    monkeypatch.setattr(evaluation.policy, "reward", lambda rm, phi, b: b["r"] * phi)
-
-    def B(**k):
-        return {key: torch.tensor(v, dtype=f64) for key, v in k.items()}
-
-    pairs = (B(r=[1.0, 0.0, 2.0, -1.0, 0.0]), B(r=[0.0] * 5))
-    s = SimpleNamespace(rm=None, eval_pairs={"d": pairs}, gold_margins={"d": T64(1, 1, 1, 0, 0)})
-    assert evaluation.rm_accuracy(s, {"vanilla_rm": 1.0}, "vanilla_rm", "d") == pytest.approx((1 + 0.5 + 1) / 3)
-    rms = {"metarm": {("d", 0): 1.0, ("d", 1): -1.0, ("e", 0): 5.0}}  # d's two repeats: 5/6 and 1/6
-    assert evaluation.rm_accuracy(s, rms, "metarm", "d") == pytest.approx((5 / 6 + 1 / 6) / 2)
-    batch = B(g=[1.0, 0.0, 2.0, 1.0], logp_ref=[0.0, -1.0, 0.0, 0.0], lp=[0.5, 0.0, -0.5, 1.0])
-    monkeypatch.setattr(evaluation.policy, "sample", lambda *a, **k: batch)
-    monkeypatch.setattr(evaluation.policy, "logprob", lambda model, theta, b: b["lp"])
-    monkeypatch.setattr(evaluation, "unseen_mass", lambda model, theta, b, unseen: unseen)
-    gold_of = B(g=[0.0, 0.0, 2.0, 1.0])
-    res = evaluation.evaluate(None, {}, torch.zeros(4, 1), gold_of, lambda b: b["g"], None, 1, 0.25)[0]
-    assert [res[k] for k in ("win_rate", "kl", "gold_reward")] == pytest.approx([(1 + 0.5 + 0.5 + 0.5) / 4, 0.5, 1.0])
-    assert res["unseen_mass"] == 0.25
-    ref = B(r=[0, 0, 0, 1, 2, 4], g=[0, 5, 1, 2, 1, 0])
-    adapted = B(r=[2, 1, 0, 0, 1, 2], g=[1, 0, 0, 0, 0, 1])  # 3 prompts, n = 2
-    out = evaluation.measure_premises(None, 1.0, ref, adapted, lambda b: b["g"], 2)
-    assert [
-        out[k] for k in ("acc_pi_ref_samples", "spread_pi_ref", "acc_adapted_samples", "spread_adapted")
-    ] == pytest.approx([1 / 3, math.sqrt(7 / 3) / math.sqrt(77 / 30), 1.0, math.sqrt(5)])
-    # rows p and 3 + p share prompt p: |dr| on pi_ref's samples 1, 2, 4; on the adapted ones 2, 0, 2
-    assert out["absdiff_median_pi_ref"] == pytest.approx(2.0)
-    assert out["absdiff_q25_pi_ref"] == pytest.approx(1.5)
-    assert out["absdiff_median_adapted"] == pytest.approx(2.0)
-    assert out["absdiff_q25_adapted"] == pytest.approx(1.0)
-
-
-# ==== §5.2 positive controls: the bilevel path on own data, MetaRM's premise and mechanism, DPO's log ===============
-def test_s52_within_prompt_differences_by_enumeration():
-    """MetaRM's premise measures (METHOD.md §5.2): quartiles of |r_i - r_j| over every within-prompt pair (linear
-    interpolation, written out), and per gold-margin bin the share of pairs and the accuracy against the gold order."""
-    r = T64(3.0, 1.0, 1.0, 0.0, 1.0, 2.5)  # 2 prompts x k = 3, prompt-major
-    g = T64(2.0, 0.0, 5.0, 1.0, 1.0, 2.7)
-    pairs = [(p * 3 + i, p * 3 + j) for p in range(2) for i, j in combinations(range(3), 2)]
-    absdiff = sorted(abs(r[a].item() - r[b].item()) for a, b in pairs)  # 0, 1, 1.5, 2, 2, 2.5
-
-    def quantile(q):
-        pos = q * (len(absdiff) - 1)
-        lo = math.floor(pos)
-        return absdiff[lo] + (pos - lo) * (absdiff[min(lo + 1, len(absdiff) - 1)] - absdiff[lo])
-
-    out = evaluation.within_prompt_differences(r, g, 3)
-    assert [out["absdiff_q25"], out["absdiff_median"], out["absdiff_q75"]] == pytest.approx([1.125, 1.75, 2.0])
-    assert [quantile(0.25), quantile(0.5), quantile(0.75)] == pytest.approx([1.125, 1.75, 2.0])
-    # |g_i - g_j|: prompt 1: 2, 3, 5 (bin 3); prompt 2: 0 (a gold tie, bin 0), 1.7, 1.7 (bin 2)
-    shares = [out[f"share_bin{b}"] for b in range(4)]
-    assert shares == pytest.approx([1 / 6, 0.0, 2 / 6, 3 / 6])
-    # bin 3: (0,1) right, (0,2) wrong, (1,2) an RM tie; bin 2: both right; bins 0 (only a gold tie) and 1: no pair
-    assert [out[f"acc_bin{b}"] for b in range(4)] == [None, None, pytest.approx(1.0), pytest.approx(0.5)]
-
-
-def test_s52_collapse_ratio_by_hand():
-    """The collapse ratio per seed = (adapted medians averaged over domains) / (pi_ref's likewise); the premise holds
-    only when the 95 % interval lies strictly below the registered 0.5."""
-
-    def run(adapted, reference):
-        prem = {
-            d: {"absdiff_median_adapted": a, "absdiff_median_pi_ref": b}
-            for d, a, b in zip(("x", "y"), adapted, reference)
-        }
-        return {"premises": prem}
-
-    # seed 1: (1 + 2) / 2 over (1 + 5) / 2 = 0.5 (the mean of the domains' ratios would be 0.7); seed 2: 0.25
-    out = train.collapse([run((1.0, 2.0), (1.0, 5.0)), run((1.0, 1.0), (4.0, 4.0))], ["x", "y"])
-    assert out["mean"] == pytest.approx(0.375)
-    assert out["ci95"] == pytest.approx([0.375 - 12.706205 * 0.125, 0.375 + 12.706205 * 0.125], rel=1e-6)
-    assert out["holds"] is False
-    assert out["threshold"] == 0.5
-    assert train.collapse([run((1.0, 1.0), (4.0, 4.0))] * 3, ["x", "y"])["holds"] is True
-    assert train.collapse([run((2.0, 2.0), (4.0, 4.0))] * 3, ["x", "y"])["holds"] is False  # 0.5 is not below 0.5
-
-
-def test_s52_unseen_mass_against_a_manual_forward(world, tiny_gpt):
-    """unseen_mass: sum over the unseen tokens of softmax(head(h)) at every position that predicts a response token,
-    averaged over those positions, with the head and softmax written out (manual_stream); unseen_tokens by
-    enumeration."""
-    prompts = [world.encode("<bos> <bakery>")[:2]] * 2
-    responses = [world.encode("fresh bread <eos>"), world.encode("stale <eos>")]
-    batch = batch_of(tiny_gpt, prompts, responses)
-    theta = jitter(policy.adapted_params(tiny_gpt), 0.5, 7)
-    unseen = torch.zeros(len(world.vocab), dtype=torch.bool)
-    unseen[world.encode("stale crumbly dry")] = True
-    h = manual_stream(tiny_gpt, batch["idx"])[0]
-    vocab = torch.arange(len(world.vocab))
-    never = (vocab == policy.PAD_ID) | (vocab == policy.BOS_ID)
-    probs = torch.softmax((h @ theta["head.weight"].T + theta["head.bias"]).masked_fill(never, -math.inf), -1)
-    masses = []
-    for row in range(2):
-        for t in range(batch["idx"].shape[1] - 1):
-            if batch["mask"][row, t + 1] > 0:  # position t predicts response token t + 1
-                masses.append(probs[row, t, unseen].sum().item())
-    assert len(masses) == 3 + 2
-    pairs = world.pooled_pairs(data.TRAIN_DOMAINS)  # unseen_tokens by enumeration of every token and pair
-    truth = [not any(v in p.chosen or v in p.rejected for p in pairs) for v in range(len(world.vocab))]
-    assert train.unseen_tokens(world, "cpu").tolist() == truth
-    assert 0 < sum(truth) < len(truth)
-    assert evaluation.unseen_mass(tiny_gpt, theta, batch, unseen) == pytest.approx(
-        sum(masses) / len(masses), rel=1e-10
-    )
-
-
-def test_s52_train_dpo_logs_log_probabilities_of_a_manual_forward(micro):
-    """train_dpo's log: step 0 at theta_ref (Delta 0, loss log 2, log pi of the step's pairs); the end entry's Delta
-    on every pair is manual_logprob(theta) - manual_logprob(theta_ref) of the theta it returns."""
-    _, chosen, rejected = micro_batches(micro, G(5), 6)
-    theta, log = train.train_dpo(micro, (chosen, rejected), 3, 4, 0.05, 0.1, G(9))
-    rows = policy.draw(6, 4, G(9))  # step 0's draw
-
-    def lp(b, th=None):
-        return manual_logprob(micro, b["idx"], b["mask"], th)
-
-    assert [e["step"] for e in log] == [0, 1, 2, "end"]
-    assert log[0]["loss"] == pytest.approx(math.log(2.0), rel=1e-12)
-    assert log[0]["delta_chosen"] == pytest.approx(0.0, abs=1e-12)
-    assert log[0]["logp_chosen"] == pytest.approx(lp(chosen)[rows].mean().item(), rel=1e-12)
-    assert log[0]["logp_rejected"] == pytest.approx(lp(rejected)[rows].mean().item(), rel=1e-12)
-    for name, b in (("chosen", chosen), ("rejected", rejected)):
-        assert log[-1][f"delta_{name}"] == pytest.approx((lp(b, theta) - lp(b)).mean().item(), rel=1e-10)
-        assert log[-1][f"logp_{name}"] == pytest.approx(lp(b, theta).mean().item(), rel=1e-10)
-    assert log[-1]["delta_chosen"] != 0.0
-    summary = train.dpo_training([log, log])
-    assert [e["step"] for e in summary["per_step"]] == [0, 1, 2]
-    assert summary["per_step"][1]["loss"] == pytest.approx(log[1]["loss"])
-    assert summary["end_all_training_pairs"]["delta_rejected"]["mean"] == pytest.approx(log[-1]["delta_rejected"])
-
-
-def test_s52_summarise_pairs_shifted_accuracy_and_unseen_mass_by_seed():
-    """summarise: MetaRM's mechanism as a paired difference in accuracy on X_s (delta 0.05) and DPO's unseen mass
-    against pi_ref, each per seed from the domain means; dpo - sft and dpo - vanilla_rm judged in gold reward."""
-    doms = ("taxi", "pizzeria")
-
-    def seed(shift, mass):
-        values = {  # method -> (gold_reward, shifted_accuracy, unseen_mass)
-            "sft": (0.0, None, 0.1),
-            "dpo": (shift, None, 0.1 + mass),
-            "vanilla_rm": (1.0, 0.6, 0.1),
-            "vanilla_rm_long": (1.0, None, 0.1),
-            "metarm": (1.0, 0.6 + shift, 0.1),
-            "metarm_eta0": (1.0, 0.6, 0.1),
-        }
-        return {
-            m: {
-                d: {"gold_reward": g, "win_rate": 0.5, "kl": 1.0, "shifted_accuracy": a, "unseen_mass": u + i / 10}
-                for i, d in enumerate(doms)
-            }
-            for m, (g, a, u) in values.items()
-        }
-
-    per_seed = [
-        {"metrics": seed(x, y), "premises": {d: {"acc": 0.5} for d in doms}} for x, y in ((0.1, 0.2), (0.3, 0.0))
-    ]
-    out = train.summarise(train.Config(), per_seed)
-    mechanism = out["paired_rm_accuracy"]["metarm - metarm_eta0 (accuracy on MetaRM's shifted samples X_s)"]
-    assert mechanism["per_seed"] == [pytest.approx(0.1), pytest.approx(0.3)]
-    assert mechanism["delta"] == 0.05
-    assert mechanism["wins"] == 2
-    assert out["unseen_mass_dpo_minus_sft"]["per_seed"] == [pytest.approx(0.2), pytest.approx(0.0)]
-    assert out["paired"]["dpo - sft"]["per_seed"] == [pytest.approx(0.1), pytest.approx(0.3)]
-    assert out["paired"]["dpo - vanilla_rm"]["per_seed"] == [pytest.approx(-0.9), pytest.approx(-0.7)]
-    assert out["methods"]["sft"]["shifted_accuracy"] is None
-
-
-def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypatch):
-    """--outer-data own: per evaluation domain, (7) gets that domain's own pairs (DPO and lam term) and (5) its
-    prompts, from a copy of the vanilla RM; the control gets the same with the DPO term off and no calibration;
-    phi_of reads the per-domain RM."""
-    calls, calibrated = [], []
-    monkeypatch.setattr(train.metarm, "draw_problem", lambda *a: "probe")
-    monkeypatch.setattr(
-        train.metarm, "calibrate", lambda model, rm, phi, probe, cfg, tr: calibrated.append(probe) or {}
-    )
-
-    def fake_train(model, rm, phi, domains, bt_pairs, cfg, theta_ref, gen, bt_gen, dpo_term=True, keep_steps=()):
-        calls.append((domains, bt_pairs, dpo_term, gen.initial_seed(), bt_gen.initial_seed()))
-        phi["w"].data += len(calls)
-        return [{"F": 1.0, "margin": 0.5}]
-
-    monkeypatch.setattr(train.metarm, "train_bilevel", fake_train)
-    own = {"a": ("A chosen", "A rejected"), "b": ("B chosen", "B rejected")}
-    s = SimpleNamespace(domains=["a", "b"], prompts={"a": "A prompts", "b": "B prompts"}, own_pairs=own)
-    s.model, s.rm, s.device, s.theta_ref = None, None, "cpu", {}
-    phi = {"w": torch.zeros(1)}
-    phis, curvature = train.train_own_data_bilevel(0, train.Config(), s, phi, dpo_term=True)
-    assert [c[0] for c in calls] == [{"a": ("A prompts", own["a"])}, {"b": ("B prompts", own["b"])}]
-    assert [c[1] for c in calls] == [own["a"], own["b"]]
-    assert [c[2] for c in calls] == [True, True]
-    assert [c[3:] for c in calls] == [(4, 5), (4, 5)]  # seed 0's draws for every domain, and for the control
-    assert curvature["a"]["margins"] == [0.5]
-    assert calibrated == [{"a": "probe"}, {"b": "probe"}]
-    assert phis["a"]["w"].item() == 1.0
-    assert phis["b"]["w"].item() == 2.0
-    assert phi["w"].item() == 0.0  # the vanilla RM itself is untouched
-    per_domain = {"bakery": phis["a"], "camera": phis["b"]}  # keyed by domain names, as train.py keys them
-    assert evaluation.phi_of({"bilevel": per_domain}, "bilevel", "camera") is phis["b"]
-    assert evaluation.phi_of({"bilevel": phi}, "bilevel", "b") is phi
-    calls.clear()
-    train.train_own_data_bilevel(0, train.Config(), s, phi, dpo_term=False)
-    assert [c[2] for c in calls] == [False, False]
-    assert [c[3:] for c in calls] == [(4, 5), (4, 5)]
-    assert len(calibrated) == 2
-
-
-def test_s52_shifted_accuracy_and_judged_comparisons_by_hand(monkeypatch):
-    """MetaRM's mechanism: each RM's accuracy against the gold order on every within-prompt pair of the same shifted
-    samples (by hand); the comparisons a run judges: primary, then the positive control's and DPO's, each once."""
-    monkeypatch.setattr(train.policy, "reward", lambda rm, phi, b: b["r"] * phi)
-    s = SimpleNamespace(metarm_cfg=SimpleNamespace(k=3), rm=None)
-    samples = {"r": T64(3.0, 1.0, 1.0, 0.0, 1.0, 2.0), "g": T64(2.0, 0.0, 5.0, 1.0, 1.0, 3.0)}
-    out = train.shifted_accuracy(s, {"vanilla_rm": 1.0, "metarm_eta0": -1.0}, 0.0, samples, lambda b: b["g"])
-    # pairs: right, wrong, RM tie; gold tie (left out), right, right -> 3.5 / 5; phi = -1 flips every non-tie;
-    # phi = 0 ties every pair
-    assert out == {"metarm": pytest.approx(0.5), "vanilla_rm": pytest.approx(0.7), "metarm_eta0": pytest.approx(0.3)}
-    every = list(train.METHODS)
-    assert train.judged_comparisons(train.Config(), every) == train.COMPARISONS + (
-        ("dpo", "sft"),
-        ("dpo", "vanilla_rm"),
-    )
-    own = train.judged_comparisons(train.Config(outer_data="own"), ["vanilla_rm", "bilevel", "bilevel_bt_only"])
-    assert own == train.COMPARISONS + (("bilevel_bt_only", "vanilla_rm"), ("bilevel", "in_domain_rm"))
-
-
 # ==== bilevel.py: products, solvers and hypergradients on closed-form problems =======================================
+
+
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=f64)
 
@@ -1035,6 +668,8 @@ def _eye(n):
 
 # bilevel.quadratic_problem's closed forms (θ*, v*, ∇F by torch.linalg.solve) share no code with the solvers
 # under test
+
+
 def quadratic():
     return bilevel.quadratic_problem(G(0), n=9, p=4, cond=20.0, gamma=0.3)
 
@@ -1193,6 +828,8 @@ def test_implicit_ridge_analytic_and_logistic_finite_differences():
 
 
 # ==== data.py: the world (v3) ========================================================================================
+
+
 def test_world_is_deterministic_and_round_trips(world, tmp_path):
     """Same seed, same world; decode(encode) round trip, unknown words refused; JSONL round trip, a bad line named
     file:line."""
@@ -1311,6 +948,8 @@ def test_bradley_terry_labels_agree_at_the_temperature_rate():
 
 
 # ==== policy.py ======================================================================================================
+
+
 SOME_TEXTS = [
     ("<bos> <bar> honestly the beer was", "cold and great . <eos>"),
     ("<bos> <bakery> today the bread was", "stale , but the baker was very nice . <eos>"),
@@ -1409,534 +1048,3 @@ def test_jvp_of_logprob_and_sft(world, tiny_gpt):
     before = policy.perplexity(model, world.sft[:100])
     policy.sft(model, world.sft[100:], steps=60, batch_size=32, lr=3e-3, generator=G(0), progress=False)
     assert policy.perplexity(model, world.sft[:100]) < 0.5 * before
-
-
-# ==== train.py: statistics, the pipeline, bad input (evaluation: §3 above) ==========================================
-def test_t_quantile_and_interval():
-    """t quantiles (tables); interval = mean +- t(n - 1) s / sqrt(n) by hand."""
-    assert [evaluation.t_quantile(df) for df in (9, 2, 29)] == pytest.approx([2.262157, 4.302653, 2.045230], abs=1e-4)
-    iv, half = evaluation.interval([1.0, 2.0, 4.0]), 4.302653 * math.sqrt(7 / 3 / 3)  # mean 7/3, s^2 = 7/3
-    assert iv["n_seeds"] == 3
-    assert iv["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half], abs=1e-5)
-    assert evaluation.interval([0.5]) == {"mean": 0.5, "ci95": None, "n_seeds": 1}
-
-
-def test_decide_by_hand_on_every_case_and_boundary():
-    """METHOD.md §5.1 with delta = 0.1: each verdict, its precedence, each boundary (lo = 0, hi = 0, lo = -delta,
-    hi = delta fall to the next case), the paper's direction; decide's benefit-excluded flag and MDE by hand, with
-    the df = 1 and df = 2 t quantiles in closed form: tan(pi (p - 1/2)) and sqrt(2 a^2 / (1 - a^2)), a = 2p - 1."""
-    cases = [
-        ([0.05, 0.3], 1, "reproduced"),
-        ([0.0, 0.3], 1, "undetermined"),  # lo = 0: not above 0
-        ([0.01, 0.05], 1, "reproduced"),  # inside +-delta too: reproduced comes first
-        ([-0.3, -0.05], 1, "contradicted"),
-        ([-0.3, 0.0], 1, "undetermined"),  # hi = 0: not below 0
-        ([-0.05, -0.01], 1, "contradicted"),  # inside +-delta too: contradicted comes first
-        ([-0.05, 0.05], 1, "absent"),
-        ([-0.0999, 0.0999], 1, "absent"),
-        ([-0.1, 0.05], 1, "undetermined"),  # lo = -delta: not strictly inside
-        ([-0.05, 0.1], 1, "undetermined"),  # hi = delta: not strictly inside
-        ([-0.3, -0.05], -1, "reproduced"),
-        ([0.05, 0.3], -1, "contradicted"),
-        ([-0.05, 0.05], -1, "absent"),
-        (None, 1, "undetermined"),
-    ]
-    assert [evaluation.verdict(ci, 0.1, d) for ci, d, _ in cases] == [v for _, _, v in cases]
-    t2 = {p: math.sqrt(2 * (2 * p - 1) ** 2 / (1 - (2 * p - 1) ** 2)) for p in (0.975, 0.8)}
-    se = math.sqrt(7 / 9)  # diffs 3, 4, 6: s^2 = 7/3, n = 3; interval 13/3 +- 4.3027 se: about [0.54, 8.13]
-    out = evaluation.decide([3.0, 4.0, 6.0], 0.5, min_seeds=3)
-    assert out["verdict"] == "reproduced"
-    assert out["delta"] == 0.5
-    assert out["benefit_excluded"] is False
-    assert out["mde80"] == pytest.approx((t2[0.975] + t2[0.8]) * se, rel=1e-6)
-    small = evaluation.decide(
-        [0.01, 0.02, 0.04], 0.5, min_seeds=3
-    )  # interval 7/300 +- 4.3027 se / 100: about [-0.015, 0.061]
-    assert small["verdict"] == "absent"
-    assert small["benefit_excluded"] is True
-    assert small["mde80"] == pytest.approx((t2[0.975] + t2[0.8]) * se / 100, rel=1e-6)
-    flipped = evaluation.decide([-3.0, -4.0, -6.0], 0.5, direction=-1, min_seeds=3)
-    assert flipped["verdict"] == "reproduced"
-    assert flipped["benefit_excluded"] is False
-    assert evaluation.decide([0.3], 0.1, min_seeds=1) == {
-        "mean": 0.3,
-        "ci95": None,
-        "n_seeds": 1,
-        "delta": 0.1,
-        "verdict": "undetermined",
-        "benefit_excluded": None,
-        "mde80": None,
-    }
-    # the registered minimum, 10 seeds: below it no verdict, whatever the interval; None values do not count
-    assert evaluation.decide([3.0, 4.0, 6.0], 0.5)["verdict"] == "undetermined (fewer than 10 seeds)"
-    ten = [3.0, 4.0, 6.0] * 3 + [4.0, None]
-    assert evaluation.decide(ten, 0.5)["verdict"] == "reproduced"
-    assert evaluation.decide(ten[:-2] + [None, None], 0.5)["verdict"] == "undetermined (fewer than 10 seeds)"
-
-
-def test_matched_kl_and_within_prompt_accuracy_by_hand():
-    """Jia's frontier at matched KL (METHOD.md §5.1): gold on the piecewise-linear curve in log KL, inside a segment,
-    at a point, extended beyond either end, undefined at KL <= 0 or two points at one KL; matched_kl's per-seed
-    differences and counts. The RM's accuracy on all pairs of samples of the same prompt (rlhf_rounds) by hand."""
-    e = math.e
-    curve = [(1.0, 0.0), (e, 1.0), (e**3, 2.0)]  # log KL 0, 1, 3
-    assert evaluation.gold_at_kl(curve, e**0.5) == (pytest.approx(0.5), False)
-    assert evaluation.gold_at_kl(curve, e**2) == (pytest.approx(1.5), False)
-    assert evaluation.gold_at_kl(curve, e) == (pytest.approx(1.0), False)
-    assert evaluation.gold_at_kl(list(reversed(curve)), e**4) == (pytest.approx(2.5), True)
-    assert evaluation.gold_at_kl(curve, e**-1) == (pytest.approx(-1.0), True)
-    assert evaluation.gold_at_kl(curve, 0.0) == (None, False)
-    assert evaluation.gold_at_kl([(1.0, 0.0), (1.0, 1.0), (e, 2.0)], 1.5) == (None, False)
-    assert evaluation.gold_at_kl([(-0.1, 0.0), (e, 1.0), (e**3, 2.0)], 1.5) == (None, False)
-    values = {
-        "vanilla_rm": {"0.5": {"kl": [e, e**2, e, e**4], "gold_reward": [0.5, 1.0, 0.0, 2.0]}},
-        "bilevel": {
-            "0.25": {"kl": [e**3, e**3, -1.0, e**3], "gold_reward": [2.0, 2.0, 0.0, 2.0]},
-            "0.5": {"kl": [e, e, e, e], "gold_reward": [1.0, 1.0, 0.0, 1.0]},
-            "1.0": {"kl": [1.0, 1.0, 1.0, 1.0], "gold_reward": [0.0, 0.0, 0.0, 0.0]},
-        },
-    }
-    out = evaluation.matched_kl(values, "0.5", [0, 1, 2, 3])
-    # 1.0 - 0.5; 1.5 - 1.0; KL -1: undefined; log KL 4 beyond the curve: 2.5 - 2.0 on the extended last segment
-    assert out["per_seed"] == [pytest.approx(0.5), pytest.approx(0.5), None, pytest.approx(0.5)]
-    assert (out["n_seeds"], out["undefined_seeds"], out["extended_seeds"]) == (3, 1, 1)
-    assert out["ci95"] == [pytest.approx(0.5), pytest.approx(0.5)]  # three equal differences: s = 0
-    assert out["verdict"] == "undetermined (fewer than 10 seeds)"
-    # 2 prompts x k = 3. Prompt 1: pairs (0,1) right, (0,2) wrong, (1,2) an RM tie (1/2); prompt 2: one gold tie
-    r = T64(3.0, 1.0, 1.0, 0.0, 1.0, 2.0)
-    g = T64(2.0, 0.0, 5.0, 1.0, 1.0, 3.0)
-    assert evaluation.within_prompt_accuracy(r, g, 3) == pytest.approx((1 + 0 + 0.5 + 1 + 1) / 5)
-    assert evaluation.within_prompt_accuracy(r, torch.zeros(6, dtype=f64), 3) is None
-
-
-def test_pool_worlds_by_hand(tmp_path, capsys):
-    """METHOD.md §5.1, worlds: per-world means 0.1, 0.2, 0.6 pool to 0.3 with the t-interval over W = 3 worlds
-    (df 2: t = 4.302653), s = sqrt(0.07), so the between-world spread is sqrt(0.07); differing verdicts are flagged;
-    a comparison missing from a world is pooled over the others. `python plots.py` of two worlds' runs prints the
-    table; two runs of one world are refused in one line."""
-    names = [f"{a} - {b}" for a, b in evaluation.PREREGISTRATION["primary"]]
-
-    def run(mean, verdict):
-        return {
-            "paired": {
-                n: {"mean": mean, "ci95": [mean - 1, mean + 1], "n_seeds": 10, "verdict": verdict} for n in names
-            }
-        }
-
-    worlds = {0: run(0.1, "absent"), 1: run(0.2, "absent"), 2: run(0.6, "reproduced")}
-    del worlds[2]["paired"][names[1]]
-    out = evaluation.pool_worlds(worlds)
-    first = out[names[0]]
-    half = 4.302653 * math.sqrt(0.07 / 3)
-    assert first["pooled"]["mean"] == pytest.approx(0.3)
-    assert first["pooled"]["ci95"] == pytest.approx([0.3 - half, 0.3 + half], abs=1e-5)
-    assert first["pooled"]["n_seeds"] == 3
-    assert first["pooled"]["verdict"] == "undetermined"  # over worlds: no 10-seed minimum
-    assert first["between_world_sd"] == pytest.approx(math.sqrt(0.07))
-    assert first["verdicts_differ"] is True
-    assert first["per_world"][2]["verdict"] == "reproduced"
-    second = out[names[1]]
-    assert second["pooled"]["mean"] == pytest.approx(0.15)
-    assert second["verdicts_differ"] is False
-    assert list(second["per_world"]) == [0, 1]
-
-    def write(folder, seed, mean):
-        folder.mkdir()
-        (folder / "results.json").write_text(json.dumps({**run(mean, "absent"), "config": {"world_seed": seed}}))
-
-    write(tmp_path / "w0", 0, 0.1)
-    write(tmp_path / "w1", 1, 0.2)
-    write(tmp_path / "w1b", 1, 0.6)
-    assert plots.main([str(tmp_path / "w0"), str(tmp_path / "w1")]) == 0
-    table = capsys.readouterr().out.splitlines()
-    assert len(table) == 2 + len(names)
-    assert table[2].startswith(f"| {names[0]} | world 0: +0.100 [-0.900, +1.100] absent; world 1: +0.200")
-    assert plots.main([str(tmp_path / "w1"), str(tmp_path / "w1b")]) == 2
-    assert "different worlds" in one_line_error(capsys)
-
-
-def test_summarise_pairs_methods_by_seed_and_crn_seeds():
-    """summarise: seeds' means over domains, paired difference with wins and interval by hand, ceilings; crn_seed
-    distinct."""
-    doms = ("taxi", "pizzeria")
-
-    def methods(v, o):
-        return (("vanilla_rm", v), ("bilevel", v + o), ("oracle", 3.0))
-
-    def metrics(v, o):
-        return {
-            m: {
-                d: {
-                    "gold_reward": x + i,
-                    "win_rate": 0.5,
-                    "kl": 1.0,
-                    "rm_accuracy": 0.7 if m == "vanilla_rm" else None,
-                }
-                for i, d in enumerate(doms)
-            }
-            for m, x in methods(v, o)
-        }
-
-    prem = {d: {"acc_pi_ref_samples": 0.6} for d in doms}
-    out = train.summarise(
-        train.Config(), [{"metrics": metrics(v, o), "premises": prem} for v, o in ((0.0, 1.0), (1.0, 3.0))]
-    )
-    assert out["methods"]["vanilla_rm"]["gold_reward"]["mean"] == pytest.approx(1.0)  # seeds: 0.5, 1.5
-    pd, half = out["paired"]["bilevel - vanilla_rm"], 12.706205  # diffs 1, 3: s / sqrt n = 1
-    assert pd["per_seed"] == [1.0, 3.0]
-    assert pd["wins"] == 2
-    assert pd["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-4)
-    assert pd["verdict"] == "undetermined (fewer than 10 seeds)"
-    assert pd["delta"] == 0.1
-    assert pd["benefit_excluded"] is False
-    assert pd["mde80"] == pytest.approx(12.706205 + math.tan(0.3 * math.pi), rel=1e-6)  # df = 1, SE = 1
-    assert out["delta"] == {"gold_reward": 0.1, "rm_accuracy": 0.05}
-    assert out["ceilings"]["oracle"]["mean"] == pytest.approx(3.5)
-    assert out["methods"]["bilevel"]["rm_accuracy"] is None
-    assert out["premises"]["acc_pi_ref_samples"]["mean"] == pytest.approx(0.6)
-    assert len({evaluation.crn_seed(s, d, j) for s in range(12) for d in range(6) for j in range(3)}) == 12 * 6 * 3
-
-
-def test_headroom_rule_by_hand():
-    """The headroom rule: in_domain_rm - vanilla_rm against 3 x the widest half-width of the compared methods only (the
-    ceilings' wider intervals do not count); met just above 3 x, not met just below; the line in results.md."""
-    doms, t = ("taxi", "pizzeria"), 12.706205  # 2 seeds: half-width = t * |d1 - d2| / 2
-
-    def seed(v, o, h):
-        return {
-            m: {d: {"gold_reward": x, "win_rate": 0.5, "kl": 1.0, "rm_accuracy": None} for d in doms}
-            for m, x in (
-                ("vanilla_rm", v),
-                ("bilevel", v + o),
-                ("metarm", v + 2 * o - 1),
-                ("in_domain_rm", v + h),
-                ("oracle", v + 4 * o),
-            )
-        }
-
-    for headroom, met in (
-        (3.02 * 2 * t, True),
-        (2.98 * 2 * t, False),
-    ):  # bilevel: diffs 1, 3; metarm: 1, 5 (the widest)
-        per_seed = [
-            {"metrics": seed(v, o, headroom + 3 * (o - 2)), "premises": {d: {"acc": 0.5} for d in doms}}
-            for v, o in ((0.0, 1.0), (5.0, 3.0))
-        ]
-        out = train.summarise(train.Config(), per_seed)  # in_domain: headroom -+ 3 (half-width 3 t)
-        rule = out["headroom_rule"]
-        assert rule["compared"] == ["bilevel - vanilla_rm", "metarm - vanilla_rm"]
-        assert rule["met"] is met
-        assert rule["widest_half_width"] == pytest.approx(2 * t, rel=1e-6)
-        assert rule["ratio"] == pytest.approx(headroom / (2 * t), rel=1e-6)
-        line = [x for x in plots.results_markdown(out).splitlines() if x.startswith("Headroom")]
-        assert line == [
-            f"Headroom rule: in_domain_rm - vanilla_rm = {headroom:+.3f} is {headroom / (2 * t):.2f} x the widest "
-            f"half-width of the 2 comparisons ({2 * t:.3f}); 3 x is required: {'met' if met else 'NOT met'}."
-        ]
-
-
-SMALL_WORLD = data.WorldConfig(
-    n_sft_per_domain=150, n_sft_per_new_domain=40, n_pairs_per_domain=100, n_eval_pairs_per_domain=40
-)
-TINY_RUN = [
-    "--quick",
-    "--domains",
-    "dev",
-    "--sft-steps",
-    "100",
-    "--rm-steps",
-    "20",
-    "--adapt-steps",
-    "5",
-    "--eval-samples",
-    "2",
-    "--extra-steps",
-    "2",
-    "--T",
-    "3",
-    "--threads",
-    str(THREADS),
-]
-
-
-def small_world(monkeypatch):
-    """train.py's World() replaced by a smaller one (same vocabulary and rewards; encoding 10 000 pairs takes ~9 s)."""
-    world_cls = data.World
-    monkeypatch.setattr(train.data, "World", lambda *a, **k: world_cls(SMALL_WORLD))
-
-
-# Every numeric flag at its boundary: 0 where >= 0 is allowed, else the smallest allowed integer (--eval-samples: 2).
-BOUNDARY_RUN = [
-    "--quick",
-    "--domains",
-    "dev",
-    "--seeds",
-    "1",
-    "--threads",
-    "0",
-    "--sft-steps",
-    "1",
-    "--rm-steps",
-    "1",
-    "--ceiling-steps",
-    "1",
-    "--adapt-steps",
-    "1",
-    "--extra-steps",
-    "1",
-    "--repeats",
-    "1",
-    "--eval-samples",
-    "2",
-    "--K",
-    "2",
-    "--T",
-    "1",
-    "--metarm-k",
-    "2",
-    "--rounds",
-    "2",
-    "--eta",
-    "0",
-    "--lam",
-    "0",
-    "--figures",
-    "1",
-    "--figure-seeds",
-    "1",
-    "--dpo-steps",
-    "1",
-]
-# the bilevel positive control (METHOD.md §5.2): one RM per evaluation domain from its own pairs
-OWN_DATA_RUN = TINY_RUN + [
-    "--outer-data",
-    "own",
-    "--ceiling-steps",
-    "2",
-    "--methods",
-    "vanilla_rm,bilevel,bilevel_bt_only,in_domain_rm",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """Two tiny runs of the whole pipeline with the same seed, into two folders; a third with every numeric flag at
-    its boundary (BOUNDARY_RUN), figures included, their fixed budgets cut to one step (only the time changes); a
-    fourth of the bilevel positive control (OWN_DATA_RUN)."""
-    outs = [tmp_path_factory.mktemp("run") / "out" for _ in range(4)]
-    with pytest.MonkeyPatch.context() as mp:
-        small_world(mp)
-        assert train.main(TINY_RUN + ["--out", str(outs[0])]) == 0
-        assert train.main(TINY_RUN + ["--out", str(outs[1])]) == 0
-        mp.setattr(evaluation, "hypergradient_error", functools.partial(evaluation.hypergradient_error, ns=(1,)))
-        mp.setattr(evaluation, "outer_convergence", functools.partial(evaluation.outer_convergence, steps=1, every=1))
-        assert train.main(BOUNDARY_RUN + ["--out", str(outs[2])]) == 0
-        assert train.main(OWN_DATA_RUN + ["--out", str(outs[3])]) == 0
-    return outs
-
-
-def test_own_data_run_judges_the_positive_control_s_comparisons(tiny_run):
-    """OWN_DATA_RUN: the positive control's comparisons judged by the verdict rule, in_domain_rm a ceiling, one
-    calibration per evaluation domain, no hypergradient accuracy check (its reference is the main run's)."""
-    res = json.loads((tiny_run[3] / "results.json").read_text())
-    judged = [f"{a} - {b}" for a, b in train.OWN_DATA_COMPARISONS]
-    assert set(judged) <= set(res["paired"])
-    assert all(res["paired"][c]["verdict"] == "undetermined (fewer than 10 seeds)" for c in judged)
-    assert res["paired"]["in_domain_rm - vanilla_rm"]["verdict"] == "n/a (a ceiling)"
-    assert list(res["bilevel_curvature"][0]) == data.DEV_DOMAINS
-    assert "hypergradient_accuracy" not in res
-    assert res["methods"]["bilevel"]["gold_reward"] != res["methods"]["bilevel_bt_only"]["gold_reward"]
-
-
-def test_every_flag_at_its_boundary_runs_and_its_reused_runs_are_exact(tiny_run):
-    """BOUNDARY_RUN ran through every stage, the figures' too. At eta = 0 metarm's own rounds give metarm_eta0's every
-    metric; at lam = 0 bilevel_bt_only is the vanilla RM's run (no step to take), and results.json says so."""
-    res = json.loads((tiny_run[2] / "results.json").read_text())
-    assert res["config"]["eta"] == 0 and res["config"]["lam"] == 0 and res["config"]["K"] == 2
-    assert set(res["methods"]) == set(train.METHODS)
-    assert set(res["figures"]) == {
-        "frontier",
-        "rlhf_rounds",
-        "hypergradient_error",
-        "outer_convergence",
-        "training_curves",
-    }
-    assert res["methods"]["metarm"] == res["methods"]["metarm_eta0"]
-    # (the vanilla RM's shifted_accuracy is measured on MetaRM's samples X_s, a reference, not a reused run)
-    assert res["methods"]["bilevel_bt_only"] == {**res["methods"]["vanilla_rm"], "shifted_accuracy": None}
-    assert list(res["reused_runs"]) == ["bilevel_bt_only"]
-    assert "reused_runs" not in json.loads((tiny_run[0] / "results.json").read_text())
-
-
-def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(tiny_run):
-    """Byte-identical results.json; every output; results.json's schema (paired, ceilings, premises); samples' gold
-    rewards recomputed from their text; SFT has KL 0; the oracle beats SFT."""
-    out = tiny_run[0]
-    assert (out / "results.json").read_bytes() == (tiny_run[1] / "results.json").read_bytes()
-    names = (
-        "results.json",
-        "results.md",
-        "samples.jsonl",
-        "timings.json",
-        "train_pairs.jsonl",
-        "dev_pairs.jsonl",
-        "eval_pairs.jsonl",
-    )
-    assert all((out / n).is_file() for n in names)
-    assert not out.with_name("out.partial").exists()
-    assert not out.with_name("out.old").exists()
-    res = json.loads((out / "results.json").read_text())
-    assert {
-        "config",
-        "domains",
-        "methods",
-        "paired",
-        "ceilings",
-        "premises",
-        "world_version",
-        "sft_val_perplexity",
-        "bilevel_curvature",
-    } <= set(res)
-    assert "out" not in res["config"]
-    assert res["world_version"] == data.WORLD_VERSION
-    assert set(res["methods"]) == set(train.METHODS)
-    assert res["domains"] == data.DEV_DOMAINS
-    for m, metrics in res["methods"].items():
-        for k, v in metrics.items():
-            no_rm = k == "rm_accuracy" and m not in train.RM_METHODS
-            not_on_x_s = k == "shifted_accuracy" and m not in ("metarm", "metarm_eta0", "vanilla_rm")
-            assert (v is None) == (no_rm or not_on_x_s), (m, k)
-            assert v is None or (
-                v["n_seeds"] == 1
-                and v["ci95"] is None
-                and set(v["per_domain"]) == set(data.DEV_DOMAINS)
-                and all(map(math.isfinite, v["per_domain"].values()))
-            )
-    assert {f"{a} - {b}" for a, b in train.COMPARISONS + train.DPO_COMPARISONS} <= set(res["paired"])
-    assert [e["step"] for e in res["dpo_training"]["per_step"]] == list(range(10))  # --quick: 10 DPO steps
-    assert set(res["dpo_training"]["end_all_training_pairs"]) == {
-        "logp_chosen",
-        "delta_chosen",
-        "logp_rejected",
-        "delta_rejected",
-    }
-    assert list(res["paired_rm_accuracy"]) == ["metarm - metarm_eta0 (accuracy on MetaRM's shifted samples X_s)"]
-    assert (
-        res["paired_rm_accuracy"]["metarm - metarm_eta0 (accuracy on MetaRM's shifted samples X_s)"]["delta"] == 0.05
-    )
-    assert res["unseen_mass_dpo_minus_sft"]["n_seeds"] == 1
-    assert set(res["ceilings"]) == set(train.CEILINGS)
-    assert {
-        "acc_pi_ref_samples",
-        "spread_pi_ref",
-        "acc_adapted_samples",
-        "spread_adapted",
-        "acc_behaviour_pairs",
-        "absdiff_median_pi_ref",
-        "absdiff_median_adapted",
-        "acc_bin3_adapted",
-        "share_bin0_pi_ref",
-        "collapse_ratio",
-    } <= set(res["premises"])
-    assert res["methods"]["sft"]["kl"]["mean"] == pytest.approx(0.0, abs=1e-5)
-    assert res["methods"]["oracle"]["gold_reward"]["mean"] > res["methods"]["sft"]["gold_reward"]["mean"] + 1.0
-    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-    w = data.World(TINY_WORLD)
-    assert len(samples) == len(train.METHODS) * len(data.DEV_DOMAINS) * 8
-    assert all(
-        row["gold_reward"] == pytest.approx(w.gold_reward(row["domain"], w.encode(row["response"])))
-        for row in samples[:40]
-    )
-
-
-def earlier_run(tmp_path):
-    (tmp_path / "out").mkdir(), (tmp_path / "out" / "results.json").write_text("earlier run")
-    return tmp_path / "out"
-
-
-def one_line_error(capsys) -> str:  # the stderr of a refused command: one line, no traceback
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
-@pytest.mark.parametrize(
-    "args",
-    [
-        ["--seeds", "99999999999999999999"],
-        ["--adapt-steps", "10000000000"],
-        ["--repeats", "-1"],
-        ["--threads", "-2"],
-        ["--seeds", "0"],
-        ["--seeds", "1.5"],
-        ["--beta", "-1"],
-        ["--beta", "nan"],
-        ["--eta", "inf"],
-        ["--device", "tpu"],
-        ["--methods", "sft,ppo"],
-        ["--figures", "maybe"],
-        ["--eval-samples", "3"],
-        ["--K", "1"],
-        ["--rounds", "1"],
-        ["--rounds", "4"],
-        ["--no-such-flag"],
-        ["--methods", "vanilla_rm,metarm_eta0"],
-        ["--outer-data", "target"],
-        ["--outer-data", "own"],
-        ["--outer-data", "own", "--figures", "0", "--extra-steps", "40", "--ceiling-steps", "300"],
-        ["--outer-lr", "0"],
-        ["bench", "--device", "tpu"],
-        ["bench", "--repeats", "-1"],
-        ["bench", "--quick", "sometimes"],
-    ],
-)
-def test_bad_input_exits_2_with_one_line_naming_the_flag_and_keeps_earlier_results(tmp_path, capsys, args):
-    out, (main, args) = earlier_run(tmp_path), (bench.main, args[1:]) if args[0] == "bench" else (train.main, args)
-    assert main(args + ["--out", str(out)]) == 2
-    assert (args[0] if args[0] != "--no-such-flag" else "unrecognized") in one_line_error(capsys)
-    assert (out / "results.json").read_text() == "earlier run"
-    assert not (tmp_path / "out.partial").exists()
-
-
-def test_out_that_is_not_an_earlier_run_or_unwritable_is_refused(tmp_path, capsys, monkeypatch):
-    """`--out .` in a folder with other files must not swap that folder away; an unwritable --out is bad input."""
-    (tmp_path / "notes.txt").write_text("mine")
-    monkeypatch.chdir(tmp_path)
-    assert train.main(["--out", "."]) == 2
-    assert "not an earlier run" in one_line_error(capsys)
-    assert (tmp_path / "notes.txt").read_text() == "mine"
-    assert not (tmp_path.parent / (tmp_path.name + ".partial")).exists()
-    assert train.main(["--out", str(tmp_path / "notes.txt" / "sub" / "out")]) == 2
-    assert "cannot be written" in one_line_error(capsys)
-
-
-def test_world_seed_reaches_the_world(tmp_path, monkeypatch):
-    """--world-seed is the seed data.World draws from (corpus, pairs, evaluation pairs); 0, the default, is world v3's
-    seed. The run is stopped once the world is built."""
-    seen = []
-
-    def world(cfg=data.WorldConfig()):
-        seen.append(cfg.seed)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.data, "World", world)
-    assert train.main(["--quick", "--world-seed", "2", "--out", str(tmp_path / "a")]) == 130
-    assert train.main(["--quick", "--out", str(tmp_path / "b")]) == 130
-    assert seen == [2, 0] and data.WorldConfig().seed == 0
-
-
-def test_interrupted_run_leaves_earlier_results_and_no_partial_folder(tmp_path, capsys, monkeypatch):
-    """Ctrl-C after the run has started writing: exit 130, the earlier results.json untouched, no .partial left."""
-    out = earlier_run(tmp_path)
-    small_world(monkeypatch)
-
-    def interrupt(*args, **kwargs):
-        assert (tmp_path / "out.partial" / "train_pairs.jsonl").is_file()
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(train.policy, "sft", interrupt)
-    assert train.main(["--quick", "--out", str(out)]) == 130
-    assert "interrupted" in capsys.readouterr().err
-    assert (out / "results.json").read_text() == "earlier run"
-    assert not (tmp_path / "out.partial").exists()
-    assert not (tmp_path / "out.old").exists()

@@ -1,4 +1,4 @@
-"""Benchmarks (no test asserts a time): `python bench.py [--quick] [--out DIR] [--device auto|cpu|cuda]`.
+"""Benchmarks (no test asserts a time): `python -m study.bench [--quick] [--out DIR] [--device auto|cpu|cuda]`.
 
 Measures, in one run, on this machine:
   hvp_over_grad      time of one Hessian-vector product (double backward) of the real inner problem g_d
@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 import bilevel
-import cli
 import data
-import evaluation
 import metarm
 import policy
-from cli import option
+from study import cli, hypergradient
+from study.cli import option
+from study.measure import MAX_NEW
 
 
 @dataclass
@@ -65,7 +65,7 @@ def hvp_ratios(model, world, device: str, repeats: int) -> dict:
     model = model.to(device)
     gen = torch.Generator(device).manual_seed(0)
     prompts = torch.tensor(world.prompts["restaurant"], device=device)
-    cand = policy.sample(model, {}, prompts.repeat_interleave(4, 0), evaluation.MAX_NEW, gen)
+    cand = policy.sample(model, {}, prompts.repeat_interleave(4, 0), MAX_NEW, gen)
     r = torch.randn(len(prompts), 4, generator=gen, device=device)
     out = {}
     for which in ("head", "all"):
@@ -98,7 +98,7 @@ def adaptation_step(model, world, repeats: int) -> dict:
     rm, phi = policy.make_reward_model(model, gen)
     theta = policy.adapted_params(model)
     x = torch.tensor(world.prompts["bakery"][:16]).repeat_interleave(4, 0)
-    batch = policy.sample(model, theta, x, evaluation.MAX_NEW, gen)
+    batch = policy.sample(model, theta, x, MAX_NEW, gen)
 
     def logprob_backward():
         th = policy.copy_params(theta)
@@ -110,9 +110,7 @@ def adaptation_step(model, world, repeats: int) -> dict:
             return policy.reward(rm, phi, batch)
 
         parts = {
-            "sampling": median_seconds(
-                lambda: policy.sample(model, theta, x, evaluation.MAX_NEW, gen), repeats, "cpu"
-            ),
+            "sampling": median_seconds(lambda: policy.sample(model, theta, x, MAX_NEW, gen), repeats, "cpu"),
             "reward_model": median_seconds(score, repeats, "cpu"),
         }
     parts["logprob_backward"] = median_seconds(logprob_backward, repeats, "cpu")
@@ -130,7 +128,7 @@ def hypergrad_rows(model, world, quick: bool) -> list:
     probe = {"restaurant": metarm.draw_problem(model, prompts, pairs, bcfg, gen)}
     curv = metarm.calibrate(model, rm, phi, probe, bcfg, theta_ref)
     ns = (1, 4, 8) if quick else (1, 2, 4, 8, 16, 32)
-    res = evaluation.hypergradient_error(model, rm, theta_ref, world, phi, bcfg, curv, ns=ns, timed=True)
+    res = hypergradient.hypergradient_error(model, rm, theta_ref, world, phi, bcfg, curv, ns=ns, timed=True)
     training = res["training_setting"]
     return [{"method": m, **row} for m, rows in res["curves"].items() for row in rows] + [
         {
@@ -165,7 +163,7 @@ def measure(cfg: Config) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         rc = subprocess.run(
             [sys.executable, "train.py", "--quick", "--out", str(Path(tmp) / "q"), "--device", cfg.device],
-            cwd=Path(__file__).parent,
+            cwd=Path(__file__).parent.parent,  # the repository root, where train.py is
         ).returncode
         if rc != 0:
             raise QuickRunFailed(rc)
@@ -184,7 +182,7 @@ def main(argv=None) -> int:
         out = Path(cfg.out).resolve()
         tmp = cli.prepare_out(out, marker="bench.json")
     except cli.BadInput as e:
-        print(f"bench.py: error: {e}", file=sys.stderr)
+        print(f"study.bench: error: {e}", file=sys.stderr)
         return 2
     try:
         result = measure(cfg)
@@ -193,7 +191,7 @@ def main(argv=None) -> int:
     except QuickRunFailed as e:
         return e.args[0]
     except KeyboardInterrupt:
-        print(f"bench.py: error: interrupted; the previous results in {out} are untouched", file=sys.stderr)
+        print(f"study.bench: error: interrupted; the previous results in {out} are untouched", file=sys.stderr)
         return 130
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # (after publish, tmp no longer exists)

@@ -1,4 +1,4 @@
-"""Command line and output folders, shared by train.py and bench.py (no math here).
+"""Command line and output folders, shared by train.py, study/bench.py and hf.py (no math here).
 
 A script's flags come from the fields of its Config dataclass (help text and default from the field);
 a bad value is one line on stderr and exit code 2. Outputs are written into `<out>.partial` and swapped

@@ -1,9 +1,9 @@
-"""The results table and figures of METHOD.md §5, drawn from a results.json: `python plots.py runs/latest`.
+"""The results table and figures of METHOD.md §5, drawn from a results.json: `python -m study.plots runs/latest`.
 
-train.py calls results_markdown and make_all at the end of a run; this file only formats and draws (the
-run computes every interval, in train.py and evaluation.py), so a figure can be restyled without re-running.
-Given several runs of different worlds (`python plots.py runs/world_0 runs/world_1 ...`), it prints their
-pooled table instead (METHOD.md §5.1, worlds; evaluation.pool_worlds).
+train.py calls results_markdown and make_all at the end of a run; this file only formats and draws (the run
+computes every interval, study/summary.py), so a figure can be restyled without re-running. Given several runs of
+different worlds (`python -m study.plots runs/world_0 runs/world_1 ...`), it prints their pooled table instead
+(METHOD.md §5.1, worlds; summary.pool_worlds).
 """
 
 import json
@@ -15,20 +15,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-import evaluation
+from study import summary
+from study.methods import METHODS
 
+# every method's colour is the table's (study/methods.py); the hypergradient solvers' are these
 COLORS = {
-    "sft": "tab:gray",
-    "dpo": "tab:purple",
-    "vanilla_rm": "tab:blue",
-    "vanilla_rm_long": "lightsteelblue",
-    "bilevel": "tab:green",
-    "bilevel_bt_only": "yellowgreen",
-    "metarm": "tab:orange",
-    "metarm_eta0": "navajowhite",
-    "oracle": "black",
-    "in_domain_rm": "tab:red",
-    "agnostic_oracle": "tab:brown",
+    **{m: row.color for m, row in METHODS.items()},
     "cg": "tab:green",
     "neumann": "tab:red",
     "unrolled": "tab:brown",
@@ -150,7 +142,7 @@ def gold_and_paired(results, path):
     methods = list(results["methods"])
     for i, m in enumerate(methods):
         errorbar(a, [i], [results["methods"][m]["gold_reward"]], fmt="o", color=COLORS[m])
-    a.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=8)
+    a.set_xticks(range(len(methods)), [METHODS[m].label for m in methods], rotation=45, ha="right", fontsize=8)
     a.set_ylabel("gold reward (mean over domains)")
     a.set_title(f"{len(results['domains'])} domains, {results['config']['seeds']} seeds, 95 % CI", fontsize=9)
     names = list(results["paired"])
@@ -182,7 +174,7 @@ def frontier(fig_data, path):
                 fmt="o",
                 color=COLORS[m],
                 capsize=2,
-                label=m if b == betas[0] else None,
+                label=METHODS[m].label if b == betas[0] else None,
             )
             ax.annotate(f"β={b}", (ki["mean"], gi["mean"]), fontsize=6)
     ax.set_xlabel("KL(π‖π_ref)")
@@ -233,7 +225,14 @@ def rlhf_rounds(fig_data, path):
     rounds = list(range(1, fig_data["rounds"] + 1))
     for ax, key in zip(axes, ("spread", "gold")):
         for i, name in enumerate(("metarm", "metarm_eta0")):
-            errorbar(ax, [r + 0.08 * i for r in rounds], fig_data[name][key], fmt="o-", color=COLORS[name], label=name)
+            errorbar(
+                ax,
+                [r + 0.08 * i for r in rounds],
+                fig_data[name][key],
+                fmt="o-",
+                color=COLORS[name],
+                label=METHODS[name].label,
+            )
         ax.set_xlabel("RLHF round")
         ax.set_xticks(rounds)
         ax.legend(fontsize=8)
@@ -259,7 +258,7 @@ def training_curves(fig_data, path):
 
 
 def worlds_markdown(pooled: dict) -> str:
-    """The per-world and pooled table of evaluation.pool_worlds: each world's interval and verdict (conditional
+    """The per-world and pooled table of summary.pool_worlds: each world's interval and verdict (conditional
     on that world), the pooled interval over worlds and its verdict, the between-world spread."""
     lines = [
         "| comparison | per world: mean [95 % CI] verdict | pooled over worlds | verdict | between-world sd |",
@@ -299,7 +298,7 @@ def main(argv=None) -> int:
     folders = [Path(f) for f in (sys.argv[1:] if argv is None else argv)] or [Path("runs/latest")]
     for folder in folders:
         if not (folder / "results.json").is_file():
-            print(f"plots.py: error: no results.json in {folder}", file=sys.stderr)
+            print(f"study.plots: error: no results.json in {folder}", file=sys.stderr)
             return 2
     runs = [json.loads((folder / "results.json").read_text()) for folder in folders]
     if len(runs) == 1:
@@ -307,9 +306,10 @@ def main(argv=None) -> int:
         return 0
     seeds = [run["config"].get("world_seed", 0) for run in runs]
     if len(set(seeds)) < len(seeds):
-        print(f"plots.py: error: the runs must be of different worlds (world seeds {seeds})", file=sys.stderr)
+        print(f"study.plots: error: the runs must be of different worlds (world seeds {seeds})", file=sys.stderr)
         return 2
-    print(worlds_markdown(evaluation.pool_worlds(dict(zip(seeds, runs)))), end="")
+    pooled = summary.pool_worlds(dict(zip(seeds, runs)), summary.read_preregistration())
+    print(worlds_markdown(pooled), end="")
     return 0
 
 

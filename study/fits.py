@@ -1,0 +1,97 @@
+"""The study's fits beyond the reference's own loops (METHOD.md §5, §5.2): the bilevel reward model as train.py runs
+it (calibrated on probe domains, trained with checkpoints for the hypergradient's accuracy check), its matched
+control bilevel_bt_only, the bilevel positive control on each evaluation domain's own pairs, and the DPO baseline
+with its training log. Each draws from generators seeded from the run's seed, the same for a method and its control.
+`s` is train.py's Setup.
+"""
+
+from dataclasses import replace
+
+import torch
+
+import metarm
+import policy
+from study import hypergradient
+
+
+def fit_bilevel(s, phi: dict, domains: dict, bt_pairs, seed: int, probe_domains=(), check_steps=()):
+    """Eqs. (6)-(8) on phi in place (metarm.train_bilevel): domains -> (prompts, encoded pairs) of (5) and of (7)'s
+    DPO term, bt_pairs for its lam term; rho and the inner step first calibrated at theta* on one problem of each of
+    probe_domains (metarm.calibrate). With no domain it is the control bilevel_bt_only: the same lam-term batches
+    (the same generator), no DPO term, nothing to calibrate. check_steps: the outer steps whose inputs are kept for
+    hypergradient.accuracy_checks. Returns (the training log, the curvature with the rho re-checks' margins and the
+    final rho -- None for the control --, the kept inputs)."""
+    bcfg, curvature = replace(s.bilevel_cfg), None
+    if domains:
+        probe = {}
+        for d in probe_domains:
+            probe[d] = metarm.draw_problem(s.model, *domains[d], bcfg, policy.generator(seed + 3, s.device))
+        curvature = metarm.calibrate(s.model, s.rm, phi, probe, bcfg, s.theta_ref)
+    generator, bt_generator = policy.generator(seed + 4, s.device), policy.generator(seed + 5, s.device)
+    log, inputs = hypergradient.train_with_checkpoints(
+        s.model, s.rm, phi, domains, bt_pairs, bcfg, s.theta_ref, generator, bt_generator, check_steps
+    )
+    if domains:
+        curvature["margins"] = [e["margin"] for e in log if "margin" in e]
+        curvature["rho_final"] = bcfg.rho
+    return log, curvature, inputs
+
+
+def own_data_bilevel(seed: int, s, phi: dict, dpo_term: bool):
+    """The positive control of the bilevel path (METHOD.md §5.2): for each evaluation domain d, (7) on d's own
+    labelled pairs (its DPO term and its lam L_BT term) with (5) on d's prompts, from a copy of the vanilla RM phi;
+    dpo_term=False is its control bilevel_bt_only (the same draws). Returns ({d: phi_d}, {d: curvature, with each
+    outer step's F} -- {d: None} for the control)."""
+    phis, curvature = {}, {}
+    for d in s.domains:
+        one_domain = {d: (s.prompts[d], s.own_pairs[d])} if dpo_term else {}
+        phis[d] = policy.copy_params(phi)
+        log, curvature[d], _ = fit_bilevel(s, phis[d], one_domain, s.own_pairs[d], seed, [d])
+        if dpo_term:
+            curvature[d]["F"] = [e["F"] for e in log]
+    return phis, curvature
+
+
+def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: float, generator):
+    """The DPO baseline: Eq. (2) on the pooled training pairs, Adam on the same theta as meta-test adaptation.
+
+    Returns (theta, log): per step, on the step's pairs before its update, the loss and the means of
+    log pi_theta(y|x) and Delta = log pi_theta - log pi_ref of the chosen and of the rejected responses;
+    the log's last entry ("end") is the same on every training pair, after the last step (METHOD.md §5.2:
+    likelihood displacement)."""
+    theta = policy.adapted_params(model)
+    opt = torch.optim.Adam(theta.values(), lr=lr)
+    chosen, rejected = pairs
+    log = []
+    for step in range(steps):
+        rows = policy.draw(len(chosen["idx"]), batch_size, generator)
+        batch_chosen, batch_rejected = policy.rows_of(chosen, rows), policy.rows_of(rejected, rows)
+        delta_chosen = metarm.implicit_reward(model, theta, batch_chosen)
+        delta_rejected = metarm.implicit_reward(model, theta, batch_rejected)
+        loss = metarm.dpo_loss(delta_chosen, delta_rejected, beta_dpo)[0]
+        policy.check_finite(loss.detach(), "DPO loss (2)", step)
+        log.append(
+            {
+                "step": step,
+                "loss": loss.item(),
+                **dpo_logprobs(batch_chosen, batch_rejected, delta_chosen, delta_rejected),
+            }
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        delta_chosen = metarm.implicit_reward(model, theta, chosen)
+        delta_rejected = metarm.implicit_reward(model, theta, rejected)
+    log.append({"step": "end", **dpo_logprobs(chosen, rejected, delta_chosen, delta_rejected)})
+    return {n: p.detach() for n, p in theta.items()}, log
+
+
+def dpo_logprobs(chosen: dict, rejected: dict, delta_chosen, delta_rejected) -> dict:
+    """Means of log pi_theta(y|x) = Delta + log pi_ref(y|x) and of Delta, for chosen and rejected responses."""
+    out = {}
+    for name, batch, delta in (("chosen", chosen, delta_chosen), ("rejected", rejected, delta_rejected)):
+        delta = delta.detach()
+        out[f"logp_{name}"] = (delta + batch["logp_ref"]).mean().item()
+        out[f"delta_{name}"] = delta.mean().item()
+    return out

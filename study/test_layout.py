@@ -1,0 +1,58 @@
+"""Tests of the layout (README, "Files"): the reference imports nothing of the study or the extra, the statistics
+load no torch, and every `module.function` that README.md and METHOD.md name exists.
+"""
+
+import importlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, documented_names, resolve
+
+REFERENCE = ("data", "policy", "bilevel", "metarm")
+
+
+def loaded_after(statement: str) -> list:
+    """The modules a fresh interpreter holds after `statement`, run in the repository's root."""
+    code = f"import json, sys; {statement}; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("module", REFERENCE)
+def test_a_reference_module_loads_nothing_of_the_study_or_the_extra(module):
+    """Each of data.py, policy.py, bilevel.py and metarm.py, imported alone, loads only reference modules: no study/,
+    no train.py, no hf.py (nor transformers, TRL, peft or accelerate)."""
+    project = {p.stem for p in ROOT.glob("*.py")} | {"study"}
+    loaded = loaded_after(f"import {module}")
+    assert module in loaded
+    ours = {name.split(".")[0] for name in loaded} & project
+    assert ours <= set(REFERENCE), ours - set(REFERENCE)
+    assert not {"transformers", "trl", "peft", "accelerate"} & set(loaded)
+
+
+def test_the_statistics_load_no_torch():
+    """study/stats.py (and the summaries and the methods' table built on it) are pure Python: no torch loaded."""
+    loaded = loaded_after("import study.stats, study.summary, study.methods")
+    assert "study.stats" in loaded and "study.summary" in loaded
+    assert "torch" not in loaded and "numpy" not in loaded
+
+
+def test_every_module_function_the_documents_name_resolves():
+    """Every `module.name` in backticks in README.md and METHOD.md (a reference module, train, study.*, conftest)
+    is a module, function, class or attribute that exists; the extra's (hf.*) are checked by test_hf.py."""
+    names = [n for n in documented_names() if not n.startswith("hf.")]
+    assert len(names) > 50  # the documents do name the code
+    missing = [n for n in names if not resolve(n)]
+    assert not missing, missing
+
+
+def test_a_renamed_function_is_caught():
+    """resolve (the check above) tells a name that exists from one that does not."""
+    assert resolve("metarm.train_bilevel") and resolve("study.stats.decide") and resolve("study.plots")
+    assert not resolve("metarm.no_such_function") and not resolve("evaluation.decide")
+    assert importlib.import_module("study.stats").decide is not None
+    assert Path(ROOT / "study" / "preregistration.json").is_file()

@@ -1,0 +1,324 @@
+"""Tests of the study's statistics and summaries (study/stats.py, study/summary.py, study/methods.py and the tables
+of study/plots.py), by hand: pure numbers in, every interval, verdict, MDE and pooled estimate worked out in the test.
+The verdict rule's parameters are the registered ones (study/preregistration.json).
+"""
+
+import json
+import math
+
+import pytest
+
+from conftest import one_line_error
+from study import plots, stats, summary
+from study.methods import METHODS
+
+PREREG = summary.read_preregistration()
+RULE = summary.rule(PREREG)  # alpha 0.05, power 0.8, at least 10 seeds
+CONFIG = {"domains": "dev", "seeds": 2, "beta": 0.5, "outer_data": "train"}  # what summarise and results.md read
+
+
+def test_t_quantile_and_interval():
+    """t quantiles (tables); interval = mean +- t(n - 1) s / sqrt(n) by hand."""
+    assert [stats.t_quantile(df) for df in (9, 2, 29)] == pytest.approx([2.262157, 4.302653, 2.045230], abs=1e-4)
+    iv, half = stats.interval([1.0, 2.0, 4.0]), 4.302653 * math.sqrt(7 / 3 / 3)  # mean 7/3, s^2 = 7/3
+    assert iv["n_seeds"] == 3
+    assert iv["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half], abs=1e-5)
+    assert stats.interval([0.5]) == {"mean": 0.5, "ci95": None, "n_seeds": 1}
+
+
+def test_decide_by_hand_on_every_case_and_boundary():
+    """METHOD.md §5.1 with delta = 0.1: each verdict, its precedence, each boundary (lo = 0, hi = 0, lo = -delta,
+    hi = delta fall to the next case), the paper's direction; decide's benefit-excluded flag and MDE by hand, with
+    the df = 1 and df = 2 t quantiles in closed form: tan(pi (p - 1/2)) and sqrt(2 a^2 / (1 - a^2)), a = 2p - 1."""
+    cases = [
+        ([0.05, 0.3], 1, "reproduced"),
+        ([0.0, 0.3], 1, "undetermined"),  # lo = 0: not above 0
+        ([0.01, 0.05], 1, "reproduced"),  # inside +-delta too: reproduced comes first
+        ([-0.3, -0.05], 1, "contradicted"),
+        ([-0.3, 0.0], 1, "undetermined"),  # hi = 0: not below 0
+        ([-0.05, -0.01], 1, "contradicted"),  # inside +-delta too: contradicted comes first
+        ([-0.05, 0.05], 1, "absent"),
+        ([-0.0999, 0.0999], 1, "absent"),
+        ([-0.1, 0.05], 1, "undetermined"),  # lo = -delta: not strictly inside
+        ([-0.05, 0.1], 1, "undetermined"),  # hi = delta: not strictly inside
+        ([-0.3, -0.05], -1, "reproduced"),
+        ([0.05, 0.3], -1, "contradicted"),
+        ([-0.05, 0.05], -1, "absent"),
+        (None, 1, "undetermined"),
+    ]
+    assert [stats.verdict(ci, 0.1, d) for ci, d, _ in cases] == [v for _, _, v in cases]
+    t2 = {p: math.sqrt(2 * (2 * p - 1) ** 2 / (1 - (2 * p - 1) ** 2)) for p in (0.975, 0.8)}
+    se = math.sqrt(7 / 9)  # diffs 3, 4, 6: s^2 = 7/3, n = 3; interval 13/3 +- 4.3027 se: about [0.54, 8.13]
+    out = stats.decide([3.0, 4.0, 6.0], 0.5, **{**RULE, "min_seeds": 3})
+    assert out["verdict"] == "reproduced"
+    assert out["delta"] == 0.5
+    assert out["benefit_excluded"] is False
+    assert out["mde80"] == pytest.approx((t2[0.975] + t2[0.8]) * se, rel=1e-6)
+    small = stats.decide([0.01, 0.02, 0.04], 0.5, **{**RULE, "min_seeds": 3})  # 7/300 +- 4.3027 se / 100
+    assert small["verdict"] == "absent"
+    assert small["benefit_excluded"] is True
+    assert small["mde80"] == pytest.approx((t2[0.975] + t2[0.8]) * se / 100, rel=1e-6)
+    flipped = stats.decide([-3.0, -4.0, -6.0], 0.5, direction=-1, **{**RULE, "min_seeds": 3})
+    assert flipped["verdict"] == "reproduced"
+    assert flipped["benefit_excluded"] is False
+    assert stats.decide([0.3], 0.1, **{**RULE, "min_seeds": 1}) == {
+        "mean": 0.3,
+        "ci95": None,
+        "n_seeds": 1,
+        "delta": 0.1,
+        "verdict": "undetermined",
+        "benefit_excluded": None,
+        "mde80": None,
+    }
+    # the registered minimum, 10 seeds: below it no verdict, whatever the interval; None values do not count
+    assert RULE == {"alpha": 0.05, "power": 0.8, "min_seeds": 10}
+    assert stats.decide([3.0, 4.0, 6.0], 0.5, **RULE)["verdict"] == "undetermined (fewer than 10 seeds)"
+    ten = [3.0, 4.0, 6.0] * 3 + [4.0, None]
+    assert stats.decide(ten, 0.5, **RULE)["verdict"] == "reproduced"
+    assert stats.decide(ten[:-2] + [None, None], 0.5, **RULE)["verdict"] == "undetermined (fewer than 10 seeds)"
+
+
+def test_matched_kl_by_hand():
+    """Jia's frontier at matched KL (METHOD.md §5.1): gold on the piecewise-linear curve in log KL, inside a segment,
+    at a point, extended beyond either end, undefined at KL <= 0 or two points at one KL; matched_kl's per-seed
+    differences and counts, judged with the registered rule."""
+    e = math.e
+    curve = [(1.0, 0.0), (e, 1.0), (e**3, 2.0)]  # log KL 0, 1, 3
+    assert summary.gold_at_kl(curve, e**0.5) == (pytest.approx(0.5), False)
+    assert summary.gold_at_kl(curve, e**2) == (pytest.approx(1.5), False)
+    assert summary.gold_at_kl(curve, e) == (pytest.approx(1.0), False)
+    assert summary.gold_at_kl(list(reversed(curve)), e**4) == (pytest.approx(2.5), True)
+    assert summary.gold_at_kl(curve, e**-1) == (pytest.approx(-1.0), True)
+    assert summary.gold_at_kl(curve, 0.0) == (None, False)
+    assert summary.gold_at_kl([(1.0, 0.0), (1.0, 1.0), (e, 2.0)], 1.5) == (None, False)
+    assert summary.gold_at_kl([(-0.1, 0.0), (e, 1.0), (e**3, 2.0)], 1.5) == (None, False)
+    values = {
+        "vanilla_rm": {"0.5": {"kl": [e, e**2, e, e**4], "gold_reward": [0.5, 1.0, 0.0, 2.0]}},
+        "bilevel": {
+            "0.25": {"kl": [e**3, e**3, -1.0, e**3], "gold_reward": [2.0, 2.0, 0.0, 2.0]},
+            "0.5": {"kl": [e, e, e, e], "gold_reward": [1.0, 1.0, 0.0, 1.0]},
+            "1.0": {"kl": [1.0, 1.0, 1.0, 1.0], "gold_reward": [0.0, 0.0, 0.0, 0.0]},
+        },
+    }
+    out = summary.matched_kl(values, "0.5", [0, 1, 2, 3], PREREG["delta"]["gold_reward"], RULE)
+    # 1.0 - 0.5; 1.5 - 1.0; KL -1: undefined; log KL 4 beyond the curve: 2.5 - 2.0 on the extended last segment
+    assert out["per_seed"] == [pytest.approx(0.5), pytest.approx(0.5), None, pytest.approx(0.5)]
+    assert (out["n_seeds"], out["undefined_seeds"], out["extended_seeds"]) == (3, 1, 1)
+    assert out["ci95"] == [pytest.approx(0.5), pytest.approx(0.5)]  # three equal differences: s = 0
+    assert out["verdict"] == "undetermined (fewer than 10 seeds)"
+
+
+def test_pool_worlds_by_hand(tmp_path, capsys):
+    """METHOD.md §5.1, worlds: per-world means 0.1, 0.2, 0.6 pool to 0.3 with the t-interval over W = 3 worlds
+    (df 2: t = 4.302653), s = sqrt(0.07), so the between-world spread is sqrt(0.07); differing verdicts are flagged;
+    a comparison missing from a world is pooled over the others. `python -m study.plots` of two worlds' runs prints the
+    table; two runs of one world are refused in one line."""
+    names = [f"{a} - {b}" for a, b in PREREG["primary"]]
+
+    def run(mean, verdict):
+        return {
+            "paired": {
+                n: {"mean": mean, "ci95": [mean - 1, mean + 1], "n_seeds": 10, "verdict": verdict} for n in names
+            }
+        }
+
+    worlds = {0: run(0.1, "absent"), 1: run(0.2, "absent"), 2: run(0.6, "reproduced")}
+    del worlds[2]["paired"][names[1]]
+    out = summary.pool_worlds(worlds, PREREG)
+    first = out[names[0]]
+    half = 4.302653 * math.sqrt(0.07 / 3)
+    assert first["pooled"]["mean"] == pytest.approx(0.3)
+    assert first["pooled"]["ci95"] == pytest.approx([0.3 - half, 0.3 + half], abs=1e-5)
+    assert first["pooled"]["n_seeds"] == 3
+    assert first["pooled"]["verdict"] == "undetermined"  # over worlds: no 10-seed minimum
+    assert first["between_world_sd"] == pytest.approx(math.sqrt(0.07))
+    assert first["verdicts_differ"] is True
+    assert first["per_world"][2]["verdict"] == "reproduced"
+    second = out[names[1]]
+    assert second["pooled"]["mean"] == pytest.approx(0.15)
+    assert second["verdicts_differ"] is False
+    assert list(second["per_world"]) == [0, 1]
+
+    def write(folder, seed, mean):
+        folder.mkdir()
+        (folder / "results.json").write_text(json.dumps({**run(mean, "absent"), "config": {"world_seed": seed}}))
+
+    write(tmp_path / "w0", 0, 0.1)
+    write(tmp_path / "w1", 1, 0.2)
+    write(tmp_path / "w1b", 1, 0.6)
+    assert plots.main([str(tmp_path / "w0"), str(tmp_path / "w1")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + len(names)
+    assert table[2].startswith(f"| {names[0]} | world 0: +0.100 [-0.900, +1.100] absent; world 1: +0.200")
+    assert plots.main([str(tmp_path / "w1"), str(tmp_path / "w1b")]) == 2
+    assert "different worlds" in one_line_error(capsys)
+
+
+def test_summarise_pairs_methods_by_seed():
+    """summarise: seeds' means over domains, paired difference with wins and interval by hand, ceilings."""
+    doms = ("taxi", "pizzeria")
+
+    def methods(v, o):
+        return (("vanilla_rm", v), ("bilevel", v + o), ("oracle", 3.0))
+
+    def metrics(v, o):
+        return {
+            m: {
+                d: {
+                    "gold_reward": x + i,
+                    "win_rate": 0.5,
+                    "kl": 1.0,
+                    "rm_accuracy": 0.7 if m == "vanilla_rm" else None,
+                }
+                for i, d in enumerate(doms)
+            }
+            for m, x in methods(v, o)
+        }
+
+    prem = {d: {"acc_pi_ref_samples": 0.6} for d in doms}
+    out = summary.summarise(
+        CONFIG, [{"metrics": metrics(v, o), "premises": prem} for v, o in ((0.0, 1.0), (1.0, 3.0))], PREREG
+    )
+    assert out["methods"]["vanilla_rm"]["gold_reward"]["mean"] == pytest.approx(1.0)  # seeds: 0.5, 1.5
+    pd, half = out["paired"]["bilevel - vanilla_rm"], 12.706205  # diffs 1, 3: s / sqrt n = 1
+    assert pd["per_seed"] == [1.0, 3.0]
+    assert pd["wins"] == 2
+    assert pd["ci95"] == pytest.approx([2 - half, 2 + half], abs=1e-4)
+    assert pd["verdict"] == "undetermined (fewer than 10 seeds)"
+    assert pd["delta"] == 0.1
+    assert pd["benefit_excluded"] is False
+    assert pd["mde80"] == pytest.approx(12.706205 + math.tan(0.3 * math.pi), rel=1e-6)  # df = 1, SE = 1
+    assert out["delta"] == {"gold_reward": 0.1, "rm_accuracy": 0.05}
+    assert out["ceilings"]["oracle"]["mean"] == pytest.approx(3.5)
+    assert out["methods"]["bilevel"]["rm_accuracy"] is None
+    assert out["premises"]["acc_pi_ref_samples"]["mean"] == pytest.approx(0.6)
+
+
+def test_headroom_rule_by_hand():
+    """The headroom rule: in_domain_rm - vanilla_rm against 3 x the widest half-width of the compared methods only (the
+    ceilings' wider intervals do not count); met just above 3 x, not met just below; the line in results.md."""
+    doms, t = ("taxi", "pizzeria"), 12.706205  # 2 seeds: half-width = t * |d1 - d2| / 2
+
+    def seed(v, o, h):
+        return {
+            m: {d: {"gold_reward": x, "win_rate": 0.5, "kl": 1.0, "rm_accuracy": None} for d in doms}
+            for m, x in (
+                ("vanilla_rm", v),
+                ("bilevel", v + o),
+                ("metarm", v + 2 * o - 1),
+                ("in_domain_rm", v + h),
+                ("oracle", v + 4 * o),
+            )
+        }
+
+    for headroom, met in (
+        (3.02 * 2 * t, True),
+        (2.98 * 2 * t, False),
+    ):  # bilevel: diffs 1, 3; metarm: 1, 5 (the widest)
+        per_seed = [
+            {"metrics": seed(v, o, headroom + 3 * (o - 2)), "premises": {d: {"acc": 0.5} for d in doms}}
+            for v, o in ((0.0, 1.0), (5.0, 3.0))
+        ]
+        out = summary.summarise(CONFIG, per_seed, PREREG)  # in_domain: headroom -+ 3 (half-width 3 t)
+        rule = out["headroom_rule"]
+        assert rule["compared"] == ["bilevel - vanilla_rm", "metarm - vanilla_rm"]
+        assert rule["met"] is met
+        assert rule["widest_half_width"] == pytest.approx(2 * t, rel=1e-6)
+        assert rule["ratio"] == pytest.approx(headroom / (2 * t), rel=1e-6)
+        line = [x for x in plots.results_markdown(out).splitlines() if x.startswith("Headroom")]
+        assert line == [
+            f"Headroom rule: in_domain_rm - vanilla_rm = {headroom:+.3f} is {headroom / (2 * t):.2f} x the widest "
+            f"half-width of the 2 comparisons ({2 * t:.3f}); 3 x is required: {'met' if met else 'NOT met'}."
+        ]
+
+
+def test_s52_collapse_ratio_by_hand():
+    """The collapse ratio per seed = (adapted medians averaged over domains) / (pi_ref's likewise); the premise holds
+    only when the 95 % interval lies strictly below the registered 0.5."""
+
+    def run(adapted, reference):
+        prem = {
+            d: {"absdiff_median_adapted": a, "absdiff_median_pi_ref": b}
+            for d, a, b in zip(("x", "y"), adapted, reference)
+        }
+        return {"premises": prem}
+
+    # seed 1: (1 + 2) / 2 over (1 + 5) / 2 = 0.5 (the mean of the domains' ratios would be 0.7); seed 2: 0.25
+    out = summary.collapse([run((1.0, 2.0), (1.0, 5.0)), run((1.0, 1.0), (4.0, 4.0))], ["x", "y"])
+    assert out["mean"] == pytest.approx(0.375)
+    assert out["ci95"] == pytest.approx([0.375 - 12.706205 * 0.125, 0.375 + 12.706205 * 0.125], rel=1e-6)
+    assert out["holds"] is False
+    assert out["threshold"] == 0.5
+    assert summary.collapse([run((1.0, 1.0), (4.0, 4.0))] * 3, ["x", "y"])["holds"] is True
+    assert summary.collapse([run((2.0, 2.0), (4.0, 4.0))] * 3, ["x", "y"])["holds"] is False  # 0.5 is not below 0.5
+
+
+def test_s52_summarise_pairs_shifted_accuracy_and_unseen_mass_by_seed():
+    """summarise: MetaRM's mechanism as a paired difference in accuracy on X_s (delta 0.05) and DPO's unseen mass
+    against pi_ref, each per seed from the domain means; dpo - sft and dpo - vanilla_rm judged in gold reward."""
+    doms = ("taxi", "pizzeria")
+
+    def seed(shift, mass):
+        values = {  # method -> (gold_reward, shifted_accuracy, unseen_mass)
+            "sft": (0.0, None, 0.1),
+            "dpo": (shift, None, 0.1 + mass),
+            "vanilla_rm": (1.0, 0.6, 0.1),
+            "vanilla_rm_long": (1.0, None, 0.1),
+            "metarm": (1.0, 0.6 + shift, 0.1),
+            "metarm_eta0": (1.0, 0.6, 0.1),
+        }
+        return {
+            m: {
+                d: {"gold_reward": g, "win_rate": 0.5, "kl": 1.0, "shifted_accuracy": a, "unseen_mass": u + i / 10}
+                for i, d in enumerate(doms)
+            }
+            for m, (g, a, u) in values.items()
+        }
+
+    per_seed = [
+        {"metrics": seed(x, y), "premises": {d: {"acc": 0.5} for d in doms}} for x, y in ((0.1, 0.2), (0.3, 0.0))
+    ]
+    out = summary.summarise(CONFIG, per_seed, PREREG)
+    mechanism = out["paired_rm_accuracy"]["metarm - metarm_eta0 (accuracy on MetaRM's shifted samples X_s)"]
+    assert mechanism["per_seed"] == [pytest.approx(0.1), pytest.approx(0.3)]
+    assert mechanism["delta"] == 0.05
+    assert mechanism["wins"] == 2
+    assert out["unseen_mass_dpo_minus_sft"]["per_seed"] == [pytest.approx(0.2), pytest.approx(0.0)]
+    assert out["paired"]["dpo - sft"]["per_seed"] == [pytest.approx(0.1), pytest.approx(0.3)]
+    assert out["paired"]["dpo - vanilla_rm"]["per_seed"] == [pytest.approx(-0.9), pytest.approx(-0.7)]
+    assert out["methods"]["sft"]["shifted_accuracy"] is None
+
+
+def test_s52_judged_comparisons():
+    """The comparisons a run judges: the primary ones, then the positive control's (--outer-data own) and DPO's (dpo
+    and sft both run), each once, in that order."""
+    primary = summary.pairs(PREREG["primary"])
+    every = list(METHODS)
+    assert summary.judged_comparisons("train", every, PREREG) == primary + (
+        ("dpo", "sft"),
+        ("dpo", "vanilla_rm"),
+    )
+    own = summary.judged_comparisons("own", ["vanilla_rm", "bilevel", "bilevel_bt_only"], PREREG)
+    assert own == primary + (("bilevel_bt_only", "vanilla_rm"), ("bilevel", "in_domain_rm"))
+
+
+def test_methods_table_is_data_the_pipeline_and_plots_read():
+    """study/methods.py: every method's matched control is a method, and (method, control) a registered comparison
+    (primary, or a positive control's); a reused run is a method with a reward model; the ceilings are
+    summary.CEILINGS; every figure colour and label is the table's, colours distinct."""
+    registered = set(summary.pairs(PREREG["primary"]))
+    for control in PREREG["positive_controls"].values():
+        if isinstance(control, dict) and isinstance(control.get("comparisons"), list):
+            registered |= set(summary.pairs(control["comparisons"]))
+    for m, row in METHODS.items():
+        assert row.role in ("baseline", "method", "control", "ceiling")
+        assert row.adapts_with in (None, "rm", "gold", "agnostic gold", "rounds")
+        if row.control:
+            assert (m, row.control) in registered
+        if row.reuses:
+            assert METHODS[row.reuses].has_rm and row.has_rm
+    assert [m for m, row in METHODS.items() if row.role == "method"] == ["bilevel", "metarm"]
+    assert summary.CEILINGS == ("oracle", "in_domain_rm", "agnostic_oracle")
+    assert all(plots.COLORS[m] == row.color for m, row in METHODS.items())
+    assert len({row.color for row in METHODS.values()}) == len(METHODS)
+    assert len({row.label for row in METHODS.values()}) == len(METHODS)
