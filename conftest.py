@@ -11,6 +11,7 @@ import math
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ ROOT = Path(__file__).parent
 # study/, so that a name left behind fails to resolve
 PROJECT_MODULES = ("data", "policy", "bilevel", "metarm", "train", "conftest", "hf", "study")
 FORMER_MODULES = ("evaluation", "plots", "cli", "bench")
-DOCUMENTS = ("README.md", "METHOD.md", "study/REPORT.md")
+DOCUMENTS = ("README.md", "METHOD.md")
 
 
 def documented_names() -> list:
@@ -165,6 +166,30 @@ def tiny_gpt(world):
 def micro():
     """float64 GPT over 12 tokens: a 108-parameter head, so that Hessians over theta are explicit."""
     return noisy_gpt(policy.GPTConfig(vocab_size=12, block_size=12, n_layer=2, n_head=2, n_embd=8), 0.3)
+
+
+@pytest.fixture
+def rounds(micro, monkeypatch):
+    """For the §1 tests of every round's standardisation: a micro RM (phi), 4 prompts with a pair each, pi_ref's
+    samples of the prompts (ref), MetaRM's configs, and metarm.adapt replaced by a recorder that appends, per call,
+    the mean and std of the reward it is given on ref and the RM's raw rewards there (calls)."""
+    (rm, phi), (prompts, c, r), calls = policy.make_reward_model(micro, G(6)), micro_batches(micro, G(6), 4), []
+    prompts = torch.tensor(prompts)
+    ref = policy.sample(micro, {}, prompts.repeat(4, 1), 4, G(7))
+
+    def fake_adapt(model, pr, reward_fn, cfg, generator, theta0=None):
+        z = reward_fn(ref)
+        calls.append(
+            (z.mean().item(), z.std().item(), manual_reward(micro, rm, phi, ref["idx"], ref["mask"]).tolist())
+        )
+        return policy.adapted_params(micro), []
+
+    monkeypatch.setattr(metarm, "adapt", fake_adapt)
+    configs = (
+        metarm.MetaRMConfig(eta=0.5, k=2, meta_prompts=2, steps=3, rounds=3, batch_size=4),
+        metarm.AdaptConfig(max_new_tokens=4),
+    )
+    return SimpleNamespace(rm=rm, phi=phi, prompts=prompts, pairs=(c, r), ref=ref, calls=calls, configs=configs)
 
 
 # ---- the reference forward pass, written out -----------------------------------------------------------------------

@@ -131,9 +131,9 @@ def rm_bt_loss(rm, phi: dict, chosen: dict, rejected: dict):
 
 
 def train_reward_model(rm, phi: dict, pairs, cfg: RMConfig, generator, opt=None, steps: int | None = None):
-    """Eq. (1) minimised by Adam on phi, in place: cfg.steps steps (or `steps`) on batches of cfg.batch_size pairs
-    drawn from pairs = (chosen, rejected); opt continues an earlier run's optimiser. Returns (per-step loss and
-    accuracy, the optimiser)."""
+    """Eq. (1) (Dou et al. Eq. (1); the vanilla RM's loss in both papers) minimised by Adam on phi, in place: cfg.steps
+    steps (or `steps`) on batches of cfg.batch_size pairs drawn from pairs = (chosen, rejected); opt continues an
+    earlier run's optimiser. Returns (per-step loss and accuracy, the optimiser)."""
     opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
     chosen, rejected = pairs
     log = []
@@ -206,7 +206,8 @@ def candidate_rewards(rm, phi: dict, cand: dict, K: int):
 
 
 def level_functions(model, prob: dict, cfg: BilevelConfig, theta_ref):
-    """One domain's g = Eq. (5) and f = its L_DPO term of Eq. (7), as functions (theta, {"r": rewards})."""
+    """One domain's g = Eq. (5) and f = its L_DPO term of Eq. (7) -- Jia's lower and upper levels, this project's
+    formalisation -- as functions (theta, {"r": rewards})."""
 
     def g(theta, outer):
         return inner_loss(model, theta, outer["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
@@ -357,15 +358,16 @@ def train_bilevel(
     theta_ref,
     generator,
     bt_generator,
-    steps=None,
-    state=None,
+    steps: int | None = None,
+    state: dict | None = None,
 ):
     """Eqs. (6)-(8); Jia, meta-training: Adam on phi, in place, along the hypergradient of F. domains: d ->
     (prompts F_d, encoded P_d) of (5) and of (7)'s DPO term; with no domain, F is lam L_BT alone. Each outer step
     draws its data by draw_outer_batch; each inner solve starts from the domain's last theta*; rho is re-checked at
     every cfg.recalibrate_every-th step. state: where an earlier call stopped ({"step", "warm": domain -> its last
     theta*, "opt": Adam on phi}), so that a run can be taken in parts with the same result. steps: how many to
-    take (default: up to cfg.outer_steps). Returns (per step F, grad_norm, hvps, unconverged, margin; the state).
+    take (default: up to cfg.outer_steps). Returns (per step F, grad_norm, hvps, unconverged, dpo: each drawn domain's
+    L_DPO term, margin at a re-check; the state).
     Solves that stop at cg_iters above cg_tol are expected (the tolerance is loose by design) and counted per step,
     not warned about."""
     if domains and cfg.inner_lr <= 0:
@@ -488,6 +490,13 @@ def reward_spread(r, k: int) -> float:
     return ((r[:, i] - r[:, j]).std() / r.std().clamp_min(1e-8)).item()
 
 
+def sample_meta_set(model, theta: dict, prompts, cfg: MetaRMConfig, max_new_tokens: int, generator) -> dict:
+    """X_s of (9) (Dou et al.: the previous round's policy, k responses per prompt, a raised temperature): cfg.k
+    samples of pi_theta per prompt at cfg.temperature, prompt-major (row i k + j: prompt i's j-th response)."""
+    k_each = prompts.repeat_interleave(cfg.k, dim=0)
+    return policy.sample(model, theta, k_each, max_new_tokens, generator, temperature=cfg.temperature)
+
+
 def metarm_rounds(
     model,
     prompts,
@@ -511,12 +520,12 @@ def metarm_rounds(
     §1. phi, opt: the reward model and its optimiser, updated in place. Every round's adaptation draws from a
     generator seeded with adapt_seed (the same draws each round); sample_generator draws X_s; pair_generator and
     meta_generator are train_metarm's. theta_first: round 1's policy, when it is already known (adapted with the
-    same RM and adapt_seed). Returns (theta, per update round: the spread (§3) on X_s, the mean J, X_s itself)."""
+    same RM and adapt_seed). Returns (theta, the shifted set X_s of each update round)."""
 
     def reward_fn(batch):
         return policy.reward(rm, phi, batch)
 
-    history = []
+    meta_sets = []
     for t in range(cfg.rounds):
         if t == 0 and theta_first is not None:
             theta = theta_first
@@ -524,16 +533,7 @@ def metarm_rounds(
             adapt_gen = policy.generator(adapt_seed, prompts.device)
             theta = adapt(model, prompts, standardised(reward_fn, ref_batch), adapt_cfg, adapt_gen)[0]
         if t == cfg.rounds - 1:
-            return theta, history
-        meta = policy.sample(
-            model,
-            theta,
-            prompts.repeat_interleave(cfg.k, dim=0),
-            adapt_cfg.max_new_tokens,
-            sample_generator,
-            temperature=cfg.temperature,
-        )
-        with torch.no_grad():
-            spread = reward_spread(policy.reward(rm, phi, meta), cfg.k)
-        log = train_metarm(rm, phi, opt, pairs, meta, cfg, pair_generator, meta_generator)
-        history.append({"round": t, "spread": spread, "J": sum(e["J"] for e in log) / len(log), "samples": meta})
+            return theta, meta_sets
+        meta = sample_meta_set(model, theta, prompts, cfg, adapt_cfg.max_new_tokens, sample_generator)
+        train_metarm(rm, phi, opt, pairs, meta, cfg, pair_generator, meta_generator)
+        meta_sets.append(meta)

@@ -63,8 +63,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated
 
 
 # ==== (1) Bradley-Terry ==============================================================================================
-
-
 def test_eq1_bt_loss_and_tie_accuracy_by_hand():
     """(1): -E log sigmoid(r_w - r_l) and margins by hand; tie_accuracy: a tie counts 1/2, gold ties are left out."""
     loss, acc, margins = metarm.bt_loss(T64(2.0, 0.0, -1.0), T64(1.0, 0.0, 1.0))
@@ -88,8 +86,6 @@ def test_eq1_rm_bt_loss_of_manual_rewards(micro):
 
 
 # ==== (2) DPO ========================================================================================================
-
-
 def test_eq2_dpo_loss_by_hand_and_outer_dpo_of_a_manual_forward(micro):
     """(2) by hand (beta_dpo = 0.1); outer_dpo (7) = L_DPO with Delta = log pi_theta - log pi_ref from
     manual_logprob."""
@@ -108,8 +104,6 @@ def test_eq2_dpo_loss_by_hand_and_outer_dpo_of_a_manual_forward(micro):
 
 
 # ==== (3) KL-regularised adaptation (RLOO, k1 penalty) and §1 reward standardisation ================================
-
-
 @pytest.fixture(scope="module")
 def enumerable():
     """A policy over 5 tokens (pad, bos, eos, a, b), prompt <bos>, responses of at most 2 tokens: 7 in all."""
@@ -201,38 +195,20 @@ def test_s1_standardised_by_hand():
     assert fn(x).std().item() == pytest.approx(1, rel=1e-12)
 
 
-def test_s1_metarm_rounds_standardise_every_round(micro, monkeypatch):
+def test_s1_metarm_rounds_standardise_every_round(micro, rounds):
     """§1, §3: metarm_rounds adapts R times (R - 1 MetaRM updates between), each time with the current RM's reward
     standardised on pi_ref's samples."""
-    (rm, phi), (prompts, c, r), calls = policy.make_reward_model(micro, G(6)), micro_batches(micro, G(6), 4), []
-    prompts = torch.tensor(prompts)
-    ref = policy.sample(micro, {}, prompts.repeat(4, 1), 4, G(7))
-
-    def fake_adapt(model, pr, reward_fn, cfg, generator, theta0=None):
-        z = reward_fn(ref)
-        calls.append(
-            (z.mean().item(), z.std().item(), manual_reward(micro, rm, phi, ref["idx"], ref["mask"]).tolist())
-        )
-        return policy.adapted_params(micro), []
-
-    monkeypatch.setattr(metarm, "adapt", fake_adapt)
-    args = (
-        metarm.MetaRMConfig(eta=0.5, k=2, meta_prompts=2, steps=3, rounds=3, batch_size=4),
-        metarm.AdaptConfig(max_new_tokens=4),
+    x, opt = rounds, torch.optim.SGD(rounds.phi.values(), lr=0.5)
+    _, meta_sets = metarm.metarm_rounds(
+        micro, x.prompts, x.ref, x.rm, x.phi, opt, x.pairs, *x.configs, 1, G(2), G(3), G(4)
     )
-
-    def sgd():
-        return torch.optim.SGD(phi.values(), lr=0.5)
-
-    assert len(metarm.metarm_rounds(micro, prompts, ref, rm, phi, sgd(), (c, r), *args, 1, G(2), G(3), G(4))[1]) == 2
-    assert len(calls) == 3
-    assert all(calls[i][2] != calls[i + 1][2] for i in (0, 1))  # the RM moved in between
-    assert all(mu == pytest.approx(0, abs=1e-10) and sd == pytest.approx(1, rel=1e-10) for mu, sd, _ in calls)
+    assert len(meta_sets) == 2
+    assert len(x.calls) == 3
+    assert all(x.calls[i][2] != x.calls[i + 1][2] for i in (0, 1))  # the RM moved in between
+    assert all(mu == pytest.approx(0, abs=1e-10) and sd == pytest.approx(1, rel=1e-10) for mu, sd, _ in x.calls)
 
 
 # ==== (4)(5) the inner problem =======================================================================================
-
-
 def test_eq4_importance_weights_against_a_full_forward(world, tiny_gpt):
     """(4): w = 1/K at theta_ref, else softmax_k(log pi_theta - log pi_ref) from plain model(idx) passes (theta in a
     deepcopy)."""
@@ -302,9 +278,7 @@ def test_eq5_free_weight_minimiser_is_softmax_r_over_beta():
     )
 
 
-# ==== (6)-(8) the hypergradient and the outer objective (fixture bl: conftest.py) ==================================
-
-
+# ==== (6)-(8) the hypergradient and the outer objective (fixture bl: conftest.py) ====================================
 def F_of_r(s, d, r):
     """One domain's L_DPO(theta*(r)) (beta_dpo of cfg), theta* by Newton to |grad g| <= 1e-10 from warm[d]."""
     theta, info = bilevel.newton_solve(lower_ref(s, s["problems"][d]), s["warm"][d], {"r": r}, tol=1e-10)
@@ -532,8 +506,6 @@ def test_eq6_train_bilevel_needs_rho_and_nan_stops_training(bl):
 
 
 # ==== (9)-(11) MetaRM ================================================================================================
-
-
 def test_eq9_difference_loss_by_hand():
     """(9), 2 prompts x k = 3: the mean over prompts of (2/k^2) sum_{i<j} sigmoid(|r_i - r_j|), duplicate pairs
     dropped."""
@@ -630,8 +602,6 @@ def test_eq11_eta0_metarm_is_plain_bradley_terry(meta, micro, monkeypatch):
 
 
 # ==== §3 spread =====================================================================================================
-
-
 def test_s3_reward_spread_by_hand():
     """§3: r = (0, 1 | 0, 3): differences -1, -3 (std sqrt 2) / reward std sqrt 2 = 1; r -> 5r keeps it; shifts per
     prompt."""
@@ -642,8 +612,6 @@ def test_s3_reward_spread_by_hand():
 
 
 # ==== bilevel.py: products, solvers and hypergradients on closed-form problems =======================================
-
-
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=f64)
 
@@ -828,8 +796,6 @@ def test_implicit_ridge_analytic_and_logistic_finite_differences():
 
 
 # ==== data.py: the world (v3) ========================================================================================
-
-
 def test_world_is_deterministic_and_round_trips(world, tmp_path):
     """Same seed, same world; decode(encode) round trip, unknown words refused; JSONL round trip, a bad line named
     file:line."""
@@ -948,8 +914,6 @@ def test_bradley_terry_labels_agree_at_the_temperature_rate():
 
 
 # ==== policy.py ======================================================================================================
-
-
 SOME_TEXTS = [
     ("<bos> <bar> honestly the beer was", "cold and great . <eos>"),
     ("<bos> <bakery> today the bread was", "stale , but the baker was very nice . <eos>"),

@@ -25,9 +25,8 @@ from tqdm import tqdm
 import data
 import metarm
 import policy
-from study import figures, fits, hypergradient, measure, plots, summary
+from study import figures, fits, hypergradient_checks, measure, plots, summary
 from study.cli import BadInput, clock, option, parse, prepare_out, publish, write_json
-from study.measure import MAX_NEW, crn_seed
 from study.methods import METHODS
 from study.stats import mean
 
@@ -164,9 +163,9 @@ def run(cfg: Config, tmp: Path) -> dict:
     results["sft_val_perplexity"] = ppl
     results["bilevel_curvature"] = [log["curvature"] for log in logs if "curvature" in log]
     if "bilevel" in setup.methods and cfg.outer_data == "train":
-        accuracy = hypergradient.accuracy_summary([log["hypergradient_accuracy"] for log in logs])
+        accuracy = hypergradient_checks.accuracy_summary([log["hypergradient_accuracy"] for log in logs])
         results["hypergradient_accuracy"] = accuracy
-        hypergradient.report(accuracy)
+        hypergradient_checks.report(accuracy)
     if "dpo" in setup.methods:
         results["dpo_training"] = summary.dpo_training([log["dpo"] for log in logs])
     if cfg.lam == 0 and "bilevel_bt_only" in setup.methods:
@@ -219,7 +218,7 @@ def make_setup(cfg: Config, world, model, device) -> Setup:
         solver=cfg.solver,
         outer_steps=cfg.extra_steps,
         lr=cfg.outer_lr,
-        max_new_tokens=MAX_NEW,
+        max_new_tokens=measure.MAX_NEW,
     )
     own_pairs_needed = "in_domain_rm" in methods or cfg.outer_data == "own"  # the ceiling and the positive control
     return Setup(
@@ -237,7 +236,9 @@ def make_setup(cfg: Config, world, model, device) -> Setup:
         prompts={d: torch.tensor(world.prompts[d], device=device) for d in data.DOMAINS},
         theta_ref={name: p.detach() for name, p in policy.adapted_params(model).items()},
         unseen_tokens=measure.unseen_tokens(world, device),
-        adapt_cfg=metarm.AdaptConfig(beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=MAX_NEW),
+        adapt_cfg=metarm.AdaptConfig(
+            beta=cfg.beta, steps=cfg.adapt_steps, lr=cfg.adapt_lr, max_new_tokens=measure.MAX_NEW
+        ),
         rm_cfg=metarm.RMConfig(steps=cfg.rm_steps, lr=cfg.rm_lr),
         metarm_cfg=metarm_cfg,
         bilevel_cfg=bilevel_cfg,
@@ -283,13 +284,15 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
     elif "bilevel" in methods:
         with clock(timings, "bilevel"), stage("bilevel", seed):
             out["bilevel"] = policy.copy_params(phi)
-            probes, checks = data.TRAIN_DOMAINS[:4], hypergradient.accuracy_steps(cfg.extra_steps)
+            probes, checks = data.TRAIN_DOMAINS[:4], hypergradient_checks.accuracy_steps(cfg.extra_steps)
             logs["bilevel"], logs["curvature"], kept = fits.fit_bilevel(
-                s, out["bilevel"], training_domains, s.train_pairs, seed, probes, checks
+                seed, s, out["bilevel"], training_domains, s.train_pairs, probes, checks
             )
         with clock(timings, "hypergradient_accuracy"), stage("bilevel", seed):
             n_domains = len(training_domains)
-            logs["hypergradient_accuracy"] = hypergradient.accuracy_checks(model, rm, s.theta_ref, kept, n_domains)
+            logs["hypergradient_accuracy"] = hypergradient_checks.accuracy_checks(
+                model, rm, s.theta_ref, kept, n_domains
+            )
     if "bilevel_bt_only" in methods and cfg.lam == 0:
         # (7) without its DPO term is lam L_BT = 0: no step is taken, so the control is the vanilla RM
         out["bilevel_bt_only"] = out["vanilla_rm"]
@@ -299,7 +302,7 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
     elif "bilevel_bt_only" in methods:
         with clock(timings, "bilevel_bt_only"), stage("bilevel_bt_only", seed):
             out["bilevel_bt_only"] = policy.copy_params(phi)
-            fits.fit_bilevel(s, out["bilevel_bt_only"], {}, s.train_pairs, seed)  # no domain: (7) is lam L_BT
+            fits.fit_bilevel(seed, s, out["bilevel_bt_only"], {}, s.train_pairs)  # no domain: (7) is lam L_BT
     if "dpo" in methods:
         with clock(timings, "dpo"), stage("dpo", seed):
             out["dpo"], logs["dpo"] = fits.train_dpo(
@@ -323,13 +326,15 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
     premises, samples = {}, []
     for i, d in enumerate(s.domains):
         prompts = s.prompts[d]
-        ref = policy.sample(model, {}, prompts.repeat(8, 1), MAX_NEW, gen(crn_seed(seed, i, 99)))  # the scale (§1)
+        ref = policy.sample(
+            model, {}, prompts.repeat(8, 1), measure.MAX_NEW, gen(measure.crn_seed(seed, i, 99))
+        )  # the scale (§1)
         rewards = measure.reward_functions(s, rms, d, ref)
         runs = {m: [] for m in methods}
         shifted = []  # per repeat: {RM: its accuracy on MetaRM's last shifted samples X_s}
         for j in range(cfg.repeats):
-            key = crn_seed(seed, i, j)
-            ref_eval = policy.sample(model, {}, prompts.repeat(cfg.eval_samples, 1), MAX_NEW, gen(key + 500))
+            key = measure.crn_seed(seed, i, j)
+            ref_eval = policy.sample(model, {}, prompts.repeat(cfg.eval_samples, 1), measure.MAX_NEW, gen(key + 500))
             thetas = {"sft": s.theta_ref, "dpo": rms.get("dpo")}
             with clock(timings, "adaptation"):
                 for m in methods:
@@ -340,7 +345,7 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
                 if "metarm" in methods:
                     with stage("metarm", seed):
                         phi, opt = policy.continue_from(rms["vanilla_rm"], rms["vanilla_opt"], cfg.rm_lr)
-                        thetas["metarm"], history = metarm.metarm_rounds(
+                        thetas["metarm"], meta_sets = metarm.metarm_rounds(
                             model,
                             prompts,
                             ref,
@@ -357,7 +362,7 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
                             theta_first=thetas.get("vanilla_rm"),
                         )
                         metarm_rms[(d, j)] = phi
-                        shifted.append(measure.shifted_accuracy(s, rms, phi, history[-1]["samples"], gold))
+                        shifted.append(measure.shifted_accuracy(s, rms, phi, meta_sets[-1], gold))
             for m, source in reused.items():  # its reward model is source's (train_reward_models), so is its policy
                 thetas[m] = thetas[source]
             with clock(timings, "evaluation"):

@@ -29,7 +29,7 @@ import bilevel
 import data
 import metarm
 import policy
-from study import cli, hypergradient
+from study import cli, hypergradient_checks
 from study.cli import option
 from study.measure import MAX_NEW
 
@@ -128,7 +128,7 @@ def hypergrad_rows(model, world, quick: bool) -> list:
     probe = {"restaurant": metarm.draw_problem(model, prompts, pairs, bcfg, gen)}
     curv = metarm.calibrate(model, rm, phi, probe, bcfg, theta_ref)
     ns = (1, 4, 8) if quick else (1, 2, 4, 8, 16, 32)
-    res = hypergradient.hypergradient_error(model, rm, theta_ref, world, phi, bcfg, curv, ns=ns, timed=True)
+    res = hypergradient_checks.hypergradient_error(model, rm, theta_ref, world, phi, bcfg, curv, ns=ns, timed=True)
     training = res["training_setting"]
     return [{"method": m, **row} for m, rows in res["curves"].items() for row in rows] + [
         {
@@ -145,7 +145,7 @@ class QuickRunFailed(Exception):
     """train.py --quick stopped (it has said why); its exit code is passed on."""
 
 
-def measure(cfg: Config) -> dict:
+def benchmarks(cfg: Config) -> dict:
     """Every measurement of the module docstring, as the dict written to bench.json."""
     world = data.World()
     model, _ = policy.train_pi_ref(world, 100 if cfg.quick else 1500)
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         print(f"study.bench: error: {e}", file=sys.stderr)
         return 2
     try:
-        result = measure(cfg)
+        result = benchmarks(cfg)
         cli.write_json(tmp / "bench.json", result)
         cli.publish(tmp, out)
     except QuickRunFailed as e:

@@ -3,7 +3,7 @@
 - frontier: gold reward against KL as beta varies, for the vanilla and bilevel RMs and the oracle, and Jia's trend
   read at matched KL (a registered secondary comparison);
 - rlhf_figure: MetaRM in iterative RLHF, the paper's main setting, against eta = 0, per round (registered too);
-- the hypergradient's error against its cost (study/hypergradient.py) and the outer objective's stationarity;
+- the hypergradient's error against its cost (study/hypergradient_checks.py) and the outer objective's stationarity;
 - the training curves of seed 0.
 `s` is train.py's Setup; `logs[seed]["rms"]` that seed's reward models.
 """
@@ -16,7 +16,7 @@ import torch
 import data
 import metarm
 import policy
-from study import hypergradient, measure, stats, summary
+from study import hypergradient_checks, measure, stats, summary
 from study.cli import clock
 
 MATCHED_KL_BETA = "0.5"  # §5.1: bilevel's curve is read at the vanilla RM's KL at beta = 0.5
@@ -39,7 +39,7 @@ def figure_experiments(cfg, s, logs: list, per_seed: list, sft_losses: list, tim
         with clock(timings, "figure_hypergradient_error"):
             phi = logs[0]["rms"]["bilevel"]
             curv = logs[0]["curvature"]
-            out["hypergradient_error"] = hypergradient.hypergradient_error(
+            out["hypergradient_error"] = hypergradient_checks.hypergradient_error(
                 s.model, s.rm, s.theta_ref, s.world, phi, bcfg, curv
             )
         with clock(timings, "figure_outer_convergence"):
@@ -178,7 +178,8 @@ def outer_convergence(s, logs: list, seeds: list, base: metarm.BilevelConfig, st
     """§2.5: the raw full-batch ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 along bilevel runs at beta in
     {0.25, 0.5, 1}, rho and the inner step *held fixed* across the sweep (calibrated once, at cfg.beta),
     per seed, on a fixed objective: 2 training domains' candidates and pairs drawn once, 64 pooled pairs. Each part of
-    `every` steps warm-starts the inner solves from theta_ref (as every run of it so far); Adam's state is carried."""
+    `every` steps starts the inner solves from theta_ref again (train_bilevel's warm starts are not carried between
+    the parts: the figure is computed as it was first registered); Adam's state is carried."""
     curves = {}
     for seed in seeds:
         gen = policy.generator(seed + 31, s.device)
@@ -237,14 +238,7 @@ def rlhf_rounds(
     for t in range(rounds):
         standardised_reward = metarm.standardised(measure.reward_fn(rm, phi), ref_batch)
         theta, _ = metarm.adapt(model, prompts, standardised_reward, adapt_cfg, generator, theta0=theta)
-        meta = policy.sample(
-            model,
-            theta,
-            prompts.repeat_interleave(cfg.k, dim=0),
-            adapt_cfg.max_new_tokens,
-            generator,
-            temperature=cfg.temperature,
-        )
+        meta = metarm.sample_meta_set(model, theta, prompts, cfg, adapt_cfg.max_new_tokens, generator)
         with torch.no_grad():
             r, g = policy.reward(rm, phi, meta), gold(meta)
         history.append(

@@ -11,16 +11,16 @@ import torch
 
 import metarm
 import policy
-from study import hypergradient
+from study import hypergradient_checks
 
 
-def fit_bilevel(s, phi: dict, domains: dict, bt_pairs, seed: int, probe_domains=(), check_steps=()):
+def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=(), check_steps=()):
     """Eqs. (6)-(8) on phi in place (metarm.train_bilevel): domains -> (prompts, encoded pairs) of (5) and of (7)'s
     DPO term, bt_pairs for its lam term; rho and the inner step first calibrated at theta* on one problem of each of
     probe_domains (metarm.calibrate). With no domain it is the control bilevel_bt_only: the same lam-term batches
     (the same generator), no DPO term, nothing to calibrate. check_steps: the outer steps whose inputs are kept for
-    hypergradient.accuracy_checks. Returns (the training log, the curvature with the rho re-checks' margins and the
-    final rho -- None for the control --, the kept inputs)."""
+    hypergradient_checks.accuracy_checks. Returns (the training log, the curvature with the rho re-checks' margins
+    and the final rho -- None for the control --, the kept inputs)."""
     bcfg, curvature = replace(s.bilevel_cfg), None
     if domains:
         probe = {}
@@ -28,7 +28,7 @@ def fit_bilevel(s, phi: dict, domains: dict, bt_pairs, seed: int, probe_domains=
             probe[d] = metarm.draw_problem(s.model, *domains[d], bcfg, policy.generator(seed + 3, s.device))
         curvature = metarm.calibrate(s.model, s.rm, phi, probe, bcfg, s.theta_ref)
     generator, bt_generator = policy.generator(seed + 4, s.device), policy.generator(seed + 5, s.device)
-    log, inputs = hypergradient.train_with_checkpoints(
+    log, inputs = hypergradient_checks.train_with_checkpoints(
         s.model, s.rm, phi, domains, bt_pairs, bcfg, s.theta_ref, generator, bt_generator, check_steps
     )
     if domains:
@@ -46,7 +46,7 @@ def own_data_bilevel(seed: int, s, phi: dict, dpo_term: bool):
     for d in s.domains:
         one_domain = {d: (s.prompts[d], s.own_pairs[d])} if dpo_term else {}
         phis[d] = policy.copy_params(phi)
-        log, curvature[d], _ = fit_bilevel(s, phis[d], one_domain, s.own_pairs[d], seed, [d])
+        log, curvature[d], _ = fit_bilevel(seed, s, phis[d], one_domain, s.own_pairs[d], [d])
         if dpo_term:
             curvature[d]["F"] = [e["F"] for e in log]
     return phis, curvature

@@ -21,7 +21,6 @@ MAX_NEW = metarm.AdaptConfig.max_new_tokens  # the longest response, everywhere
 MARGIN_BINS = (0.0, 0.5, 1.0, 2.0, math.inf)
 
 
-# ==== Meta-test metrics and premises ============================================================
 def crn_seed(seed: int, domain_index: int, repeat: int) -> int:
     """The generator seed of one (seed, domain, repeat): every method uses it (common random numbers)."""
     return 1_000_000 * (seed + 1) + 1000 * domain_index + repeat

@@ -1,7 +1,8 @@
 """The methods and controls of the experiment (METHOD.md §5), as data: one row each, nothing computed here.
 
-train.py reads it to decide what each method's meta-test adaptation (3) maximises and which runs are reused;
-study/summary.py which methods have a reward model and which are ceilings; study/plots.py the labels and colours.
+study/measure.py reads what each method's meta-test adaptation (3) maximises; train.py which methods have a reward
+model and which runs are reused; study/summary.py which are ceilings; study/plots.py the labels and colours; the
+tests that each control is a registered comparison.
 Adding a method: a row here, its call in train.py, and a test.
 
 Columns:

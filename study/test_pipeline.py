@@ -1,6 +1,6 @@
 """Tests of the study's machinery: the measurements (study/measure.py) by hand or against a forward pass written out
-(conftest.py), the study's fits (study/fits.py), the hypergradient's accuracy check (study/hypergradient.py), and
-train.py end to end -- tiny runs of the whole pipeline, its schema, determinism, every flag at its boundary, bad
+(conftest.py), the study's fits (study/fits.py), the hypergradient's accuracy check (study/hypergradient_checks.py),
+and train.py end to end -- tiny runs of the whole pipeline, its schema, determinism, every flag at its boundary, bad
 input. Run with the reference's tests: python -m pytest -q.
 """
 
@@ -33,7 +33,7 @@ from conftest import (
     micro_batches,
     one_line_error,
 )
-from study import bench, figures, fits, hypergradient, measure, summary
+from study import bench, figures, fits, hypergradient_checks, measure, summary
 from study.methods import METHODS
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated", "ignore:cg did not converge")
@@ -71,41 +71,22 @@ def test_s1_reward_functions_standardise_every_adaptation_reward(world, tiny_gpt
             torch.testing.assert_close(out[m](b).double(), (fn(b) - r.mean()) / r.std(), rtol=0, atol=1e-5)
 
 
-def test_s1_rlhf_rounds_standardise_every_round(micro, monkeypatch):
+def test_s1_rlhf_rounds_standardise_every_round(micro, rounds):
     """§1, §3: the figure's iterative RLHF (figures.rlhf_rounds) adapts R times with R MetaRM updates, each time with
     the current RM's reward standardised on pi_ref's samples."""
-    (rm, phi), (prompts, c, r), calls = policy.make_reward_model(micro, G(6)), micro_batches(micro, G(6), 4), []
-    prompts = torch.tensor(prompts)
-    ref = policy.sample(micro, {}, prompts.repeat(4, 1), 4, G(7))
-
-    def fake_adapt(model, pr, reward_fn, cfg, generator, theta0=None):
-        z = reward_fn(ref)
-        calls.append(
-            (z.mean().item(), z.std().item(), manual_reward(micro, rm, phi, ref["idx"], ref["mask"]).tolist())
-        )
-        return policy.adapted_params(micro), []
-
-    monkeypatch.setattr(metarm, "adapt", fake_adapt)
-    args = (
-        metarm.MetaRMConfig(eta=0.5, k=2, meta_prompts=2, steps=3, rounds=3, batch_size=4),
-        metarm.AdaptConfig(max_new_tokens=4),
-    )
-
-    def sgd():
-        return torch.optim.SGD(phi.values(), lr=0.5)
-
+    x, opt = rounds, torch.optim.SGD(rounds.phi.values(), lr=0.5)
     history = figures.rlhf_rounds(
-        micro, prompts, ref, rm, phi, sgd(), (c, r), *args, 2, lambda b: b["mask"].sum(1), G(8), G(9)
+        micro, x.prompts, x.ref, x.rm, x.phi, opt, x.pairs, *x.configs, 2, lambda b: b["mask"].sum(1), G(8), G(9)
     )
     assert len(history) == 2
-    assert len(calls) == 2
-    assert calls[0][2] != calls[1][2]  # the RM moved in between
-    assert all(mu == pytest.approx(0, abs=1e-10) and sd == pytest.approx(1, rel=1e-10) for mu, sd, _ in calls)
+    assert len(x.calls) == 2
+    assert x.calls[0][2] != x.calls[1][2]  # the RM moved in between
+    assert all(mu == pytest.approx(0, abs=1e-10) and sd == pytest.approx(1, rel=1e-10) for mu, sd, _ in x.calls)
 
 
 def test_eq8_hypergradient_accuracy_recomputes_training_and_sees_its_error(bl, recwarn):
-    """hypergradient.train_with_checkpoints is metarm.train_bilevel's run (the same log and phi, bit for bit) and
-    keeps what each checked step saw; hypergradient_accuracy recomputes the gradient that step used (its norm = the
+    """hypergradient_checks.train_with_checkpoints is metarm.train_bilevel's run (the same log and phi, bit for bit)
+    and keeps what each checked step saw; hypergradient_accuracy recomputes the gradient that step used (its norm = the
     step's logged grad_norm, lam = 0; at step 1 from warm starts) and compares it with the Newton-solved IFT
     reference: about exact when the step's own solves are tight (T = 1000, CG to 1e-12), clearly off when they are
     cut (T = 1, one CG iteration). report warns below the stated cosine, and only there."""
@@ -114,10 +95,10 @@ def test_eq8_hypergradient_accuracy_recomputes_training_and_sees_its_error(bl, r
 
     def checked(cfg, steps):
         phi = policy.copy_params(s["phi"])
-        log, inputs = hypergradient.train_with_checkpoints(
+        log, inputs = hypergradient_checks.train_with_checkpoints(
             *args[0], phi, *args[1], replace(cfg), args[2], G(0), G(1), steps=steps
         )
-        checks = hypergradient.accuracy_checks(s["model"], s["rm"], s["theta_ref"], inputs, n_domains=3)
+        checks = hypergradient_checks.accuracy_checks(s["model"], s["rm"], s["theta_ref"], inputs, n_domains=3)
         return phi, log, inputs, checks
 
     cut = replace(s["cfg"], T=1, cg_iters=1, lam=0.0, outer_steps=2)
@@ -144,7 +125,7 @@ def test_eq8_hypergradient_accuracy_recomputes_training_and_sees_its_error(bl, r
     assert errors[1]["rel_error"] > 0.5
     assert errors[1]["cosine"] < 0.9
     checks = [{"step": 0, "cosine": 0.95, "rel_error": 0.2}, {"step": 3, "cosine": 0.999, "rel_error": 0.01}]
-    checked = hypergradient.accuracy_summary([checks, [{"step": 0, "cosine": 0.75, "rel_error": 0.4}]])
+    checked = hypergradient_checks.accuracy_summary([checks, [{"step": 0, "cosine": 0.75, "rel_error": 0.4}]])
     assert checked["all"] == {
         "n": 3,
         "cosine_min": 0.75,
@@ -154,20 +135,22 @@ def test_eq8_hypergradient_accuracy_recomputes_training_and_sees_its_error(bl, r
     }
     assert checked["by_step"]["0"]["cosine_median"] == pytest.approx(0.85)
     assert checked["failed_checks"] == 0
-    hypergradient.report(hypergradient.accuracy_summary([checks]))
+    hypergradient_checks.report(hypergradient_checks.accuracy_summary([checks]))
     assert len(recwarn) == 0
     with pytest.warns(UserWarning, match="cosine 0.750 < 0.8"):
-        hypergradient.report(checked)
-    failed = hypergradient.accuracy_summary([[{"step": 0, "cosine": None, "rel_error": None, "failed": "Newton"}]])
+        hypergradient_checks.report(checked)
+    failed = hypergradient_checks.accuracy_summary(
+        [[{"step": 0, "cosine": None, "rel_error": None, "failed": "Newton"}]]
+    )
     assert failed["failed_checks"] == 1
     assert failed["all"] is None
     with pytest.warns(UserWarning, match="1 hypergradient accuracy check"):
-        hypergradient.report(failed)
+        hypergradient_checks.report(failed)
 
 
 def test_eq8_newton_reference_is_the_exact_outer_gradient(bl):
-    """hypergradient.newton_reference (lam = 0) solves each inner problem itself, from the fixture's theta* or from
-    theta_ref, to the same gradient as metarm.outer_gradient started at the Newton-solved theta* (which the (7)(8)
+    """hypergradient_checks.newton_reference (lam = 0) solves each inner problem itself, from the fixture's theta* or
+    from theta_ref, to the same gradient as metarm.outer_gradient started at the Newton-solved theta* (which the (7)(8)
     tests check against central differences); a Newton solve that cannot get there raises, with the tolerance."""
     s = bl
     cfg = replace(s["cfg"], T=30)  # 300 gradient steps from theta_ref before Newton (g is not convex there)
@@ -175,13 +158,13 @@ def test_eq8_newton_reference_is_the_exact_outer_gradient(bl):
         s["model"], s["rm"], s["phi"], s["problems"], None, cfg, s["theta_ref"], n_domains=3, warm=dict(s["warm"])
     )[0]
     for warm in (dict(s["warm"]), {}):
-        ref = hypergradient.newton_reference(
+        ref = hypergradient_checks.newton_reference(
             s["model"], s["rm"], s["phi"], s["problems"], cfg, s["theta_ref"], 3, warm, 1e-10
         )
         for a, b in zip(ref, exact):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-11)
     with pytest.raises(FloatingPointError, match="not solved to"), pytest.warns(UserWarning, match="newton_solve"):
-        hypergradient.newton_reference(
+        hypergradient_checks.newton_reference(
             s["model"], s["rm"], s["phi"], s["problems"], replace(cfg, T=0), s["theta_ref"], 3, {}, 1e-300
         )
 
@@ -195,6 +178,13 @@ def test_stage_names_the_method_and_seed(bl):
         train.stage("vanilla_rm", 7),
     ):
         metarm.train_reward_model(bl["rm"], bad, bl["pairs"], metarm.RMConfig(steps=3, batch_size=4), G(0))
+    with (
+        pytest.raises(FloatingPointError, match=r"^bilevel, seed 3: .*finite.* at step 0$"),
+        train.stage("bilevel", 3),
+    ):
+        metarm.train_bilevel(
+            bl["model"], bl["rm"], bad, bl["domains"], bl["pairs"], replace(bl["cfg"]), bl["theta_ref"], G(0), G(1), 1
+        )
 
 
 def test_s3_rm_accuracy_evaluate_and_premises_by_hand(monkeypatch):
@@ -369,9 +359,7 @@ def test_s52_shifted_accuracy_by_hand(monkeypatch):
     assert out == {"metarm": pytest.approx(0.5), "vanilla_rm": pytest.approx(0.7), "metarm_eta0": pytest.approx(0.3)}
 
 
-# ==== train.py end to end: tiny runs, the schema, bad input ==================================================
-
-
+# ==== train.py end to end: tiny runs, the schema, bad input ==========================================================
 SMALL_WORLD = data.WorldConfig(
     n_sft_per_domain=150, n_sft_per_new_domain=40, n_pairs_per_domain=100, n_eval_pairs_per_domain=40
 )
@@ -471,7 +459,11 @@ def tiny_run(tmp_path_factory):
         small_world(mp)
         assert train.main(TINY_RUN + ["--out", str(outs[0])]) == 0
         assert train.main(TINY_RUN + ["--out", str(outs[1])]) == 0
-        mp.setattr(hypergradient, "hypergradient_error", functools.partial(hypergradient.hypergradient_error, ns=(1,)))
+        mp.setattr(
+            hypergradient_checks,
+            "hypergradient_error",
+            functools.partial(hypergradient_checks.hypergradient_error, ns=(1,)),
+        )
         mp.setattr(figures, "outer_convergence", functools.partial(figures.outer_convergence, steps=1, every=1))
         assert train.main(BOUNDARY_RUN + ["--out", str(outs[2])]) == 0
         assert train.main(OWN_DATA_RUN + ["--out", str(outs[3])]) == 0

@@ -183,9 +183,10 @@ def train_with_checkpoints(model, rm, phi, domains, bt_pairs, cfg, theta_ref, ge
     """metarm.train_bilevel, taken in parts so that before each outer step in `steps` what that step's
     hypergradient is computed from is kept (hypergradient_accuracy's inputs): phi, the warm starts, cfg (rho and the
     inner step as the step uses them) and the step's problems, drawn by metarm.draw_outer_batch from copies of the
-    generators (the run itself is unchanged). Returns (the training log, the inputs in step order)."""
+    generators (the run itself is unchanged); steps outside the run are not kept. Returns (the training log, the
+    inputs in step order)."""
     log, inputs, state = [], [], None
-    for stop in sorted(set(steps)) + [cfg.outer_steps]:
+    for stop in sorted({k for k in steps if 0 <= k < cfg.outer_steps}) + [cfg.outer_steps]:
         done = 0 if state is None else state["step"]
         if stop > done:
             part, state = metarm.train_bilevel(
