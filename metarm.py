@@ -366,10 +366,9 @@ def train_bilevel(
     draws its data by draw_outer_batch; each inner solve starts from the domain's last theta*; rho is re-checked at
     every cfg.recalibrate_every-th step. state: where an earlier call stopped ({"step", "warm": domain -> its last
     theta*, "opt": Adam on phi}), so that a run can be taken in parts with the same result. steps: how many to
-    take (default: up to cfg.outer_steps). Returns (per step F, grad_norm, hvps, unconverged, dpo: each drawn domain's
-    L_DPO term, margin at a re-check; the state).
-    Solves that stop at cg_iters above cg_tol are expected (the tolerance is loose by design) and counted per step,
-    not warned about."""
+    take (default: up to cfg.outer_steps). Returns (the log, the state); the log has per step F, grad_norm, hvps,
+    unconverged, dpo (each drawn domain's L_DPO term) and, at a re-check, margin. Solves that stop at cg_iters
+    above cg_tol are expected (the tolerance is loose by design) and counted per step, not warned about."""
     if domains and cfg.inner_lr <= 0:
         raise ValueError("BilevelConfig.inner_lr must be > 0: set it (and rho) with metarm.calibrate (§2.1)")
     if not domains and cfg.lam == 0:
