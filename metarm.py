@@ -130,10 +130,13 @@ def rm_bt_loss(rm, phi: dict, chosen: dict, rejected: dict):
     return bt_loss(policy.reward(rm, phi, chosen), policy.reward(rm, phi, rejected))
 
 
-def train_reward_model(rm, phi: dict, pairs, cfg: RMConfig, generator, opt=None, steps: int | None = None):
+def train_reward_model(
+    rm, phi: dict, pairs, cfg: RMConfig, generator, opt=None, steps: int | None = None, progress=None
+):
     """Eq. (1) (Dou et al. Eq. (1); the vanilla RM's loss in both papers) minimised by Adam on phi, in place: cfg.steps
     steps (or `steps`) on batches of cfg.batch_size pairs drawn from pairs = (chosen, rejected); opt continues an
-    earlier run's optimiser. Returns (per-step loss and accuracy, the optimiser)."""
+    earlier run's optimiser; progress: a tqdm bar that shows each step's loss (None: nothing shown). Returns (per-step
+    loss and accuracy, the optimiser)."""
     opt = opt or torch.optim.Adam(phi.values(), lr=cfg.lr)
     chosen, rejected = pairs
     log = []
@@ -143,6 +146,7 @@ def train_reward_model(rm, phi: dict, pairs, cfg: RMConfig, generator, opt=None,
         check_finite(loss.detach(), "reward-model loss (1)", step)
         apply_gradient(opt, phi, torch.autograd.grad(loss, list(phi.values())))
         log.append({"loss": loss.item(), "acc": acc.item()})
+        policy.show(progress, log[-1])
     return log, opt
 
 
@@ -360,6 +364,7 @@ def train_bilevel(
     bt_generator,
     steps: int | None = None,
     state: dict | None = None,
+    progress=None,
 ):
     """Eqs. (6)-(8); Jia, meta-training: Adam on phi, in place, along the hypergradient of F. domains: d ->
     (prompts F_d, encoded P_d) of (5) and of (7)'s DPO term; with no domain, F is lam L_BT alone. Each outer step
@@ -368,7 +373,8 @@ def train_bilevel(
     theta*, "opt": Adam on phi}), so that a run can be taken in parts with the same result. steps: how many to
     take (default: up to cfg.outer_steps). Returns (the log, the state); the log has per step F, grad_norm, hvps,
     unconverged, dpo (each drawn domain's L_DPO term) and, at a re-check, margin. Solves that stop at cg_iters
-    above cg_tol are expected (the tolerance is loose by design) and counted per step, not warned about."""
+    above cg_tol are expected (the tolerance is loose by design) and counted per step, not warned about. progress:
+    a tqdm bar that shows each step's F, |grad F| and HVPs (None: nothing shown)."""
     if domains and cfg.inner_lr <= 0:
         raise ValueError("BilevelConfig.inner_lr must be > 0: set it (and rho) with metarm.calibrate (§2.1)")
     if not domains and cfg.lam == 0:
@@ -394,6 +400,7 @@ def train_bilevel(
         if problems and cfg.recalibrate_every and step % cfg.recalibrate_every == 0:
             entry["margin"] = recheck_rho(model, rm, phi, problems, warm, cfg, theta_ref)
         log.append(entry)
+        policy.show(progress, {"F": entry["F"], "grad_norm": entry["grad_norm"], "hvps": entry["hvps"]})
     state["step"] = last
     return log, state
 

@@ -166,6 +166,13 @@ def apply_gradient(opt, params: dict, grads):
     opt.step()
 
 
+def show(progress, numbers: dict):
+    """One step of a progress bar (tqdm) with the step's numbers in its postfix; None: nothing shown."""
+    if progress is not None:
+        progress.set_postfix(numbers, refresh=False)
+        progress.update()
+
+
 def generator(seed: int, device="cpu") -> torch.Generator:
     """A fresh random-number generator on `device`, seeded: every random draw names its own."""
     return torch.Generator(device).manual_seed(seed)
@@ -362,7 +369,8 @@ def sft(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * s / steps))
     )
     losses = []
-    for _ in tqdm(range(steps), desc="SFT pi_ref", disable=not progress, leave=False):
+    bar = tqdm(total=steps, desc="SFT pi_ref", disable=not progress, leave=False, mininterval=0.5)
+    for _ in range(steps):
         rows = draw(len(corpus), batch_size, generator)
         loss = lm_loss(model, pad_batch([corpus[i] for i in rows], device))
         opt.zero_grad(set_to_none=True)
@@ -370,6 +378,8 @@ def sft(
         opt.step()
         sched.step()
         losses.append(loss.item())
+        show(bar, {"loss": losses[-1]})
+    bar.close()
     return losses
 
 

@@ -26,7 +26,7 @@ import data
 import metarm
 import policy
 from study import figures, fits, hypergradient_checks, measure, plots, summary
-from study.cli import BadInput, clock, option, parse, prepare_out, publish, write_json
+from study.cli import BadInput, bar, clock, option, parse, prepare_out, publish, write_json
 from study.methods import METHODS
 from study.stats import mean
 
@@ -48,6 +48,7 @@ class Config:
     figures: bool = option(True, "run the figures' experiments")
     figure_seeds: int = option(3, "seeds 0 .. figure_seeds-1 of the figures' experiments; >= 10 for their verdicts")
     threads: int = option(0, "torch CPU threads (0: torch's default)")
+    progress: bool = option(True, "progress bars with each phase's numbers (the numbers also go to logs.jsonl)")
     sft_steps: int = option(1500, "SFT steps of pi_ref (64 reviews each; once, shared by all seeds)")
     beta: float = option(metarm.AdaptConfig.beta, "beta, KL coefficient of (3) and of the inner problem (5)")
     adapt_steps: int = option(
@@ -145,19 +146,21 @@ def run(cfg: Config, tmp: Path) -> dict:
     world = data.World(data.WorldConfig(seed=cfg.world_seed))
     write_datasets(world, tmp)
     with clock(timings, "sft"):
-        model, sft_losses = policy.train_pi_ref(world, cfg.sft_steps, seed=0, device=device)
+        model, sft_losses = policy.train_pi_ref(world, cfg.sft_steps, seed=0, device=device, progress=cfg.progress)
         ppl = policy.perplexity(model, world.sft[: policy.SFT_VALIDATION], device)
     print(f"SFT: validation perplexity {ppl:.3f} ({timings['sft']:.0f}s)")
     with clock(timings, "encode"):
         setup = make_setup(cfg, world, model, device)
     per_seed, samples, logs = [], [], []  # per seed: metrics and premises; samples.jsonl rows; logs
-    for seed in tqdm(range(cfg.seeds), desc="seeds"):
+    rows = [{"phase": "sft", "step": i, "loss": loss} for i, loss in enumerate(sft_losses)]  # logs.jsonl
+    for seed in tqdm(range(cfg.seeds), desc="seeds", disable=not cfg.progress):
         rms, seed_logs = train_reward_models(seed, cfg, setup, timings)
-        metrics, premises, smp = evaluate_seed(seed, cfg, setup, rms, timings)
+        metrics, premises, smp, adapted = evaluate_seed(seed, cfg, setup, rms, timings)
         per_seed.append({"metrics": metrics, "premises": premises})
         samples += smp
         logs.append({**seed_logs, "rms": rms if seed < cfg.figure_seeds else None})
-    config = {k: v for k, v in asdict(cfg).items() if k != "out"}
+        rows += log_rows(seed, seed_logs, adapted)
+    config = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")}  # what the numbers depend on
     results = summary.summarise(config, per_seed, prereg)
     results["world_version"] = data.WORLD_VERSION
     results["sft_val_perplexity"] = ppl
@@ -176,7 +179,7 @@ def run(cfg: Config, tmp: Path) -> dict:
         }
     if cfg.figures:
         results["figures"] = figures.figure_experiments(cfg, setup, logs, per_seed, sft_losses, timings, prereg)
-    write_outputs(tmp, results, samples)
+    write_outputs(tmp, results, samples, rows)
     timings["total"] = time.perf_counter() - t0
     write_json(tmp / "timings.json", timings)
     return results
@@ -253,60 +256,73 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
     def gen(k):
         return policy.generator(k, s.device)
 
+    def phase(name, total, key=None):
+        return run_phase(name, seed, total, cfg.progress, timings, key)
+
     out, logs = {}, {}
-    with clock(timings, "vanilla_rm"), stage("vanilla_rm", seed):
+    with phase("vanilla_rm", cfg.rm_steps) as progress:
         _, phi = policy.make_reward_model(model, gen(seed))
-        logs["vanilla_rm"], opt = metarm.train_reward_model(rm, phi, s.train_pairs, s.rm_cfg, gen(seed))
+        logs["vanilla_rm"], opt = metarm.train_reward_model(
+            rm, phi, s.train_pairs, s.rm_cfg, gen(seed), progress=progress
+        )
         out["vanilla_rm"], out["vanilla_opt"] = phi, opt
     if "vanilla_rm_long" in methods:
-        with clock(timings, "vanilla_rm_long"), stage("vanilla_rm_long", seed):
+        with phase("vanilla_rm_long", cfg.extra_steps) as progress:
             out["vanilla_rm_long"], opt_long = policy.continue_from(phi, opt, cfg.rm_lr)
             pair_gen = gen(seed + X_T)
-            metarm.train_reward_model(
-                rm, out["vanilla_rm_long"], s.train_pairs, s.rm_cfg, pair_gen, opt_long, cfg.extra_steps
+            logs["vanilla_rm_long"], _ = metarm.train_reward_model(
+                rm, out["vanilla_rm_long"], s.train_pairs, s.rm_cfg, pair_gen, opt_long, cfg.extra_steps, progress
             )
     if "metarm_eta0" in methods:
         # (10) at eta = 0: phi' = phi, so MetaRM's updates are vanilla_rm_long's steps (seed + X_T)
         out["metarm_eta0"] = out[METHODS["metarm_eta0"].reuses]
     if "in_domain_rm" in methods:
-        with clock(timings, "in_domain_rm"), stage("in_domain_rm", seed):
-            out["in_domain_rm"] = {}
+        with phase("in_domain_rm", len(s.domains) * cfg.ceiling_steps) as progress:
+            out["in_domain_rm"], logs["in_domain_rm"] = {}, {}
             for d in s.domains:  # a ceiling: the domain's own labels (seen by no method but the positive control)
                 out["in_domain_rm"][d], opt_d = policy.continue_from(phi, opt, cfg.rm_lr)
                 own_gen = gen(seed + 2)
-                metarm.train_reward_model(
-                    rm, out["in_domain_rm"][d], s.own_pairs[d], s.rm_cfg, own_gen, opt_d, cfg.ceiling_steps
+                logs["in_domain_rm"][d], _ = metarm.train_reward_model(
+                    rm, out["in_domain_rm"][d], s.own_pairs[d], s.rm_cfg, own_gen, opt_d, cfg.ceiling_steps, progress
                 )
     training_domains = {d: (s.prompts[d], s.domain_pairs[d]) for d in data.TRAIN_DOMAINS}
-    if "bilevel" in methods and cfg.outer_data == "own":  # the positive control: one RM per evaluation domain
-        with clock(timings, "bilevel"), stage("bilevel", seed):
-            out["bilevel"], logs["curvature"] = fits.own_data_bilevel(seed, s, phi, dpo_term=True)
+    own_steps = len(s.domains) * cfg.extra_steps  # --outer-data own: one bilevel RM per evaluation domain
+    if "bilevel" in methods and cfg.outer_data == "own":  # the positive control
+        with phase("bilevel", own_steps) as progress:
+            out["bilevel"], logs["curvature"] = fits.own_data_bilevel(seed, s, phi, True, progress)
     elif "bilevel" in methods:
-        with clock(timings, "bilevel"), stage("bilevel", seed):
+        with phase("bilevel", cfg.extra_steps) as progress:
             out["bilevel"] = policy.copy_params(phi)
             probes, checks = data.TRAIN_DOMAINS[:4], hypergradient_checks.accuracy_steps(cfg.extra_steps)
             logs["bilevel"], logs["curvature"], kept = fits.fit_bilevel(
-                seed, s, out["bilevel"], training_domains, s.train_pairs, probes, checks
+                seed, s, out["bilevel"], training_domains, s.train_pairs, probes, checks, progress
             )
-        with clock(timings, "hypergradient_accuracy"), stage("bilevel", seed):
+        with phase("bilevel", len(kept), key="hypergradient_accuracy") as progress:
             n_domains = len(training_domains)
             logs["hypergradient_accuracy"] = hypergradient_checks.accuracy_checks(
-                model, rm, s.theta_ref, kept, n_domains
+                model, rm, s.theta_ref, kept, n_domains, progress
             )
     if "bilevel_bt_only" in methods and cfg.lam == 0:
         # (7) without its DPO term is lam L_BT = 0: no step is taken, so the control is the vanilla RM
         out["bilevel_bt_only"] = out["vanilla_rm"]
     elif "bilevel_bt_only" in methods and cfg.outer_data == "own":
-        with clock(timings, "bilevel_bt_only"), stage("bilevel_bt_only", seed):
-            out["bilevel_bt_only"], _ = fits.own_data_bilevel(seed, s, phi, dpo_term=False)
+        with phase("bilevel_bt_only", own_steps) as progress:
+            out["bilevel_bt_only"], _ = fits.own_data_bilevel(seed, s, phi, False, progress)
     elif "bilevel_bt_only" in methods:
-        with clock(timings, "bilevel_bt_only"), stage("bilevel_bt_only", seed):
+        with phase("bilevel_bt_only", cfg.extra_steps) as progress:
             out["bilevel_bt_only"] = policy.copy_params(phi)
-            fits.fit_bilevel(seed, s, out["bilevel_bt_only"], {}, s.train_pairs)  # no domain: (7) is lam L_BT
+            logs["bilevel_bt_only"], _, _ = fits.fit_bilevel(
+                seed,
+                s,
+                out["bilevel_bt_only"],
+                {},
+                s.train_pairs,
+                progress=progress,  # no domain: (7) is lam L_BT
+            )
     if "dpo" in methods:
-        with clock(timings, "dpo"), stage("dpo", seed):
+        with phase("dpo", cfg.dpo_steps) as progress:
             out["dpo"], logs["dpo"] = fits.train_dpo(
-                model, s.train_pairs, cfg.dpo_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen(seed + 6)
+                model, s.train_pairs, cfg.dpo_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen(seed + 6), progress
             )
     return out, logs
 
@@ -314,7 +330,8 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
 def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
     """Every method on every evaluation domain, cfg.repeats adaptations each with common random numbers.
 
-    Returns (metrics[method][domain] averaged over repeats, premises[domain], a few samples)."""
+    Returns (metrics[method][domain] averaged over repeats, premises[domain], a few samples, each adaptation's last
+    step: its mean reward and KL). The progress bar shows, per (domain, repeat), the adaptations' mean reward."""
     world, model, methods, gold = s.world, s.model, s.methods, measure.gold_fn(s.world)
     reused = {m: source for m, source in reused_runs(cfg).items() if m in methods}
 
@@ -323,12 +340,12 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
 
     metrics = {m: {} for m in methods}
     metarm_rms = {}  # (domain, repeat) -> MetaRM's phi
-    premises, samples = {}, []
+    premises, samples, adapted = {}, [], []
+    progress = bar(f"meta-test, seed {seed}", len(s.domains) * cfg.repeats, cfg.progress)
     for i, d in enumerate(s.domains):
         prompts = s.prompts[d]
-        ref = policy.sample(
-            model, {}, prompts.repeat(8, 1), measure.MAX_NEW, gen(measure.crn_seed(seed, i, 99))
-        )  # the scale (§1)
+        scale_gen = gen(measure.crn_seed(seed, i, 99))
+        ref = policy.sample(model, {}, prompts.repeat(8, 1), measure.MAX_NEW, scale_gen)  # the reward scale (§1)
         rewards = measure.reward_functions(s, rms, d, ref)
         runs = {m: [] for m in methods}
         shifted = []  # per repeat: {RM: its accuracy on MetaRM's last shifted samples X_s}
@@ -340,7 +357,8 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
                 for m in methods:
                     if m in rewards and m not in reused:
                         with stage(m, seed):
-                            thetas[m] = metarm.adapt(model, prompts, rewards[m], s.adapt_cfg, gen(key))[0]
+                            thetas[m], log = metarm.adapt(model, prompts, rewards[m], s.adapt_cfg, gen(key))
+                        adapted.append({"domain": d, "repeat": j, "method": m, **log[-1]})
             with clock(timings, "metarm"):
                 if "metarm" in methods:
                     with stage("metarm", seed):
@@ -379,6 +397,8 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
                             s.rm, rms["vanilla_rm"], ref_eval, batch, gold, cfg.eval_samples
                         )
                         premises.setdefault(d, []).append(premise)
+            last = [a for a in adapted if (a["domain"], a["repeat"]) == (d, j)]
+            policy.show(progress, {"domain": d, "reward": mean([a["reward"] for a in last]) or 0.0})
         for m in methods:
             metrics[m][d] = {
                 k: mean([r[k] for r in runs[m]]) for k in ("gold_reward", "win_rate", "kl", "unseen_mass")
@@ -394,7 +414,8 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
             premises[d] = {k: mean([p[k] for p in premises[d]]) for k in premises[d][0]}
             # the vanilla RM's accuracy on d's held-out labelled pairs
             premises[d]["acc_behaviour_pairs"] = metrics["vanilla_rm"][d]["rm_accuracy"]
-    return metrics, premises, samples
+    progress.close()
+    return metrics, premises, samples, adapted
 
 
 def reused_runs(cfg: Config) -> dict:
@@ -494,18 +515,39 @@ def stage(method: str, seed: int):
         raise FloatingPointError(f"{method}, seed {seed}: {e}") from None
 
 
+@contextmanager
+def run_phase(name: str, seed: int, total: int, show: bool, timings: dict, key: str | None = None):
+    """One phase of a seed: its wall time added to timings[key or name], a non-finite value raised inside named with
+    the phase and the seed (stage), and, yielded, a progress bar of `total` steps for its loop to show numbers in."""
+    with clock(timings, key or name), stage(name, seed), bar(f"{key or name}, seed {seed}", total, show) as progress:
+        yield progress
+
+
+def log_rows(seed: int, seed_logs: dict, adapted: list) -> list:
+    """logs.jsonl's rows of one seed: every step of the training loops whose numbers the progress bars showed (the
+    phase, the seed, the step and the loop's own numbers), and each meta-test adaptation's last step."""
+    rows = []
+    for phase in ("vanilla_rm", "vanilla_rm_long", "bilevel", "hypergradient_accuracy", "bilevel_bt_only", "dpo"):
+        for step, entry in enumerate(seed_logs.get(phase, [])):
+            rows.append({"phase": phase, "seed": seed, "step": step, **entry})
+    for d, log in seed_logs.get("in_domain_rm", {}).items():
+        rows += [{"phase": "in_domain_rm", "seed": seed, "domain": d, "step": i, **e} for i, e in enumerate(log)]
+    return rows + [{"phase": "adaptation", "seed": seed, **entry} for entry in adapted]
+
+
 def write_datasets(world, tmp: Path):
     data.save_pairs_jsonl(world, world.pooled_pairs(data.TRAIN_DOMAINS), tmp / "train_pairs.jsonl")
     data.save_pairs_jsonl(world, world.pooled_pairs(data.DEV_DOMAINS), tmp / "dev_pairs.jsonl")
     data.save_pairs_jsonl(world, [p for d in data.DOMAINS for p in world.eval_pairs[d]], tmp / "eval_pairs.jsonl")
 
 
-def write_outputs(tmp: Path, results: dict, samples: list):
+def write_outputs(tmp: Path, results: dict, samples: list, rows: list):
     write_json(tmp / "results.json", results)
     (tmp / "results.md").write_text(plots.results_markdown(results))
-    with open(tmp / "samples.jsonl", "w") as f:
-        for row in samples:
-            f.write(json.dumps(row) + "\n")
+    for name, lines in (("samples.jsonl", samples), ("logs.jsonl", rows)):
+        with open(tmp / name, "w") as f:
+            for row in lines:
+                f.write(json.dumps(row) + "\n")
     plots.make_all(results, tmp)
 
 

@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from dataclasses import field, fields
 from pathlib import Path
 
+from tqdm import tqdm
+
 INT_LIMIT = 10**6  # an integer flag above this is refused (not a useful run)
 
 
@@ -93,6 +95,12 @@ def publish(tmp: Path, out: Path):
         out.rename(old)
     tmp.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def bar(phase: str, total: int, show: bool):
+    """A phase's progress bar: gone when the phase ends, refreshed at most twice a second, silent unless show; the
+    loop it is given to puts its numbers in the postfix (policy.show). It draws no random number."""
+    return tqdm(total=total, desc=phase, leave=False, mininterval=0.5, disable=not show)
 
 
 @contextmanager

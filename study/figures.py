@@ -17,7 +17,7 @@ import data
 import metarm
 import policy
 from study import hypergradient_checks, measure, stats, summary
-from study.cli import clock
+from study.cli import bar, clock
 
 MATCHED_KL_BETA = "0.5"  # §5.1: bilevel's curve is read at the vanilla RM's KL at beta = 0.5
 FRONTIER_BETAS = (0.25, 0.5, 1.0)  # §5.1: the points of the gold-vs-log-KL curve
@@ -30,11 +30,15 @@ def figure_experiments(cfg, s, logs: list, per_seed: list, sft_losses: list, tim
     bcfg = replace(s.bilevel_cfg)
     seeds = list(range(min(cfg.figure_seeds, cfg.seeds)))
     out = {}
+    experiments = 1 + ("metarm" in s.methods) + 2 * ("bilevel" in s.methods)
+    progress = bar(f"figures, {len(seeds)} seed(s)", experiments, cfg.progress)
     with clock(timings, "figure_frontier"):
         out["frontier"] = frontier(cfg, s, logs, per_seed, seeds, prereg)
+    policy.show(progress, {"done": "frontier"})
     if "metarm" in s.methods:
         with clock(timings, "figure_rlhf_rounds"):
             out["rlhf_rounds"] = rlhf_figure(cfg, s, logs, seeds, prereg)
+        policy.show(progress, {"done": "rlhf_rounds"})
     if "bilevel" in s.methods:
         with clock(timings, "figure_hypergradient_error"):
             phi = logs[0]["rms"]["bilevel"]
@@ -42,8 +46,11 @@ def figure_experiments(cfg, s, logs: list, per_seed: list, sft_losses: list, tim
             out["hypergradient_error"] = hypergradient_checks.hypergradient_error(
                 s.model, s.rm, s.theta_ref, s.world, phi, bcfg, curv
             )
+        policy.show(progress, {"done": "hypergradient_error"})
         with clock(timings, "figure_outer_convergence"):
             out["outer_convergence"] = outer_convergence(s, logs, seeds, bcfg)
+        policy.show(progress, {"done": "outer_convergence"})
+    progress.close()
 
     def every(xs, n=10):
         return [x for i, x in enumerate(xs) if i % n == 0]

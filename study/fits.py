@@ -14,13 +14,13 @@ import policy
 from study import hypergradient_checks
 
 
-def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=(), check_steps=()):
+def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=(), check_steps=(), progress=None):
     """Eqs. (6)-(8) on phi in place (metarm.train_bilevel): domains -> (prompts, encoded pairs) of (5) and of (7)'s
     DPO term, bt_pairs for its lam term; rho and the inner step first calibrated at theta* on one problem of each of
     probe_domains (metarm.calibrate). With no domain it is the control bilevel_bt_only: the same lam-term batches
     (the same generator), no DPO term, nothing to calibrate. check_steps: the outer steps whose inputs are kept for
     hypergradient_checks.accuracy_checks. Returns (the training log, the curvature with the rho re-checks' margins
-    and the final rho -- None for the control --, the kept inputs)."""
+    and the final rho -- None for the control --, the kept inputs). progress: a bar for train_bilevel's steps."""
     bcfg, curvature = replace(s.bilevel_cfg), None
     if domains:
         probe = {}
@@ -29,7 +29,7 @@ def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=
         curvature = metarm.calibrate(s.model, s.rm, phi, probe, bcfg, s.theta_ref)
     generator, bt_generator = policy.generator(seed + 4, s.device), policy.generator(seed + 5, s.device)
     log, inputs = hypergradient_checks.train_with_checkpoints(
-        s.model, s.rm, phi, domains, bt_pairs, bcfg, s.theta_ref, generator, bt_generator, check_steps
+        s.model, s.rm, phi, domains, bt_pairs, bcfg, s.theta_ref, generator, bt_generator, check_steps, progress
     )
     if domains:
         curvature["margins"] = [e["margin"] for e in log if "margin" in e]
@@ -37,28 +37,28 @@ def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=
     return log, curvature, inputs
 
 
-def own_data_bilevel(seed: int, s, phi: dict, dpo_term: bool):
+def own_data_bilevel(seed: int, s, phi: dict, dpo_term: bool, progress=None):
     """The positive control of the bilevel path (METHOD.md §5.2): for each evaluation domain d, (7) on d's own
     labelled pairs (its DPO term and its lam L_BT term) with (5) on d's prompts, from a copy of the vanilla RM phi;
     dpo_term=False is its control bilevel_bt_only (the same draws). Returns ({d: phi_d}, {d: curvature, with each
-    outer step's F} -- {d: None} for the control)."""
+    outer step's F} -- {d: None} for the control). progress: one bar over every domain's outer steps."""
     phis, curvature = {}, {}
     for d in s.domains:
         one_domain = {d: (s.prompts[d], s.own_pairs[d])} if dpo_term else {}
         phis[d] = policy.copy_params(phi)
-        log, curvature[d], _ = fit_bilevel(seed, s, phis[d], one_domain, s.own_pairs[d], [d])
+        log, curvature[d], _ = fit_bilevel(seed, s, phis[d], one_domain, s.own_pairs[d], [d], progress=progress)
         if dpo_term:
             curvature[d]["F"] = [e["F"] for e in log]
     return phis, curvature
 
 
-def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: float, generator):
+def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: float, generator, progress=None):
     """The DPO baseline: Eq. (2) on the pooled training pairs, Adam on the same theta as meta-test adaptation.
 
     Returns (theta, log): per step, on the step's pairs before its update, the loss and the means of
     log pi_theta(y|x) and Delta = log pi_theta - log pi_ref of the chosen and of the rejected responses;
     the log's last entry ("end") is the same on every training pair, after the last step (METHOD.md §5.2:
-    likelihood displacement)."""
+    likelihood displacement). progress: a bar that shows each step's loss."""
     theta = policy.adapted_params(model)
     opt = torch.optim.Adam(theta.values(), lr=lr)
     chosen, rejected = pairs
@@ -80,6 +80,7 @@ def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: fl
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        policy.show(progress, {"loss": log[-1]["loss"]})
     with torch.no_grad():
         delta_chosen = metarm.implicit_reward(model, theta, chosen)
         delta_rejected = metarm.implicit_reward(model, theta, rejected)

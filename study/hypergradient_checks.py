@@ -179,7 +179,9 @@ def clone_generator(generator: torch.Generator) -> torch.Generator:
     return clone
 
 
-def train_with_checkpoints(model, rm, phi, domains, bt_pairs, cfg, theta_ref, generator, bt_generator, steps=()):
+def train_with_checkpoints(
+    model, rm, phi, domains, bt_pairs, cfg, theta_ref, generator, bt_generator, steps=(), progress=None
+):
     """metarm.train_bilevel, taken in parts so that before each outer step in `steps` what that step's
     hypergradient is computed from is kept (hypergradient_accuracy's inputs): phi, the warm starts, cfg (rho and the
     inner step as the step uses them) and the step's problems, drawn by metarm.draw_outer_batch from copies of the
@@ -190,7 +192,18 @@ def train_with_checkpoints(model, rm, phi, domains, bt_pairs, cfg, theta_ref, ge
         done = 0 if state is None else state["step"]
         if stop > done:
             part, state = metarm.train_bilevel(
-                model, rm, phi, domains, bt_pairs, cfg, theta_ref, generator, bt_generator, stop - done, state
+                model,
+                rm,
+                phi,
+                domains,
+                bt_pairs,
+                cfg,
+                theta_ref,
+                generator,
+                bt_generator,
+                stop - done,
+                state,
+                progress,
             )
             log += part
         if stop < cfg.outer_steps:
@@ -203,10 +216,10 @@ def train_with_checkpoints(model, rm, phi, domains, bt_pairs, cfg, theta_ref, ge
     return log, inputs
 
 
-def accuracy_checks(model, rm, theta_ref: dict, inputs: list, n_domains: int) -> list:
+def accuracy_checks(model, rm, theta_ref: dict, inputs: list, n_domains: int, progress=None) -> list:
     """hypergradient_accuracy of each kept step (train_with_checkpoints' inputs): {"step", "cosine", "rel_error",
     "norm"}; where the reference's Newton solve failed, cosine and rel_error None and "failed": why (the run goes
-    on, and report warns)."""
+    on, and report warns). progress: a bar that shows each check's cosine."""
     checks = []
     for kept in inputs:
         try:
@@ -214,6 +227,7 @@ def accuracy_checks(model, rm, theta_ref: dict, inputs: list, n_domains: int) ->
         except FloatingPointError as e:
             accuracy = {"cosine": None, "rel_error": None, "failed": str(e)}
         checks.append({"step": kept["step"], **accuracy})
+        policy.show(progress, {"step": kept["step"], "cosine": accuracy["cosine"]})
     return checks
 
 

@@ -3,13 +3,14 @@ load no torch, and every `module.function` that README.md and METHOD.md name exi
 """
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, documented_names, resolve
+from conftest import DOCUMENTS, ROOT, documented_names, resolve
 
 REFERENCE = ("data", "policy", "bilevel", "metarm")
 
@@ -41,12 +42,25 @@ def test_the_statistics_load_no_torch():
 
 
 def test_every_module_function_the_documents_name_resolves():
-    """Every `module.name` in backticks in README.md and METHOD.md (a reference module, train, study.*, conftest)
+    """Every `module.name` in backticks in README.md, METHOD.md and the report (a reference module, train, study.*,
+    conftest)
     is a module, function, class or attribute that exists; the extra's (hf.*) are checked by test_hf.py."""
     names = [n for n in documented_names() if not n.startswith("hf.")]
     assert len(names) > 50  # the documents do name the code
     missing = [n for n in names if not resolve(n)]
     assert not missing, missing
+
+
+def test_every_test_the_documents_name_exists():
+    """Every `test_...` in backticks in README.md, METHOD.md and the report is a test function of the project."""
+    defined = set()
+    for path in [*ROOT.glob("test_*.py"), *(ROOT / "study").glob("test_*.py")]:
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), re.M))
+    named = set()
+    for doc in DOCUMENTS:
+        named |= set(re.findall(r"`(test_\w+)`", (ROOT / doc).read_text()))
+    assert len(named) > 30
+    assert not named - defined, sorted(named - defined)
 
 
 def test_a_renamed_function_is_caught():

@@ -316,7 +316,7 @@ def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypat
     monkeypatch.setattr(metarm, "draw_problem", lambda *a: "probe")
     monkeypatch.setattr(metarm, "calibrate", lambda model, rm, phi, probe, cfg, tr: calibrated.append(probe) or {})
 
-    def fake_train(model, rm, phi, domains, bt_pairs, cfg, theta_ref, gen, bt_gen, steps=None, state=None):
+    def fake_train(model, rm, phi, domains, bt_pairs, cfg, theta_ref, gen, bt_gen, steps=None, state=None, bar=None):
         calls.append((domains, bt_pairs, gen.initial_seed(), bt_gen.initial_seed()))
         phi["w"].data += len(calls)
         return [{"F": 1.0, "margin": 0.5}], {"step": cfg.outer_steps}
@@ -451,14 +451,15 @@ OWN_DATA_RUN = TINY_RUN + [
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    """Two tiny runs of the whole pipeline with the same seed, into two folders; a third with every numeric flag at
+    """Two tiny runs of the whole pipeline with the same seed, into two folders, the second without progress bars; a
+    third with every numeric flag at
     its boundary (BOUNDARY_RUN), figures included, their fixed budgets cut to one step (only the time changes); a
     fourth of the bilevel positive control (OWN_DATA_RUN)."""
     outs = [tmp_path_factory.mktemp("run") / "out" for _ in range(4)]
     with pytest.MonkeyPatch.context() as mp:
         small_world(mp)
         assert train.main(TINY_RUN + ["--out", str(outs[0])]) == 0
-        assert train.main(TINY_RUN + ["--out", str(outs[1])]) == 0
+        assert train.main(TINY_RUN + ["--progress", "0", "--out", str(outs[1])]) == 0  # no bars: the same numbers
         mp.setattr(
             hypergradient_checks,
             "hypergradient_error",
@@ -504,14 +505,27 @@ def test_every_flag_at_its_boundary_runs_and_its_reused_runs_are_exact(tiny_run)
 
 
 def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(tiny_run):
-    """Byte-identical results.json; every output; results.json's schema (paired, ceilings, premises); samples' gold
-    rewards recomputed from their text; SFT has KL 0; the oracle beats SFT."""
+    """Byte-identical results.json with and without progress bars; every output; logs.jsonl holds the numbers the
+    bars show, the same in both runs; results.json's schema (paired, ceilings, premises); samples' gold rewards
+    recomputed from their text; SFT has KL 0; the oracle beats SFT."""
     out = tiny_run[0]
     assert (out / "results.json").read_bytes() == (tiny_run[1] / "results.json").read_bytes()
+    assert (out / "logs.jsonl").read_bytes() == (tiny_run[1] / "logs.jsonl").read_bytes()
+    rows = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines()]
+    phases = {row["phase"] for row in rows}
+    assert {"sft", "vanilla_rm", "vanilla_rm_long", "in_domain_rm", "bilevel", "bilevel_bt_only", "dpo"} <= phases
+    assert {"hypergradient_accuracy", "adaptation"} <= phases
+    bilevel = [row for row in rows if row["phase"] == "bilevel"]
+    assert [row["step"] for row in bilevel] == [0, 1] and {"F", "grad_norm", "hvps"} <= set(bilevel[0])
+    vanilla = [row["loss"] for row in rows if row["phase"] == "vanilla_rm"]
+    assert len(vanilla) == 20 and all(math.isfinite(x) for x in vanilla)  # TINY_RUN: --rm-steps 20
+    adapted = [m for m, row in METHODS.items() if row.adapts_with in ("rm", "gold", "agnostic gold")]  # 7
+    assert len([row for row in rows if row["phase"] == "adaptation"]) == len(adapted) * len(data.DEV_DOMAINS)
     names = (
         "results.json",
         "results.md",
         "samples.jsonl",
+        "logs.jsonl",
         "timings.json",
         "train_pairs.jsonl",
         "dev_pairs.jsonl",
