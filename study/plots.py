@@ -136,24 +136,52 @@ def errorbar(ax, x, ivs, **kw):
     ax.errorbar(x, means, yerr=err, capsize=3, **kw)
 
 
-def gold_and_paired(results, path):
-    """Figure 1: gold reward per method with its interval, and the paired differences with theirs."""
-    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4))
+def paired_rows(ax, rows: list, delta: float | None, xlabel: str):
+    """Horizontal paired differences (name, interval dict, verdict or None), top to bottom, each mean with its 95 %
+    interval; the band -delta .. +delta shaded when delta is given; each row's verdict written at the right edge."""
+    for i, (name, p, verdict) in enumerate(rows):
+        lo, hi = p["ci95"] or [p["mean"], p["mean"]]
+        ax.plot([lo, hi], [i, i], color="black", lw=1.5)
+        ax.plot([p["mean"]], [i], "o", color="black", ms=4)
+        if verdict:
+            ax.annotate(verdict, (1.01, i), xycoords=("axes fraction", "data"), va="center", fontsize=8)
+    if delta is not None:
+        ax.axvspan(-delta, delta, color="tab:green", alpha=0.12, lw=0, label=f"±δ = {delta}")
+        ax.legend(fontsize=7, loc="lower left")
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.set_yticks(range(len(rows)), [name for name, _, _ in rows], fontsize=8)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel(xlabel, fontsize=8)
+
+
+def gold_and_paired(results, path, primary: list):
+    """Figure 1: gold reward per method with its interval; the primary comparisons on their own scale with the
+    registered +-delta band and each verdict beside its row; the baselines', controls' and ceilings' differences in
+    a panel of their own (all paired over seeds, 95 % intervals)."""
+    fig = plt.figure(figsize=(11, 7.5))
+    grid = fig.add_gridspec(2, 2, height_ratios=(1, 1), width_ratios=(1, 1.25))
+    a, b, c = fig.add_subplot(grid[:, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, 1])
     methods = list(results["methods"])
     for i, m in enumerate(methods):
-        errorbar(a, [i], [results["methods"][m]["gold_reward"]], fmt="o", color=COLORS[m])
-    a.set_xticks(range(len(methods)), [METHODS[m].label for m in methods], rotation=45, ha="right", fontsize=8)
-    a.set_ylabel("gold reward (mean over domains)")
-    a.set_title(f"{len(results['domains'])} domains, {results['config']['seeds']} seeds, 95 % CI", fontsize=9)
-    names = list(results["paired"])
-    for i, name in enumerate(names):
-        p = results["paired"][name]
-        lo, hi = p["ci95"] or [p["mean"], p["mean"]]
-        b.plot([lo, hi], [i, i], color="black")
-        b.plot([p["mean"]], [i], "o", color="black")
-    b.axvline(0, color="gray", lw=0.8)
-    b.set_yticks(range(len(names)), names, fontsize=8)
-    b.set_xlabel("paired difference in gold reward, 95 % CI over seeds")
+        iv = results["methods"][m]["gold_reward"]
+        lo, hi = iv["ci95"] or [iv["mean"], iv["mean"]]
+        a.errorbar([iv["mean"]], [i], xerr=[[iv["mean"] - lo], [hi - iv["mean"]]], fmt="o", capsize=3, color=COLORS[m])
+    a.set_yticks(range(len(methods)), [METHODS[m].label for m in methods], fontsize=8)
+    a.set_ylim(len(methods) - 0.5, -0.5)
+    a.set_xlabel("gold reward (mean over domains), 95 % CI", fontsize=8)
+    a.set_title(f"{len(results['domains'])} domains, {results['config']['seeds']} seeds", fontsize=9)
+    delta = results["delta"]["gold_reward"]
+    names = [n for n in primary if n in results["paired"]]
+    rows = [(n, results["paired"][n], results["paired"][n]["verdict"]) for n in names]
+    paired_rows(b, rows, delta, "paired difference in gold reward")
+    b.set_title("the primary comparisons (pre-registered)", fontsize=9)
+    others = [n for n in results["paired"] if n not in names]
+    rows = [
+        (n, results["paired"][n], results["paired"][n]["verdict"].replace("n/a (a ceiling)", "ceiling"))
+        for n in others
+    ]
+    paired_rows(c, rows, None, "paired difference in gold reward")
+    c.set_title("baselines, controls and ceilings", fontsize=9)
     save(fig, path)
 
 
@@ -176,10 +204,14 @@ def frontier(fig_data, path):
                 capsize=2,
                 label=METHODS[m].label if b == betas[0] else None,
             )
-            ax.annotate(f"β={b}", (ki["mean"], gi["mean"]), fontsize=6)
+            ax.annotate(f"β={b}", (ki["mean"], gi["mean"]), xytext=(6, -10), textcoords="offset points", fontsize=7)
     ax.set_xlabel("KL(π‖π_ref)")
     ax.set_ylabel("gold reward")
-    ax.set_title(f"{', '.join(fig_data['domains'])}; {len(fig_data['seeds'])} seeds, 95 % CI", fontsize=9)
+    ax.set_title(
+        f"{', '.join(fig_data['domains'])}; {len(fig_data['seeds'])} seeds, 95 % CI\n"
+        "β = 0.5: the main table's adaptations; the other β: a separate experiment",
+        fontsize=8,
+    )
     ax.legend(fontsize=8)
     save(fig, path)
 
@@ -198,7 +230,8 @@ def hypergradient_error(fig_data, path):
     ax.set_xlabel("Hessian-vector products")
     ax.set_ylabel("relative error of dF/dr")
     ax.set_title(
-        f"{fig_data['domain']}: reference checked by finite differences ({fig_data['fd_check_rel_error']:.1e})",
+        f"a separate experiment on {fig_data['domain']}'s inner problem, seed 0's bilevel RM;\n"
+        f"its reference agrees with finite differences to {fig_data['fd_check_rel_error']:.1e}",
         fontsize=8,
     )
     ax.legend(fontsize=8)
@@ -216,28 +249,57 @@ def outer_convergence(fig_data, path):
         ax.set_title("raw, full batch" if key == "ratio" else "running minimum", fontsize=9)
         ax.legend(fontsize=8)
     axes[0].set_ylabel("‖∇F(φ_k)‖² / ‖∇F(φ_0)‖²")
+    fig.suptitle(
+        f"a separate experiment: fixed candidates and pairs, ρ and the inner step held fixed; {len(fig_data['seeds'])}"
+        " seeds, 95 % CI",
+        fontsize=9,
+    )
     save(fig, path)
 
 
-def rlhf_rounds(fig_data, path):
-    """Figure 5: iterative RLHF: the RM's normalised spread and the policy's gold reward per round."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+def rlhf_rounds(fig_data, path, premise=None):
+    """Figure 5: iterative RLHF, MetaRM - eta = 0 per round as a paired difference with its interval and the
+    registered +-delta band, in the policy's gold reward and in the RM's accuracy on the round's samples, each later
+    round's verdict beside it; and MetaRM's premise, the collapse ratio against its registered threshold."""
+    panels = 3 if premise else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6))
     rounds = list(range(1, fig_data["rounds"] + 1))
-    for ax, key in zip(axes, ("spread", "gold")):
-        for i, name in enumerate(("metarm", "metarm_eta0")):
-            errorbar(
-                ax,
-                [r + 0.08 * i for r in rounds],
-                fig_data[name][key],
-                fmt="o-",
-                color=COLORS[name],
-                label=METHODS[name].label,
-            )
-        ax.set_xlabel("RLHF round")
+    deltas = {"gold": 0.10, "rm_accuracy": 0.05}
+    titles = {"gold": "gold reward of the round's policy", "rm_accuracy": "RM pair accuracy on the round's samples"}
+    for ax, key in zip(axes, ("gold", "rm_accuracy")):
+        verdicts = {v["round"]: v for v in fig_data["verdicts"][key]}
+        delta = next(iter(verdicts.values()))["delta"] if verdicts else deltas[key]
+        ax.axhspan(-delta, delta, color="tab:green", alpha=0.12, lw=0, label=f"±δ = {delta}")
+        ax.axhline(0, color="gray", lw=0.8)
+        for r, iv in zip(rounds, fig_data["metarm - metarm_eta0"][key]):
+            if iv is None:
+                continue
+            errorbar(ax, [r], [iv], fmt="o", color="tab:orange")
+            if r in verdicts:
+                ax.annotate(
+                    verdicts[r]["verdict"].split(" (")[0],
+                    (r, 1.02),
+                    xycoords=("data", "axes fraction"),
+                    ha="center",
+                    fontsize=7,
+                )
         ax.set_xticks(rounds)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("std(r_i − r_j) / std(r), same prompt")
-    axes[1].set_ylabel("gold reward of the round's policy")
+        ax.set_xlim(0.5, rounds[-1] + 0.5)
+        ax.set_xlabel("RLHF round (round 1: the same run for both)", fontsize=8)
+        ax.set_ylabel("MetaRM − η = 0, paired over seeds", fontsize=8)
+        ax.set_title(titles[key], fontsize=9, pad=14)
+        ax.legend(fontsize=7, loc="lower left")
+    if premise:
+        ax = axes[2]
+        errorbar(ax, [0], [premise], fmt="o", color="tab:blue")
+        ax.axhline(premise["threshold"], color="tab:red", ls="--", lw=1, label=f"threshold {premise['threshold']}")
+        ax.axhline(1, color="gray", lw=0.8)
+        ax.set_xticks([0], ["the vanilla RM, this run's evaluation domains"], fontsize=8)
+        ax.set_ylim(0, max(1.1, (premise["ci95"] or [0, premise["mean"]])[1] * 1.1))
+        ax.set_ylabel("collapse ratio (adapted / π_ref)", fontsize=8)
+        ax.set_title("MetaRM's premise: " + ("holds" if premise["holds"] else "does not hold"), fontsize=9, pad=14)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{len(fig_data['seeds'])} seeds; a separate experiment on the training domains' prompts", fontsize=9)
     save(fig, path)
 
 
@@ -254,6 +316,7 @@ def training_curves(fig_data, path):
         ax.plot(smooth, color="tab:blue", label=f"mean of last {w}")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
+    fig.suptitle("drawn from seed 0's training logs (logs.jsonl holds every seed's)", fontsize=9)
     save(fig, path)
 
 
@@ -279,17 +342,21 @@ def worlds_markdown(pooled: dict) -> str:
 def make_all(results, out_dir):
     """Every figure whose data is in results, as PNGs in out_dir."""
     out_dir = Path(out_dir)
-    gold_and_paired(results, out_dir / "gold_reward.png")
+    primary = [f"{a} - {b}" for a, b in summary.read_preregistration()["primary"]]
+    gold_and_paired(results, out_dir / "gold_reward.png", primary)
     figs = results.get("figures", {})
     for key, draw in [
         ("frontier", frontier),
         ("hypergradient_error", hypergradient_error),
         ("outer_convergence", outer_convergence),
-        ("rlhf_rounds", rlhf_rounds),
         ("training_curves", training_curves),
     ]:
         if key in figs:
             draw(figs[key], out_dir / f"{key}.png")
+    if "rlhf_rounds" in figs:
+        rlhf_rounds(
+            figs["rlhf_rounds"], out_dir / "rlhf_rounds.png", results.get("premises", {}).get("collapse_ratio")
+        )
 
 
 def main(argv=None) -> int:

@@ -322,3 +322,21 @@ def test_methods_table_is_data_the_pipeline_and_plots_read():
     assert all(plots.COLORS[m] == row.color for m, row in METHODS.items())
     assert len({row.color for row in METHODS.values()}) == len(METHODS)
     assert len({row.label for row in METHODS.values()}) == len(METHODS)
+
+
+def test_paired_rows_draw_the_band_and_each_verdict():
+    """Figure 1's panels (study/plots.py): one row per comparison with its interval, top to bottom, the registered
+    +-delta band shaded, each verdict written beside its row; no band where no delta is given."""
+    import matplotlib.pyplot as plt
+
+    rows = [("a - b", {"mean": 0.1, "ci95": [0.0, 0.2]}, "undetermined"), ("c - d", {"mean": -0.05, "ci95": None}, "")]
+    fig, (ax, bare) = plt.subplots(1, 2)
+    plots.paired_rows(ax, rows, 0.1, "x")
+    plots.paired_rows(bare, rows, None, "x")
+    assert [t.get_text() for t in ax.texts] == ["undetermined"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["a - b", "c - d"]
+    band = [p for p in ax.patches]
+    assert len(band) == 1 and band[0].get_x() == pytest.approx(-0.1) and band[0].get_width() == pytest.approx(0.2)
+    assert not bare.patches
+    assert [list(line.get_xdata()) for line in ax.lines[:2]] == [[0.0, 0.2], [0.1]]
+    plt.close(fig)
