@@ -85,8 +85,8 @@ def hvp(fn: Callable[[Params], torch.Tensor], params: Params, v: Params, mode: s
     Args:
         fn: params dict -> scalar tensor, twice differentiable.  v: dict shaped like params.
         params: the point where H is taken (treated as a constant; not modified).
-        mode: "rev" = double backward, ∇[∇fn · v] (the default: the cheaper one here, README: Performance); "fwd" =
-            forward-over-reverse, the JVP of ∇fn along v (torch.func: no in-place ops, no .item()).
+        mode: "rev" = double backward, ∇[∇fn · v] (the default: the cheaper one here, README: Performance);
+            "fwd" = forward-over-reverse, the JVP of ∇fn along v (torch.func: no in-place ops, no .item()).
     Returns: H v, a dict of detached tensors.
     """
     if mode == "rev":

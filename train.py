@@ -179,7 +179,7 @@ def run(cfg: Config, tmp: Path) -> dict:
         }
     if cfg.figures:
         results["figures"] = figures.figure_experiments(cfg, setup, logs, per_seed, sft_losses, timings, prereg)
-    write_outputs(tmp, results, samples, rows)
+    write_outputs(tmp, results, samples, rows, prereg)
     timings["total"] = time.perf_counter() - t0
     write_json(tmp / "timings.json", timings)
     return results
@@ -311,13 +311,9 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
     elif "bilevel_bt_only" in methods:
         with phase("bilevel_bt_only", cfg.extra_steps) as progress:
             out["bilevel_bt_only"] = policy.copy_params(phi)
+            # no domain: (7) is lam L_BT alone, on the same batches as bilevel's lam term
             logs["bilevel_bt_only"], _, _ = fits.fit_bilevel(
-                seed,
-                s,
-                out["bilevel_bt_only"],
-                {},
-                s.train_pairs,
-                progress=progress,  # no domain: (7) is lam L_BT
+                seed, s, out["bilevel_bt_only"], {}, s.train_pairs, progress=progress
             )
     if "dpo" in methods:
         with phase("dpo", cfg.dpo_steps) as progress:
@@ -541,14 +537,14 @@ def write_datasets(world, tmp: Path):
     data.save_pairs_jsonl(world, [p for d in data.DOMAINS for p in world.eval_pairs[d]], tmp / "eval_pairs.jsonl")
 
 
-def write_outputs(tmp: Path, results: dict, samples: list, rows: list):
+def write_outputs(tmp: Path, results: dict, samples: list, rows: list, prereg: dict):
     write_json(tmp / "results.json", results)
     (tmp / "results.md").write_text(plots.results_markdown(results))
     for name, lines in (("samples.jsonl", samples), ("logs.jsonl", rows)):
         with open(tmp / name, "w") as f:
             for row in lines:
                 f.write(json.dumps(row) + "\n")
-    plots.make_all(results, tmp)
+    plots.make_all(results, tmp, prereg)
 
 
 def main(argv=None) -> int:

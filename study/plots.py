@@ -250,8 +250,8 @@ def outer_convergence(fig_data, path):
         ax.legend(fontsize=8)
     axes[0].set_ylabel("‖∇F(φ_k)‖² / ‖∇F(φ_0)‖²")
     fig.suptitle(
-        f"a separate experiment: fixed candidates and pairs, ρ and the inner step held fixed; {len(fig_data['seeds'])}"
-        " seeds, 95 % CI",
+        "a separate experiment: fixed candidates and pairs, ρ and the inner step held fixed; "
+        f"{len(fig_data['seeds'])} seeds, 95 % CI",
         fontsize=9,
     )
     save(fig, path)
@@ -339,10 +339,11 @@ def worlds_markdown(pooled: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def make_all(results, out_dir):
-    """Every figure whose data is in results, as PNGs in out_dir."""
+def make_all(results, out_dir, prereg: dict):
+    """Every figure whose data is in results, as PNGs in out_dir; prereg (summary.read_preregistration) names the
+    primary comparisons."""
     out_dir = Path(out_dir)
-    primary = [f"{a} - {b}" for a, b in summary.read_preregistration()["primary"]]
+    primary = [f"{a} - {b}" for a, b in prereg["primary"]]
     gold_and_paired(results, out_dir / "gold_reward.png", primary)
     figs = results.get("figures", {})
     for key, draw in [
@@ -368,14 +369,15 @@ def main(argv=None) -> int:
             print(f"study.plots: error: no results.json in {folder}", file=sys.stderr)
             return 2
     runs = [json.loads((folder / "results.json").read_text()) for folder in folders]
+    prereg = summary.read_preregistration()
     if len(runs) == 1:
-        make_all(runs[0], folders[0])
+        make_all(runs[0], folders[0], prereg)
         return 0
     seeds = [run["config"].get("world_seed", 0) for run in runs]
     if len(set(seeds)) < len(seeds):
         print(f"study.plots: error: the runs must be of different worlds (world seeds {seeds})", file=sys.stderr)
         return 2
-    pooled = summary.pool_worlds(dict(zip(seeds, runs)), summary.read_preregistration())
+    pooled = summary.pool_worlds(dict(zip(seeds, runs)), prereg)
     print(worlds_markdown(pooled), end="")
     return 0
 
