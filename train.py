@@ -3,8 +3,8 @@
 SFT pi_ref on the unlabelled corpus -> for each seed: the reward models of every method and control -> on every
 evaluation domain, `repeats` meta-test adaptations (3) per method with common random numbers -> evaluation ->
 paired statistics over seeds with the pre-registered verdicts, ceilings, the papers' premises; then the figures'
-experiments at --figure-seeds seeds. Writes results.json / results.md / samples.jsonl / timings.json / datasets /
-PNGs into --out, replacing an earlier run only once the new one is complete.
+experiments at --figure-seeds seeds. Writes results.json / results.md / samples.jsonl / logs.jsonl / timings.json /
+provenance.json / datasets / PNGs into --out, replacing an earlier run only once the new one is complete.
 
 The reference (data.py, policy.py, bilevel.py, metarm.py) holds the papers' math; study/ holds what measures it:
 the table of methods, the metrics and premises, the statistics and verdicts, the figures, the command line.
@@ -12,11 +12,13 @@ the table of methods, the metrics and premises, the statistics and verdicts, the
 
 import json
 import math
+import shlex
 import shutil
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -26,7 +28,7 @@ import data
 import metarm
 import policy
 from study import figures, fits, hypergradient_checks, measure, plots, summary
-from study.cli import BadInput, bar, clock, option, parse, prepare_out, publish, write_json
+from study.cli import BadInput, bar, clock, option, parse, prepare_out, provenance, publish, write_json
 from study.methods import METHODS
 from study.stats import mean
 
@@ -36,7 +38,10 @@ X_T = 1
 
 @dataclass
 class Config:
-    seeds: int = option(10, "number of seeds 0 .. seeds-1; the seed is the statistical unit")
+    seeds: int = option(10, "number of seeds, first-seed .. first-seed + seeds - 1; the seed is the statistical unit")
+    first_seed: int = option(
+        0, "the first seed (10: the confirmatory run's fresh seeds, streams of their own; world 0's pi_ref still)"
+    )
     out: str = option("runs/latest", "output folder (replaced only when the run is complete)")
     device: str = option("auto", "auto | cpu | cuda")
     world_seed: int = option(
@@ -46,7 +51,9 @@ class Config:
     methods: str = option(",".join(METHODS), "comma-separated subset of the methods (study/methods.py)")
     quick: bool = option(False, "a smoke run: 1 seed, small budgets, no figures (< 1 min)")
     figures: bool = option(True, "run the figures' experiments")
-    figure_seeds: int = option(3, "seeds 0 .. figure_seeds-1 of the figures' experiments; >= 10 for their verdicts")
+    figure_seeds: int = option(
+        3, "the run's first figure-seeds seeds run the figures' experiments; >= 10 for verdicts"
+    )
     threads: int = option(0, "torch CPU threads (0: torch's default)")
     progress: bool = option(True, "progress bars with each phase's numbers (the numbers also go to logs.jsonl)")
     sft_steps: int = option(1500, "SFT steps of pi_ref (64 reviews each; once, shared by all seeds)")
@@ -138,7 +145,7 @@ class Setup:
 # ==== The pipeline ==============================================================================
 def run(cfg: Config, tmp: Path) -> dict:
     """The whole experiment; every output goes into tmp. Returns the results dict."""
-    device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    device = pick_device(cfg)
     print("config:", json.dumps(asdict(cfg)))
     prereg = summary.read_preregistration()
     timings = {}
@@ -153,14 +160,17 @@ def run(cfg: Config, tmp: Path) -> dict:
         setup = make_setup(cfg, world, model, device)
     per_seed, samples, logs = [], [], []  # per seed: metrics and premises; samples.jsonl rows; logs
     rows = [{"phase": "sft", "step": i, "loss": loss} for i, loss in enumerate(sft_losses)]  # logs.jsonl
-    for seed in tqdm(range(cfg.seeds), desc="seeds", disable=not cfg.progress):
+    seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    for seed in tqdm(seeds, desc="seeds", disable=not cfg.progress):
         rms, seed_logs = train_reward_models(seed, cfg, setup, timings)
         metrics, premises, smp, adapted = evaluate_seed(seed, cfg, setup, rms, timings)
         per_seed.append({"metrics": metrics, "premises": premises})
         samples += smp
-        logs.append({**seed_logs, "rms": rms if seed < cfg.figure_seeds else None})
+        logs.append({**seed_logs, "rms": rms if seed < seeds[0] + cfg.figure_seeds else None})
         rows += log_rows(seed, seed_logs, adapted)
     config = {k: v for k, v in asdict(cfg).items() if k not in ("out", "progress")}  # what the numbers depend on
+    if not cfg.first_seed:
+        del config["first_seed"]  # a default run's results.json as before the flag
     results = summary.summarise(config, per_seed, prereg)
     results["world_version"] = data.WORLD_VERSION
     results["sft_val_perplexity"] = ppl
@@ -183,6 +193,10 @@ def run(cfg: Config, tmp: Path) -> dict:
     timings["total"] = time.perf_counter() - t0
     write_json(tmp / "timings.json", timings)
     return results
+
+
+def pick_device(cfg: Config) -> str:
+    return "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
 def make_setup(cfg: Config, world, model, device) -> Setup:
@@ -261,15 +275,15 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
 
     out, logs = {}, {}
     with phase("vanilla_rm", cfg.rm_steps) as progress:
-        _, phi = policy.make_reward_model(model, gen(seed))
+        _, phi = policy.make_reward_model(model, gen(measure.stream(seed)))
         logs["vanilla_rm"], opt = metarm.train_reward_model(
-            rm, phi, s.train_pairs, s.rm_cfg, gen(seed), progress=progress
+            rm, phi, s.train_pairs, s.rm_cfg, gen(measure.stream(seed)), progress=progress
         )
         out["vanilla_rm"], out["vanilla_opt"] = phi, opt
     if "vanilla_rm_long" in methods:
         with phase("vanilla_rm_long", cfg.extra_steps) as progress:
             out["vanilla_rm_long"], opt_long = policy.continue_from(phi, opt, cfg.rm_lr)
-            pair_gen = gen(seed + X_T)
+            pair_gen = gen(measure.stream(seed, X_T))
             logs["vanilla_rm_long"], _ = metarm.train_reward_model(
                 rm, out["vanilla_rm_long"], s.train_pairs, s.rm_cfg, pair_gen, opt_long, cfg.extra_steps, progress
             )
@@ -281,7 +295,7 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
             out["in_domain_rm"], logs["in_domain_rm"] = {}, {}
             for d in s.domains:  # a ceiling: the domain's own labels (seen by no method but the positive control)
                 out["in_domain_rm"][d], opt_d = policy.continue_from(phi, opt, cfg.rm_lr)
-                own_gen = gen(seed + 2)
+                own_gen = gen(measure.stream(seed, 2))
                 logs["in_domain_rm"][d], _ = metarm.train_reward_model(
                     rm, out["in_domain_rm"][d], s.own_pairs[d], s.rm_cfg, own_gen, opt_d, cfg.ceiling_steps, progress
                 )
@@ -318,7 +332,14 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
     if "dpo" in methods:
         with phase("dpo", cfg.dpo_steps) as progress:
             out["dpo"], logs["dpo"] = fits.train_dpo(
-                model, s.train_pairs, cfg.dpo_steps, 64, cfg.dpo_lr, cfg.beta_dpo, gen(seed + 6), progress
+                model,
+                s.train_pairs,
+                cfg.dpo_steps,
+                64,
+                cfg.dpo_lr,
+                cfg.beta_dpo,
+                gen(measure.stream(seed, 6)),
+                progress,
             )
     return out, logs
 
@@ -345,6 +366,7 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
         rewards = measure.reward_functions(s, rms, d, ref)
         runs = {m: [] for m in methods}
         shifted = []  # per repeat: {RM: its accuracy on MetaRM's last shifted samples X_s}
+        widened = []  # per repeat: {RM: its within-prompt |r_i - r_j| on X_s, on its own scale}
         for j in range(cfg.repeats):
             key = measure.crn_seed(seed, i, j)
             ref_eval = policy.sample(model, {}, prompts.repeat(cfg.eval_samples, 1), measure.MAX_NEW, gen(key + 500))
@@ -371,12 +393,15 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
                             s.adapt_cfg,
                             adapt_seed=key,
                             sample_generator=gen(key + 1),
-                            pair_generator=gen(seed + X_T),  # vanilla_rm_long's pairs: at eta = 0 its steps
+                            pair_generator=gen(
+                                measure.stream(seed, X_T)
+                            ),  # vanilla_rm_long's pairs: at eta = 0 its steps
                             meta_generator=gen(key + 3),
                             theta_first=thetas.get("vanilla_rm"),
                         )
                         metarm_rms[(d, j)] = phi
                         shifted.append(measure.shifted_accuracy(s, rms, phi, meta_sets[-1], gold))
+                        widened.append(measure.shifted_widening(s, rms, phi, meta_sets[-1], ref))
             for m, source in reused.items():  # its reward model is source's (train_reward_models), so is its policy
                 thetas[m] = thetas[source]
             with clock(timings, "evaluation"):
@@ -406,6 +431,7 @@ def evaluate_seed(seed: int, cfg: Config, s: Setup, rms: dict, timings: dict):
             metrics[m][d]["shifted_accuracy"] = (
                 mean([acc[m] for acc in shifted]) if shifted and m in shifted[0] else None
             )
+            metrics[m][d]["shifted_widening"] = mean([w[m] for w in widened]) if widened and m in widened[0] else None
         if d in premises:
             premises[d] = {k: mean([p[k] for p in premises[d]]) for k in premises[d][0]}
             # the vanilla RM's accuracy on d's held-out labelled pairs
@@ -558,7 +584,11 @@ def main(argv=None) -> int:
     try:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        started, t0 = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), time.perf_counter()
         results = run(cfg, tmp)
+        command = shlex.join(["python", "train.py", *(sys.argv[1:] if argv is None else argv)])
+        seconds = time.perf_counter() - t0
+        write_json(tmp / "provenance.json", provenance(command, started, seconds, pick_device(cfg)))
         publish(tmp, out)
     except (FloatingPointError, KeyboardInterrupt) as e:
         what = "interrupted" if isinstance(e, KeyboardInterrupt) else str(e)

@@ -7,12 +7,17 @@ in only when complete, so a crash or Ctrl-C never leaves a half-written run nor 
 
 import argparse
 import json
+import os
+import platform
 import shutil
+import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import field, fields
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 INT_LIMIT = 10**6  # an integer flag above this is refused (not a useful run)
@@ -113,3 +118,44 @@ def clock(timings: dict, key: str):
 
 def write_json(path: Path, obj):
     path.write_text(json.dumps(obj, indent=1) + "\n")
+
+
+def git(*args) -> str | None:
+    """A git command's output in the repository holding this file, None where there is no git or no repository."""
+    try:
+        done = subprocess.run(["git", *args], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform's answer elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(command: str, started: str, seconds: float, device: str) -> dict:
+    """What a run was computed with, for provenance.json beside its results.json (never inside it, so that
+    results.json stays byte-identical between runs of one command): the command, the commit and whether tracked
+    files differed from it, the versions, the thread count, the CPU, the device, the start (UTC) and the wall time."""
+    changed = git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "command": command,
+        "commit": git("rev-parse", "HEAD"),
+        "uncommitted_changes": None if changed is None else bool(changed),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "platform": sys.platform,
+        "device": device,
+        "started_utc": started,
+        "seconds": round(seconds, 1),
+    }

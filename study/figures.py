@@ -4,8 +4,8 @@
   read at matched KL (a registered secondary comparison);
 - rlhf_figure: MetaRM in iterative RLHF, the paper's main setting, against eta = 0, per round (registered too);
 - the hypergradient's error against its cost (study/hypergradient_checks.py) and the outer objective's stationarity;
-- the training curves of seed 0.
-`s` is train.py's Setup; `logs[seed]["rms"]` that seed's reward models.
+- the training curves of the run's first seed.
+`s` is train.py's Setup; `logs` and `per_seed` are lists in the run's seed order, `logs[i]["rms"]` its reward models.
 """
 
 import warnings
@@ -25,10 +25,13 @@ FRONTIER_BETAS = (0.25, 0.5, 1.0)  # §5.1: the points of the gold-vs-log-KL cur
 
 def figure_experiments(cfg, s, logs: list, per_seed: list, sft_losses: list, timings: dict, prereg: dict) -> dict:
     """Reward-vs-KL frontier, RLHF rounds, hypergradient error, outer convergence, training curves: at the first
-    cfg.figure_seeds seeds, from each seed's reward models (logs[seed]["rms"]); the registered verdicts of the
+    cfg.figure_seeds seeds of the run, from each seed's reward models (logs[i]["rms"]); the registered verdicts of the
     frontier and the rounds with prereg (summary.read_preregistration)."""
     bcfg = replace(s.bilevel_cfg)
-    seeds = list(range(min(cfg.figure_seeds, cfg.seeds)))
+    run_seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
+    logs, per_seed = dict(zip(run_seeds, logs)), dict(zip(run_seeds, per_seed))  # by seed
+    seeds = list(run_seeds)[: cfg.figure_seeds]
+    first = seeds[0]  # the seed of the training curves and of the hypergradient's error
     out = {}
     experiments = 1 + ("metarm" in s.methods) + 2 * ("bilevel" in s.methods)
     progress = bar(f"figures, {len(seeds)} seed(s)", experiments, cfg.progress)
@@ -41,8 +44,8 @@ def figure_experiments(cfg, s, logs: list, per_seed: list, sft_losses: list, tim
         policy.show(progress, {"done": "rlhf_rounds"})
     if "bilevel" in s.methods:
         with clock(timings, "figure_hypergradient_error"):
-            phi = logs[0]["rms"]["bilevel"]
-            curv = logs[0]["curvature"]
+            phi = logs[first]["rms"]["bilevel"]
+            curv = logs[first]["curvature"]
             out["hypergradient_error"] = hypergradient_checks.hypergradient_error(
                 s.model, s.rm, s.theta_ref, s.world, phi, bcfg, curv
             )
@@ -57,13 +60,13 @@ def figure_experiments(cfg, s, logs: list, per_seed: list, sft_losses: list, tim
 
     out["training_curves"] = {
         "sft_loss": every(sft_losses),
-        "vanilla_rm_loss": every([e["loss"] for e in logs[0]["vanilla_rm"]]),
-        "bilevel_F": [e["F"] for e in logs[0].get("bilevel", [])],
+        "vanilla_rm_loss": every([e["loss"] for e in logs[first]["vanilla_rm"]]),
+        "bilevel_F": [e["F"] for e in logs[first].get("bilevel", [])],
     }
     return out
 
 
-def frontier(cfg, s, logs: list, per_seed: list, seeds: list, prereg: dict) -> dict:
+def frontier(cfg, s, logs: dict, per_seed: dict, seeds: list, prereg: dict) -> dict:
     """Gold reward and KL after adaptation at beta in {0.25, 0.5, 1} for the vanilla and bilevel RMs and
     the oracle, on the first two evaluation domains, per seed (paired over seeds): one adaptation at
     0.25 and 1; at cfg.beta the main table's own adaptations (per_seed). Jia's trend at matched KL judged by the
@@ -126,7 +129,7 @@ def frontier(cfg, s, logs: list, per_seed: list, seeds: list, prereg: dict) -> d
     return out
 
 
-def rlhf_figure(cfg, s, logs: list, seeds: list, prereg: dict, rounds: int = 3) -> dict:
+def rlhf_figure(cfg, s, logs: dict, seeds: list, prereg: dict, rounds: int = 3) -> dict:
     """§3, the paper's main setting: iterative RLHF on the training domains' prompts, MetaRM vs eta = 0,
     3 rounds, per seed: the RM's normalised spread, its accuracy against the gold order on pairs of the
     round's policy samples, and their gold reward. The pre-registered verdicts (METHOD.md §5.1) per round
@@ -134,14 +137,14 @@ def rlhf_figure(cfg, s, logs: list, seeds: list, prereg: dict, rounds: int = 3) 
     prompts = torch.cat([s.prompts[d][::4] for d in data.TRAIN_DOMAINS])
     runs = {"metarm": [], "metarm_eta0": []}
     for seed in seeds:
-        gen = policy.generator(seed + 77, s.device)
+        gen = policy.generator(measure.stream(seed, 77), s.device)
         ref = policy.sample(s.model, {}, prompts.repeat(4, 1), measure.MAX_NEW, gen)
         for name, eta in (("metarm", cfg.eta), ("metarm_eta0", 0.0)):
             phi, opt = policy.continue_from(
                 logs[seed]["rms"]["vanilla_rm"], logs[seed]["rms"]["vanilla_opt"], cfg.rm_lr
             )
             mcfg = metarm.MetaRMConfig(**{**asdict(s.metarm_cfg), "eta": eta})
-            gens = [policy.generator(seed + k, s.device) for k in (78, 79)]  # the same for both
+            gens = [policy.generator(measure.stream(seed, k), s.device) for k in (78, 79)]  # the same for both
             runs[name].append(
                 rlhf_rounds(
                     s.model,
@@ -181,7 +184,7 @@ def rlhf_figure(cfg, s, logs: list, seeds: list, prereg: dict, rounds: int = 3) 
     return out
 
 
-def outer_convergence(s, logs: list, seeds: list, base: metarm.BilevelConfig, steps: int = 20, every: int = 5) -> dict:
+def outer_convergence(s, logs: dict, seeds: list, base: metarm.BilevelConfig, steps: int = 20, every: int = 5) -> dict:
     """§2.5: the raw full-batch ||grad F(phi_k)||^2 / ||grad F(phi_0)||^2 along bilevel runs at beta in
     {0.25, 0.5, 1}, rho and the inner step *held fixed* across the sweep (calibrated once, at cfg.beta),
     per seed, on a fixed objective: 2 training domains' candidates and pairs drawn once, 64 pooled pairs. Each part of
@@ -189,7 +192,7 @@ def outer_convergence(s, logs: list, seeds: list, base: metarm.BilevelConfig, st
     the parts: the figure is computed as it was first registered); Adam's state is carried."""
     curves = {}
     for seed in seeds:
-        gen = policy.generator(seed + 31, s.device)
+        gen = policy.generator(measure.stream(seed, 31), s.device)
         domains = {d: (s.prompts[d], s.domain_pairs[d]) for d in data.TRAIN_DOMAINS[:2]}
         fixed = {d: metarm.draw_problem(s.model, *domains[d], base, gen) for d in domains}
         rows = policy.draw(len(s.train_pairs[0]["idx"]), 64, gen)

@@ -11,7 +11,7 @@ import torch
 
 import metarm
 import policy
-from study import hypergradient_checks
+from study import hypergradient_checks, measure
 
 
 def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=(), check_steps=(), progress=None):
@@ -25,9 +25,12 @@ def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=
     if domains:
         probe = {}
         for d in probe_domains:
-            probe[d] = metarm.draw_problem(s.model, *domains[d], bcfg, policy.generator(seed + 3, s.device))
+            probe[d] = metarm.draw_problem(
+                s.model, *domains[d], bcfg, policy.generator(measure.stream(seed, 3), s.device)
+            )
         curvature = metarm.calibrate(s.model, s.rm, phi, probe, bcfg, s.theta_ref)
-    generator, bt_generator = policy.generator(seed + 4, s.device), policy.generator(seed + 5, s.device)
+    generator = policy.generator(measure.stream(seed, 4), s.device)
+    bt_generator = policy.generator(measure.stream(seed, 5), s.device)
     log, inputs = hypergradient_checks.train_with_checkpoints(
         s.model, s.rm, phi, domains, bt_pairs, bcfg, s.theta_ref, generator, bt_generator, check_steps, progress
     )

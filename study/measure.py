@@ -21,9 +21,20 @@ MAX_NEW = metarm.AdaptConfig.max_new_tokens  # the longest response, everywhere
 MARGIN_BINS = (0.0, 0.5, 1.0, 2.0, math.inf)
 
 
+FIRST_FRESH_SEED = 10  # from this seed on, a seed's random streams are its own (stream)
+
+
+def stream(seed: int, k: int = 0) -> int:
+    """The generator seed of a run's seed's k-th random stream (0 <= k < 1000). Seeds 0-9 keep the streams they were
+    published with, seed + k, which adjacent seeds share: seed s's stream 1 (the extra Bradley-Terry batches) is seed
+    s + 1's stream 0. A seed >= 10 (--first-seed 10: the confirmatory run, METHOD.md §5.3) owns 1000 * seed + k, which
+    no other seed's stream or common-random-number key (crn_seed) touches."""
+    return seed + k if seed < FIRST_FRESH_SEED else 1000 * seed + k
+
+
 def crn_seed(seed: int, domain_index: int, repeat: int) -> int:
     """The generator seed of one (seed, domain, repeat): every method uses it (common random numbers)."""
-    return 1_000_000 * (seed + 1) + 1000 * domain_index + repeat
+    return 1_000_000 * (stream(seed) + 1) + 1000 * domain_index + repeat
 
 
 def reward_functions(s, rms: dict, d: str, ref: dict) -> dict:
@@ -140,12 +151,17 @@ def measure_premises(rm, phi: dict, ref_eval: dict, adapted: dict, gold, n: int)
 
 def within_prompt_differences(r, g, k: int) -> dict:
     """Every pair i < j of two of the k samples of a prompt (prompt-major): the quartiles of |r_i - r_j|
-    (absdiff_q25, _median, _q75), and for each gold-margin bin b of MARGIN_BINS (|g_i - g_j| in [lo, hi))
-    the share of pairs in it (share_bin{b}) and the RM's accuracy against the gold order there (acc_bin{b};
-    gold ties left out, RM ties 1/2; None for a bin without a pair that is not a gold tie)."""
+    (absdiff_q25, _median, _q75), the median of |g_i - g_j| (gold_absdiff_median), the RM's accuracy against the
+    gold order on the pairs with |g_i - g_j| >= 1 (acc_margin_ge1), and for each gold-margin bin b of MARGIN_BINS
+    (|g_i - g_j| in [lo, hi)) the share of pairs in it (share_bin{b}) and the RM's accuracy against the gold order
+    there (acc_bin{b}; gold ties left out, RM ties 1/2; None for a bin without a pair that is not a gold tie)."""
     dr, dg = within_prompt_pairs(r, k), within_prompt_pairs(g, k)
     q = torch.quantile(dr.abs().double(), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=dr.device))
     out = {"absdiff_q25": q[0].item(), "absdiff_median": q[1].item(), "absdiff_q75": q[2].item()}
+    out["gold_absdiff_median"] = torch.quantile(dg.abs().double(), 0.5).item()  # gold's own collapse (METHOD.md §5.3)
+    wide = dg.abs() >= 1.0  # pairs with a gold margin of 1 or more
+    acc = metarm.tie_accuracy(dr[wide], dg[wide]).item() if wide.any() else math.nan
+    out["acc_margin_ge1"] = None if math.isnan(acc) else acc
     for b, (lo, hi) in enumerate(zip(MARGIN_BINS, MARGIN_BINS[1:])):
         inside = (dg.abs() >= lo) & (dg.abs() < hi)
         out[f"share_bin{b}"] = inside.double().mean().item()
@@ -186,6 +202,24 @@ def shifted_accuracy(s, rms: dict, metarm_phi: dict, samples: dict, gold) -> dic
     if "metarm_eta0" in rms:
         phis["metarm_eta0"] = rms["metarm_eta0"]
     return {m: within_prompt_accuracy(policy.reward(s.rm, phi, samples), g, k) for m, phi in phis.items()}
+
+
+@torch.no_grad()
+def shifted_widening(s, rms: dict, metarm_phi: dict, samples: dict, ref: dict) -> dict:
+    """MetaRM's mechanism, its own target (METHOD.md §5.3): on the shifted samples X_s of its last update round (k
+    per prompt), the mean within-prompt |r_i - r_j| of each RM -- MetaRM's after the updates, eta = 0's, the
+    vanilla RM's, as in shifted_accuracy -- over that RM's own reward std on pi_ref's samples `ref` (the §1 scale):
+    did the ascent on J (9) widen the differences it targets, beyond rescaling the reward?"""
+    k = s.metarm_cfg.k
+    phis = {"metarm": metarm_phi, "vanilla_rm": rms["vanilla_rm"]}
+    if "metarm_eta0" in rms:
+        phis["metarm_eta0"] = rms["metarm_eta0"]
+    out = {}
+    for m, phi in phis.items():
+        r = policy.reward(s.rm, phi, samples)
+        scale = policy.reward(s.rm, phi, ref).std().clamp_min(1e-6)
+        out[m] = (within_prompt_pairs(r, k).abs().mean() / scale).item()
+    return out
 
 
 def sample_records(world, method: str, domain: str, seed: int, batch: dict, gold_rewards, n: int = 8) -> list:

@@ -98,6 +98,14 @@ def results_markdown(results: dict) -> str:
                 else f"; probability on tokens no training response contains, dpo - sft: {fmt(mass)}."
             ),
         ]
+    widening = results.get("mechanism_widening")
+    if widening:
+        lines += [
+            "",
+            "MetaRM's mechanism (METHOD.md §5.3): metarm - metarm_eta0 in the within-prompt |r_i - r_j| on its shifted"
+            f" samples X_s, each RM on its own scale: {fmt(widening)}; the ascent "
+            f"{'widened them' if widening['acted'] else 'did not widen them (interval not above 0)'}.",
+        ]
     rule = results.get("headroom_rule")
     if rule:
         ratio = "n/a" if rule["ratio"] is None else f"{rule['ratio']:.2f}"
@@ -115,6 +123,8 @@ def results_markdown(results: dict) -> str:
                 if v["ci95"] is None:
                     verdict = "is undetermined (no interval)"
                 lines.append(f"| {k} | {fmt(v)}: the premise {verdict} (threshold {v['threshold']}) |")
+            elif k == "accuracy_drop_split":  # METHOD.md §5.3: the drop split in both orders
+                lines += [f"| accuracy drop, {part} | {fmt(iv)} |" for part, iv in v.items()]
             else:
                 lines.append(f"| {k} | {fmt(v)} |")
     return "\n".join(lines) + "\n"

@@ -1,4 +1,4 @@
-"""The statistics of METHOD.md §5 and §5.1, as pure functions over numbers: no torch, no file read.
+"""The statistics of METHOD.md §5, §5.1 and §5.3, as pure functions over numbers: no torch, no file read.
 
 A comparison is a list of paired differences, one per seed (method - control): its mean with a 95 % t-interval
 (`interval`), the pre-registered verdict from that interval (`verdict`), and the verdict with the benefit-excluded
@@ -16,41 +16,72 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def t_density(x: float, df: int) -> float:
+    """Student's t density with df degrees of freedom."""
+    return (
+        math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2))
+        / math.sqrt(df * math.pi)
+        * (1 + x * x / df) ** (-(df + 1) / 2)
+    )
+
+
+def t_cdf(x: float, df: int) -> float:
+    """Student's t CDF: 1/2 plus the density's integral from 0 to x by Simpson's rule on 1000 panels (exact to
+    ~1e-7 for |x| < 50, no scipy needed)."""
+    return 0.5 + sum(
+        (t_density(a, df) + 4 * t_density(a + x / 2000, df) + t_density(a + x / 1000, df)) * x / 6000
+        for a in (i * x / 1000 for i in range(1000))
+    )
+
+
 @functools.cache
 def t_quantile(df: int, p: float = 0.975) -> float:
-    """The p-quantile of Student's t with df degrees of freedom, by bisection on its CDF (the CDF by
-    Simpson's rule on the density: exact to ~1e-7 here, no scipy needed; each (df, p) computed once)."""
-
-    def dens(x):
-        return (
-            math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2))
-            / math.sqrt(df * math.pi)
-            * (1 + x * x / df) ** (-(df + 1) / 2)
-        )
-
-    def cdf(x):
-        return 0.5 + sum(
-            (dens(a) + 4 * dens(a + x / 2000) + dens(a + x / 1000)) * x / 6000
-            for a in (i * x / 1000 for i in range(1000))
-        )
-
+    """The p-quantile (p >= 1/2) of Student's t with df degrees of freedom, by bisection on t_cdf (each (df, p)
+    computed once)."""
     lo, hi = 0.0, 1000.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
     return (lo + hi) / 2
 
 
-def interval(xs) -> dict:
-    """Mean and 95 % t-interval over seeds (the seed is the unit), None values left out; n = 1 gives no interval."""
+def normal_cdf(x: float) -> float:
+    return 0.5 * (1 + math.erf(x / math.sqrt(2)))
+
+
+def chi2_sf(q: float, df: int) -> float:
+    """P(chi^2_df > q), the regularised upper incomplete gamma Q(df/2, q/2) as 1 minus its power series (the
+    p-value of Cochran's Q; accurate where it matters, q < ~200)."""
+    if q <= 0:
+        return 1.0
+    a, x = df / 2, q / 2
+    term = total = 1 / a
+    n = 1
+    while term > 1e-17 * total:
+        term *= x / (a + n)
+        total += term
+        n += 1
+    return max(0.0, 1 - math.exp(a * math.log(x) - x - math.lgamma(a)) * total)
+
+
+def interval(xs, p: float = 0.975) -> dict:
+    """Mean and 95 % t-interval over seeds (the seed is the unit), None values left out; n = 1 gives no interval.
+    p: the upper quantile of t that sets the half-width (0.995 for a Bonferroni interval over five comparisons)."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return None
     m, n = mean(xs), len(xs)
     if n < 2:
         return {"mean": m, "ci95": None, "n_seeds": n}
-    half = t_quantile(n - 1) * math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
+    half = t_quantile(n - 1, p) * standard_error(xs)
     return {"mean": m, "ci95": [m - half, m + half], "n_seeds": n}
+
+
+def standard_error(xs) -> float:
+    """s / sqrt(n) of the values that are not None."""
+    xs = [x for x in xs if x is not None]
+    m, n = mean(xs), len(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
 
 
 def verdict(ci, delta: float, direction: int = 1) -> str:
@@ -87,3 +118,79 @@ def decide(diffs: list, delta: float, alpha: float, power: float, min_seeds: int
     hi = iv["ci95"][1] if direction > 0 else -iv["ci95"][0]
     mde = (t_quantile(n - 1, 1 - alpha / 2) + t_quantile(n - 1, power)) * se
     return {**out, "benefit_excluded": hi < delta, "mde80": mde}
+
+
+# ==== The confirmatory run's multiplicity and the pooled analyses (METHOD.md §5.3) ============================
+def p_values(diffs: list, delta: float) -> dict:
+    """The paired t test's one-sided p-values on n - 1 degrees of freedom: p_greater for "> 0" (H0: mu <= 0),
+    p_less for "< 0" (H0: mu >= 0), and the TOST p for "inside +-delta", the larger of the one-sided p-values
+    against -delta (H0: mu <= -delta) and against +delta (H0: mu >= delta)."""
+    xs = [x for x in diffs if x is not None]
+    m, se, df = mean(xs), standard_error(xs), len(xs) - 1
+    return {
+        "p_greater": 1 - t_cdf(m / se, df),
+        "p_less": t_cdf(m / se, df),
+        "p_tost": max(1 - t_cdf((m + delta) / se, df), t_cdf((m - delta) / se, df)),
+    }
+
+
+def holm(ps: list) -> list:
+    """Holm's step-down adjustment of a family's p-values, in their given order: the i-th smallest (i = 0, 1, ..)
+    times (m - i), made monotone by a running maximum and capped at 1."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    adjusted, running = [None] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict_from_p(p: dict, level: float = 0.025) -> str:
+    """The §5.1 rule read from (adjusted) p-values, in its order: reproduced (p_greater < level), contradicted
+    (p_less < level), absent (p_tost < level), undetermined."""
+    if p["p_greater"] < level:
+        return "reproduced"
+    if p["p_less"] < level:
+        return "contradicted"
+    if p["p_tost"] < level:
+        return "absent"
+    return "undetermined"
+
+
+def absent_reachable(se: float, n: int, delta: float) -> float:
+    """The probability that the 95 % interval lies inside +-delta ("absent") if the true effect is 0 and the
+    standard error is se: 2 Phi((delta - t SE) / SE) - 1, 0 when t SE >= delta, t = t(0.975, n - 1)."""
+    t = t_quantile(n - 1)
+    return max(0.0, 2 * normal_cdf((delta - t * se) / se) - 1)
+
+
+def heterogeneity(y: list, se: list) -> dict:
+    """Cochran's Q with inverse-variance weights, its chi-square p-value on W - 1 df, and I^2 = max(0, (Q - df)/Q)."""
+    w = [1 / s**2 for s in se]
+    mu = sum(wi * yi for wi, yi in zip(w, y)) / sum(w)
+    q = sum(wi * (yi - mu) ** 2 for wi, yi in zip(w, y))
+    df = len(y) - 1
+    return {"Q": q, "Q_df": df, "Q_p": chi2_sf(q, df), "I2": max(0.0, (q - df) / q) if q > 0 else 0.0}
+
+
+def common_effect(y: list, se: list, n: list) -> dict:
+    """The common-effect (inverse-variance) pool of per-world means y with standard errors se from n seeds each:
+    conditional on these worlds; a t-interval on sum(n_i - 1) degrees of freedom."""
+    w = [1 / s**2 for s in se]
+    mu, pooled_se, df = sum(wi * yi for wi, yi in zip(w, y)) / sum(w), math.sqrt(1 / sum(w)), sum(n) - len(n)
+    half = t_quantile(df) * pooled_se
+    return {"mean": mu, "se": pooled_se, "df": df, "ci95": [mu - half, mu + half], **heterogeneity(y, se)}
+
+
+def random_effects(y: list, se: list) -> dict:
+    """The random-effects pool over worlds: tau^2 by DerSimonian-Laird, (Q - (W - 1)) / (sum w - sum w^2 / sum w)
+    floored at 0; weights 1/(se^2 + tau^2); the Hartung-Knapp interval, mu +- t(0.975, W - 1) sqrt(sum w* (y -
+    mu)^2 / ((W - 1) sum w*)), not truncated at 1."""
+    het = heterogeneity(y, se)
+    w = [1 / s**2 for s in se]
+    tau2 = max(0.0, (het["Q"] - het["Q_df"]) / (sum(w) - sum(wi**2 for wi in w) / sum(w)))
+    ws = [1 / (s**2 + tau2) for s in se]
+    mu = sum(wi * yi for wi, yi in zip(ws, y)) / sum(ws)
+    hk_se = math.sqrt(sum(wi * (yi - mu) ** 2 for wi, yi in zip(ws, y)) / (het["Q_df"] * sum(ws)))
+    half = t_quantile(het["Q_df"]) * hk_se
+    return {"mean": mu, "se": hk_se, "df": het["Q_df"], "tau2": tau2, "ci95": [mu - half, mu + half], **het}

@@ -14,7 +14,7 @@ from study.methods import METHODS
 
 PREREGISTRATION = Path(__file__).with_name("preregistration.json")  # METHOD.md §5.1, §5.2
 # results.json's metrics per method, in this order
-METRICS = ("gold_reward", "win_rate", "rm_accuracy", "kl", "unseen_mass", "shifted_accuracy")
+METRICS = ("gold_reward", "win_rate", "rm_accuracy", "kl", "unseen_mass", "shifted_accuracy", "shifted_widening")
 CEILINGS = tuple(m for m, row in METHODS.items() if row.role == "ceiling")
 # MetaRM's premise holds when the collapse ratio's 95 % interval lies below this (METHOD.md §5.2, registered)
 COLLAPSE_THRESHOLD = 0.5
@@ -112,6 +112,14 @@ def summarise(config: dict, per_seed: list, prereg: dict) -> dict:
                 "per_seed": diffs,
             }
         }
+        if per_seed[0]["metrics"]["metarm"][domains[0]].get("shifted_widening") is not None:
+            # did the ascent widen the within-prompt differences it targets, on each RM's own scale (METHOD.md §5.3)?
+            diffs = [
+                seed_value(run, "metarm", "shifted_widening") - seed_value(run, "metarm_eta0", "shifted_widening")
+                for run in per_seed
+            ]
+            iv = stats.interval(diffs)
+            out["mechanism_widening"] = {**iv, "acted": bool(iv["ci95"] and iv["ci95"][0] > 0), "per_seed": diffs}
     if "dpo" in methods and "sft" in methods:
         # likelihood displacement (METHOD.md §5.2): more probability on tokens no training response contains
         diffs = [seed_value(run, "dpo", "unseen_mass") - seed_value(run, "sft", "unseen_mass") for run in per_seed]
@@ -127,6 +135,9 @@ def summarise(config: dict, per_seed: list, prereg: dict) -> dict:
             out["premises"][k] = stats.interval(values)
         if "absdiff_median_adapted" in per_seed[0]["premises"][domains[0]]:
             out["premises"]["collapse_ratio"] = collapse(per_seed, domains)
+        if "gold_absdiff_median_adapted" in per_seed[0]["premises"][domains[0]]:
+            out["premises"].update(gold_collapse(per_seed, domains))
+            out["premises"]["accuracy_drop_split"] = drop_split(per_seed, domains)
     return out
 
 
@@ -172,6 +183,61 @@ def collapse(per_seed: list, domains: list) -> dict:
     out["threshold"] = COLLAPSE_THRESHOLD
     out["holds"] = out["ci95"] is not None and out["ci95"][1] < COLLAPSE_THRESHOLD
     return out
+
+
+def domain_means(run: dict, domains: list, key: str):
+    """One seed's premise `key`, the mean over the evaluation domains."""
+    return stats.mean([run["premises"][d][key] for d in domains])
+
+
+def gold_collapse(per_seed: list, domains: list) -> dict:
+    """Gold's own collapse beside the RM's (METHOD.md §5.3): per seed, the median within-prompt |g_i - g_j| on the
+    adapted policy's samples over that on pi_ref's, and the RM's collapse ratio over gold's (1: the RM's
+    differences shrink only as much as the gold differences between the samples do)."""
+    gold, relative = [], []
+    for run in per_seed:
+        ratio = domain_means(run, domains, "gold_absdiff_median_adapted") / domain_means(
+            run, domains, "gold_absdiff_median_pi_ref"
+        )
+        rm = domain_means(run, domains, "absdiff_median_adapted") / domain_means(run, domains, "absdiff_median_pi_ref")
+        gold.append(ratio)
+        relative.append(rm / ratio if ratio > 0 else None)
+    return {"gold_collapse_ratio": stats.interval(gold), "collapse_ratio_rm_over_gold": stats.interval(relative)}
+
+
+def drop_split(per_seed: list, domains: list) -> dict:
+    """The vanilla RM's accuracy drop from pi_ref's samples to the adapted policy's, over the within-prompt pairs
+    binned by gold margin (METHOD.md §5.3), split in both orders: with w_b the share of (non-tied) pairs in bin b
+    and a_b the accuracy there (0: pi_ref's samples, 1: the adapted policy's), total = sum w1 a1 - sum w0 a0;
+    mix first: mix = sum w1 a0 - sum w0 a0, ranking = sum w1 a1 - sum w1 a0; ranking first: ranking = sum w0 a1 -
+    sum w0 a0, mix = sum w1 a1 - sum w0 a1. A bin without an accuracy on either side (gold ties) is left out and
+    the shares renormalised over the rest. Per seed (each premise the mean over domains), intervals over seeds."""
+    keys = sorted(
+        {k[len("share_bin") :].split("_")[0] for k in per_seed[0]["premises"][domains[0]] if "share_bin" in k}
+    )
+    rows = {
+        k: [] for k in ("total", "mix_first.mix", "mix_first.ranking", "ranking_first.ranking", "ranking_first.mix")
+    }
+    for run in per_seed:
+        w, a = {}, {}
+        for side in ("pi_ref", "adapted"):
+            share = {b: domain_means(run, domains, f"share_bin{b}_{side}") for b in keys}
+            acc = {b: domain_means(run, domains, f"acc_bin{b}_{side}") for b in keys}
+            w[side], a[side] = share, acc
+        kept = [b for b in keys if a["pi_ref"][b] is not None and a["adapted"][b] is not None]
+        for side in w:
+            total = sum(w[side][b] for b in kept)
+            w[side] = {b: w[side][b] / total for b in kept}
+
+        def acc(weights, accuracies):
+            return sum(w[weights][b] * a[accuracies][b] for b in kept)
+
+        rows["total"].append(acc("adapted", "adapted") - acc("pi_ref", "pi_ref"))
+        rows["mix_first.mix"].append(acc("adapted", "pi_ref") - acc("pi_ref", "pi_ref"))
+        rows["mix_first.ranking"].append(acc("adapted", "adapted") - acc("adapted", "pi_ref"))
+        rows["ranking_first.ranking"].append(acc("pi_ref", "adapted") - acc("pi_ref", "pi_ref"))
+        rows["ranking_first.mix"].append(acc("adapted", "adapted") - acc("pi_ref", "adapted"))
+    return {k: stats.interval(v) for k, v in rows.items()}
 
 
 def gold_at_kl(points: list, kl: float) -> tuple:

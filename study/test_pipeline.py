@@ -243,6 +243,9 @@ def test_s52_within_prompt_differences_by_enumeration():
     assert shares == pytest.approx([1 / 6, 0.0, 2 / 6, 3 / 6])
     # bin 3: (0,1) right, (0,2) wrong, (1,2) an RM tie; bin 2: both right; bins 0 (only a gold tie) and 1: no pair
     assert [out[f"acc_bin{b}"] for b in range(4)] == [None, None, pytest.approx(1.0), pytest.approx(0.5)]
+    # §5.3: gold's median |g_i - g_j| over (0, 1.7, 1.7, 2, 3, 5) is 1.85; margin >= 1: the same five pairs, 3.5 / 5
+    assert out["gold_absdiff_median"] == pytest.approx(1.85)
+    assert out["acc_margin_ge1"] == pytest.approx(3.5 / 5)
 
 
 def test_within_prompt_accuracy_by_hand_and_crn_seeds_distinct():
@@ -359,6 +362,42 @@ def test_s52_shifted_accuracy_by_hand(monkeypatch):
     assert out == {"metarm": pytest.approx(0.5), "vanilla_rm": pytest.approx(0.7), "metarm_eta0": pytest.approx(0.3)}
 
 
+def test_s53_fresh_seeds_own_their_streams():
+    """METHOD.md §5.3: seeds 0-9 keep seed + k; the streams (k < 1000) and common-random-number keys (any domain
+    index < 10, repeat < 100, offset < 1000 as evaluate_seed adds) of seeds 10-19 meet neither each other's nor those
+    of seeds 0-9 (under the old rule, seed + k, seed 9's stream 1 would be seed 10's stream 0)."""
+    assert all(measure.stream(s, k) == s + k for s in range(10) for k in range(1000))
+
+    def streams(seeds):
+        out = {}
+        for s in seeds:
+            keys = {measure.stream(s, k) for k in range(1000)}
+            keys |= {measure.crn_seed(s, i, j) + o for i in range(10) for j in range(100) for o in (0, 1, 3, 500, 600)}
+            out[s] = keys
+        return out
+
+    fresh, old = streams(range(10, 20)), streams(range(10))
+    everything_old = set().union(*old.values())
+    for s, keys in fresh.items():
+        assert not keys & everything_old
+        assert all(not keys & other for t, other in fresh.items() if t != s)
+
+
+def test_s53_shifted_widening_by_hand(monkeypatch):
+    """MetaRM's mechanism, its target: each RM's mean within-prompt |r_i - r_j| on the shifted samples over its own
+    reward std on pi_ref's samples (by hand); a rescaled RM (phi = 2) gives the same number."""
+    monkeypatch.setattr(measure.policy, "reward", lambda rm, phi, b: b["r"] * phi)
+    s = SimpleNamespace(metarm_cfg=SimpleNamespace(k=3), rm=None)
+    samples, ref = {"r": T64(3.0, 1.0, 1.0, 0.0, 1.0, 2.0)}, {"r": T64(0.0, 2.0)}  # ref std: sqrt(2)
+    out = measure.shifted_widening(s, {"vanilla_rm": 1.0, "metarm_eta0": 2.0}, -1.0, samples, ref)
+    # |differences|: (2, 2, 0) and (1, 2, 1) -> mean 8/6
+    assert out == {
+        "metarm": pytest.approx(8 / 6 / math.sqrt(2)),
+        "vanilla_rm": pytest.approx(8 / 6 / math.sqrt(2)),
+        "metarm_eta0": pytest.approx(8 / 6 / math.sqrt(2)),
+    }
+
+
 # ==== train.py end to end: tiny runs, the schema, bad input ==========================================================
 SMALL_WORLD = data.WorldConfig(
     n_sft_per_domain=150, n_sft_per_new_domain=40, n_pairs_per_domain=100, n_eval_pairs_per_domain=40
@@ -435,6 +474,8 @@ BOUNDARY_RUN = [
     "1",
     "--dpo-steps",
     "1",
+    "--first-seed",  # not its boundary (0, the default run's): a fresh seed's own streams, through the figures too
+    "10",
 ]
 # the bilevel positive control (METHOD.md §5.2): one RM per evaluation domain from its own pairs
 
@@ -498,10 +539,23 @@ def test_every_flag_at_its_boundary_runs_and_its_reused_runs_are_exact(tiny_run)
         "training_curves",
     }
     assert res["methods"]["metarm"] == res["methods"]["metarm_eta0"]
-    # (the vanilla RM's shifted_accuracy is measured on MetaRM's samples X_s, a reference, not a reused run)
-    assert res["methods"]["bilevel_bt_only"] == {**res["methods"]["vanilla_rm"], "shifted_accuracy": None}
+    # (the vanilla RM's shifted_accuracy and _widening are measured on MetaRM's samples X_s: a reference, not a run)
+    vanilla = {**res["methods"]["vanilla_rm"], "shifted_accuracy": None, "shifted_widening": None}
+    assert res["methods"]["bilevel_bt_only"] == vanilla
     assert list(res["reused_runs"]) == ["bilevel_bt_only"]
     assert "reused_runs" not in json.loads((tiny_run[0] / "results.json").read_text())
+    # --first-seed 10: seed 10 everywhere, and only there in the config (a default run's results.json as before it)
+    assert (
+        res["config"]["first_seed"] == 10
+        and "first_seed" not in json.loads((tiny_run[0] / "results.json").read_text())["config"]
+    )
+    assert res["figures"]["frontier"]["seeds"] == [10] and res["figures"]["rlhf_rounds"]["seeds"] == [10]
+    rows = [json.loads(line) for line in (tiny_run[2] / "logs.jsonl").read_text().splitlines()]
+    assert {row["seed"] for row in rows if "seed" in row} == {10}
+    provenance = json.loads((tiny_run[2] / "provenance.json").read_text())
+    assert provenance["command"].startswith("python train.py --quick --domains dev") and provenance["threads"] >= 1
+    assert provenance["commit"] is None or len(provenance["commit"]) == 40
+    assert {"torch", "cpu", "started_utc", "seconds", "uncommitted_changes"} <= set(provenance)
 
 
 def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(tiny_run):
@@ -550,10 +604,15 @@ def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(ti
     assert res["world_version"] == data.WORLD_VERSION
     assert set(res["methods"]) == set(METHODS)
     assert res["domains"] == data.DEV_DOMAINS
+    assert {"gold_collapse_ratio", "collapse_ratio_rm_over_gold", "accuracy_drop_split"} <= set(res["premises"])
+    assert res["mechanism_widening"]["per_seed"] == [
+        res["methods"]["metarm"]["shifted_widening"]["mean"]
+        - res["methods"]["metarm_eta0"]["shifted_widening"]["mean"]
+    ]
     for m, metrics in res["methods"].items():
         for k, v in metrics.items():
             no_rm = k == "rm_accuracy" and not METHODS[m].has_rm
-            not_on_x_s = k == "shifted_accuracy" and m not in ("metarm", "metarm_eta0", "vanilla_rm")
+            not_on_x_s = k.startswith("shifted_") and m not in ("metarm", "metarm_eta0", "vanilla_rm")
             assert (v is None) == (no_rm or not_on_x_s), (m, k)
             assert v is None or (
                 v["n_seeds"] == 1

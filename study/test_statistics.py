@@ -253,6 +253,48 @@ def test_s52_collapse_ratio_by_hand():
     assert summary.collapse([run((2.0, 2.0), (4.0, 4.0))] * 3, ["x", "y"])["holds"] is False  # 0.5 is not below 0.5
 
 
+def test_s53_gold_collapse_and_the_drop_split_by_hand():
+    """Gold's collapse ratio and RM / gold per seed (domain means first); the accuracy drop split in both orders over
+    the bins with an accuracy on both sides (bin 0, gold ties only, left out and the shares renormalised)."""
+    prem = {
+        "absdiff_median_pi_ref": 2.0,
+        "absdiff_median_adapted": 0.5,
+        "gold_absdiff_median_pi_ref": 2.0,
+        "gold_absdiff_median_adapted": 1.0,
+        # pi_ref's samples: shares (0.2 ties, 0.2, 0.6) -> renormalised (0.25, 0.75), accuracies (0.6, 0.9)
+        # adapted: shares (0.2 ties, 0.6, 0.2) -> (0.75, 0.25), accuracies (0.5, 0.7)
+        "share_bin0_pi_ref": 0.2,
+        "acc_bin0_pi_ref": None,
+        "share_bin1_pi_ref": 0.2,
+        "acc_bin1_pi_ref": 0.6,
+        "share_bin2_pi_ref": 0.6,
+        "acc_bin2_pi_ref": 0.9,
+        "share_bin0_adapted": 0.2,
+        "acc_bin0_adapted": None,
+        "share_bin1_adapted": 0.6,
+        "acc_bin1_adapted": 0.5,
+        "share_bin2_adapted": 0.2,
+        "acc_bin2_adapted": 0.7,
+    }
+    per_seed = [{"premises": {"x": prem, "y": prem}}] * 2
+    gold = summary.gold_collapse(per_seed, ["x", "y"])
+    assert gold["gold_collapse_ratio"]["mean"] == pytest.approx(0.5)
+    assert gold["collapse_ratio_rm_over_gold"]["mean"] == pytest.approx(0.25 / 0.5)
+    split = {k: v["mean"] for k, v in summary.drop_split(per_seed, ["x", "y"]).items()}
+    a00, a11 = 0.25 * 0.6 + 0.75 * 0.9, 0.75 * 0.5 + 0.25 * 0.7  # 0.825, 0.55
+    a10, a01 = 0.75 * 0.6 + 0.25 * 0.9, 0.25 * 0.5 + 0.75 * 0.7  # adapted's mix at pi_ref's accuracies; and back
+    assert split == pytest.approx(
+        {
+            "total": a11 - a00,
+            "mix_first.mix": a10 - a00,
+            "mix_first.ranking": a11 - a10,
+            "ranking_first.ranking": a01 - a00,
+            "ranking_first.mix": a11 - a01,
+        }
+    )
+    assert split["mix_first.mix"] + split["mix_first.ranking"] == pytest.approx(split["total"])
+
+
 def test_s52_summarise_pairs_shifted_accuracy_and_unseen_mass_by_seed():
     """summarise: MetaRM's mechanism as a paired difference in accuracy on X_s (delta 0.05) and DPO's unseen mass
     against pi_ref, each per seed from the domain means; dpo - sft and dpo - vanilla_rm judged in gold reward."""
@@ -340,3 +382,124 @@ def test_paired_rows_draw_the_band_and_each_verdict():
     assert not bare.patches
     assert [list(line.get_xdata()) for line in ax.lines[:2]] == [[0.0, 0.2], [0.1]]
     plt.close(fig)
+
+
+# ==== METHOD.md §5.3: the confirmatory run's p-values, Holm, and the pooled analyses ================================
+def test_s53_t_cdf_and_chi2_sf_against_closed_forms():
+    """t with 1 df is Cauchy, 0.5 + atan(x)/pi; with 2 df 0.5 + x / (2 sqrt(2 + x^2)); t_cdf(t_quantile(p)) = p.
+    chi^2 survival: exp(-q/2) on 2 df, erfc(sqrt(q/2)) on 1 df, exp(-q/2)(1 + q/2) on 4 df."""
+    for x in (-3.0, -0.7, 0.4, 1.3, 12.0):
+        assert stats.t_cdf(x, 1) == pytest.approx(0.5 + math.atan(x) / math.pi, abs=1e-7)
+        assert stats.t_cdf(x, 2) == pytest.approx(0.5 + x / (2 * math.sqrt(2 + x * x)), abs=1e-7)
+    assert stats.t_cdf(stats.t_quantile(9), 9) == pytest.approx(0.975, abs=1e-9)
+    for q in (0.3, 2.2, 7.5, 30.0):
+        assert stats.chi2_sf(q, 2) == pytest.approx(math.exp(-q / 2), rel=1e-9)
+        assert stats.chi2_sf(q, 1) == pytest.approx(math.erfc(math.sqrt(q / 2)), rel=1e-6)
+        assert stats.chi2_sf(q, 4) == pytest.approx(math.exp(-q / 2) * (1 + q / 2), rel=1e-6)
+
+
+def test_s53_p_values_are_the_interval_rule_read_as_tests():
+    """Duality, on 200 random sets of 10 paired differences: p_greater < 0.025 iff the 95 % interval's lo > 0,
+    p_less < 0.025 iff hi < 0, p_tost < 0.025 iff the interval lies inside +-delta; so verdict_from_p of the
+    unadjusted p-values is the registered verdict. And p_greater + p_less = 1."""
+    import random
+
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(200):
+        mu, sd = rng.uniform(-0.15, 0.15), rng.uniform(0.01, 0.2)
+        diffs = [rng.gauss(mu, sd) for _ in range(10)]
+        p, iv = stats.p_values(diffs, 0.1), stats.interval(diffs)
+        assert (p["p_greater"] < 0.025) == (iv["ci95"][0] > 0)
+        assert (p["p_less"] < 0.025) == (iv["ci95"][1] < 0)
+        assert (p["p_tost"] < 0.025) == (-0.1 < iv["ci95"][0] and iv["ci95"][1] < 0.1)
+        assert p["p_greater"] + p["p_less"] == pytest.approx(1.0)
+        assert stats.verdict_from_p(p) == stats.verdict(iv["ci95"], 0.1)
+        seen.add(stats.verdict(iv["ci95"], 0.1))
+    assert seen == {"reproduced", "contradicted", "absent", "undetermined"}
+
+
+def test_s53_holm_by_hand_and_as_r_p_adjust():
+    """Holm (1979) step-down: sorted p (0.005, 0.01, 0.03, 0.04) times (4, 3, 2, 1) = (0.02, 0.03, 0.06, 0.04), the
+    running maximum makes the last 0.06; back in the given order -- R's p.adjust(c(.01, .04, .03, .005), "holm")."""
+    assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    assert stats.holm([0.2]) == [0.2]
+
+
+def test_s53_absent_reachable_by_hand():
+    """2 Phi((delta - t SE)/SE) - 1 with t = t(0.975, 9): the issue's world 0 (SE = 0.0795 / 2.262, about 0.44) and a
+    world whose t SE exceeds delta (0)."""
+    t, se = stats.t_quantile(9), 0.0795 / stats.t_quantile(9)
+    expected = 2 * 0.5 * (1 + math.erf((0.1 - t * se) / se / math.sqrt(2))) - 1
+    assert stats.absent_reachable(se, 10, 0.1) == pytest.approx(expected)
+    assert stats.absent_reachable(se, 10, 0.1) == pytest.approx(0.44, abs=0.01)
+    assert stats.absent_reachable(0.119 / t, 10, 0.1) == 0.0
+
+
+def test_s53_pooled_analyses_by_hand():
+    """y = (0, 2, 5), SE = 1 each: Q = 114/9 (weights 1, mean 7/3), I^2 = (Q - 2)/Q, DerSimonian-Laird tau^2 =
+    (Q - 2)/(3 - 3/3) = 48/9, equal weights 9/57, mean 7/3, Hartung-Knapp SE = sqrt((9/57)(114/9) / (2 * 27/57)) =
+    sqrt(57/27), interval on 2 df; common effect: SE = 1/sqrt(3), t on 3 * (10 - 1) = 27 df; Q's p = exp(-Q/2)."""
+    re = stats.random_effects([0.0, 2.0, 5.0], [1.0, 1.0, 1.0])
+    q = 114 / 9
+    assert re["Q"] == pytest.approx(q) and re["Q_p"] == pytest.approx(math.exp(-q / 2))
+    assert re["I2"] == pytest.approx((q - 2) / q) and re["tau2"] == pytest.approx(48 / 9)
+    assert re["mean"] == pytest.approx(7 / 3) and re["se"] == pytest.approx(math.sqrt(57 / 27))
+    half = stats.t_quantile(2) * math.sqrt(57 / 27)
+    assert re["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half])
+    ce = stats.common_effect([0.0, 2.0, 5.0], [1.0, 1.0, 1.0], [10, 10, 10])
+    half = stats.t_quantile(27) / math.sqrt(3)
+    assert ce["df"] == 27 and ce["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half])
+    assert stats.random_effects([1.0, 1.0], [0.5, 2.0])["tau2"] == 0.0  # Q = 0 < df: floored
+
+
+def test_s53_pooled_analyses_reproduce_the_independent_review():
+    """The review behind METHOD.md §5.3 pooled worlds 0-2's bilevel - vanilla_rm from the report's intervals (SE =
+    half-width / t(0.975, 9)): Q = 1.25 (p 0.54, I^2 = 0), common effect +0.042 [-0.001, +0.084] on 27 df,
+    Hartung-Knapp [-0.029, +0.112]; and Q about 6.8 (metarm - vanilla_rm) and 8.2 (vanilla_rm_long - vanilla_rm)."""
+    t9 = stats.t_quantile(9)
+
+    def pool(*worlds):
+        y, se = [w[0] for w in worlds], [(hi - lo) / 2 / t9 for _, lo, hi in worlds]
+        return stats.common_effect(y, se, [10] * 3), stats.random_effects(y, se)
+
+    ce, re = pool((0.017, -0.063, 0.096), (0.023, -0.096, 0.142), (0.065, -0.001, 0.132))
+    assert ce["Q"] == pytest.approx(1.25, abs=0.01) and ce["Q_p"] == pytest.approx(0.54, abs=0.01)
+    assert ce["I2"] == 0.0 and ce["mean"] == pytest.approx(0.042, abs=0.001) and ce["se"] == pytest.approx(0.021, 0.02)
+    assert ce["ci95"] == pytest.approx([-0.001, 0.084], abs=0.001)
+    assert re["ci95"] == pytest.approx([-0.029, 0.112], abs=0.001)
+    ce, _ = pool((-0.079, -0.178, 0.020), (0.055, -0.013, 0.124), (-0.023, -0.121, 0.074))
+    assert ce["Q"] == pytest.approx(6.8, abs=0.1)
+    ce, _ = pool((-0.049, -0.110, 0.012), (0.086, -0.026, 0.198), (0.069, -0.044, 0.182))
+    assert ce["Q"] == pytest.approx(8.2, abs=0.1)
+
+
+def test_s53_analysis_of_a_results_folder(tmp_path, capsys):
+    """study.analysis on four written runs: world 0 pools the main run's and the confirmatory run's seeds (20), the
+    Holm-adjusted p-values are holm() of the per-comparison ones, the verdicts come from the intervals; a folder
+    without the runs is one line and exit 2."""
+    from study import analysis
+
+    names = analysis.names(PREREG)
+    shifts = {"main": 0.0, "confirmatory": 0.05, "world_1": 0.1, "world_2": -0.02}
+    for run, shift in shifts.items():
+        per_seed = {n: [shift + 0.01 * i * (k + 1) - 0.04 for i in range(10)] for k, n in enumerate(names)}
+        paired = {n: {**stats.decide(d, 0.1, **RULE), "per_seed": d} for n, d in per_seed.items()}
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "results.json").write_text(json.dumps({"paired": paired}))
+    assert analysis.main([str(tmp_path)]) == 0
+    out = json.loads((tmp_path / "analysis.json").read_text())
+    first = names[0]
+    world0 = [0.01 * i - 0.04 for i in range(10)] + [0.05 + 0.01 * i - 0.04 for i in range(10)]
+    assert out["pooled"][first]["per_world"]["0"]["n_seeds"] == 20
+    assert out["pooled"][first]["per_world"]["0"]["mean"] == pytest.approx(sum(world0) / 20)
+    assert out["pooled"][first]["common_effect"]["df"] == 19 + 9 + 9
+    p = [stats.p_values([0.05 + 0.01 * i * (k + 1) - 0.04 for i in range(10)], 0.1)["p_tost"] for k in range(5)]
+    assert [out["confirmatory"][n]["p_holm"]["p_tost"] for n in names] == pytest.approx(stats.holm(p))
+    for c in out["confirmatory"].values():
+        assert c["verdict"] == stats.verdict(c["ci95"], 0.1) and c["ci_bonferroni"][0] < c["ci95"][0]
+    assert "Holm" in capsys.readouterr().out
+    (tmp_path / "world_2" / "results.json").unlink()
+    assert analysis.main([str(tmp_path)]) == 2
+    assert "world_2" in one_line_error(capsys)

@@ -1,0 +1,170 @@
+"""The confirmatory verdicts, Holm's adjustment, the sensitivity and the two pooled analyses of METHOD.md §5.3, from
+the committed runs (`python -m study.analysis [FOLDER]`, FOLDER = results/ by default): writes FOLDER/analysis.json
+and prints its tables. Pure Python over the runs' results.json (no torch, nothing re-run).
+
+The runs it reads, each FOLDER/<name>/results.json (and provenance.json beside it, which it does not read):
+main (world 0, seeds 0-9: the main table, post hoc), confirmatory (world 0, seeds 10-19), world_1 and world_2
+(seeds 0-9 each).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from study import stats, summary
+
+POST_HOC = "post hoc (delta fixed after these intervals were seen)"
+# per world, the runs whose seeds it pools (METHOD.md §5.3): world 0 is the main table's run and the confirmatory run
+WORLDS = {"0": ("main", "confirmatory"), "1": ("world_1",), "2": ("world_2",)}
+
+
+def names(prereg: dict) -> list:
+    return [f"{a} - {b}" for a, b in prereg["primary"]]
+
+
+def confirmatory(results: dict, prereg: dict) -> dict:
+    """Per primary comparison of the confirmatory run: its registered verdict (results.json's), the Bonferroni
+    interval (t at 0.995), the three p-values and their Holm adjustment within the five, the adjusted verdict, the
+    verdict at each sensitivity delta, and the probability that "absent" could be reached at the observed SE."""
+    delta, config = prereg["delta"]["gold_reward"], prereg["confirmatory"]
+    comparisons = names(prereg)
+    diffs = {name: results["paired"][name]["per_seed"] for name in comparisons}
+    p = {name: stats.p_values(diffs[name], delta) for name in comparisons}
+    adjusted = {
+        kind: stats.holm([p[name][kind] for name in comparisons]) for kind in ("p_greater", "p_less", "p_tost")
+    }
+    out = {}
+    for i, name in enumerate(comparisons):
+        judged = results["paired"][name]
+        holm_p = {kind: adjusted[kind][i] for kind in adjusted}
+        se = stats.standard_error(diffs[name])
+        out[name] = {
+            "mean": judged["mean"],
+            "ci95": judged["ci95"],
+            "n_seeds": judged["n_seeds"],
+            "verdict": judged["verdict"],
+            "ci_bonferroni": stats.interval(diffs[name], 1 - 0.05 / len(comparisons) / 2)["ci95"],
+            "p": p[name],
+            "p_holm": holm_p,
+            "verdict_holm": stats.verdict_from_p(holm_p),
+            "sensitivity": {str(d): stats.verdict(judged["ci95"], d) for d in config["sensitivity_deltas"]},
+            "absent_reachable": stats.absent_reachable(se, judged["n_seeds"], delta),
+        }
+    return out
+
+
+def post_hoc(results: dict, prereg: dict) -> dict:
+    """The main table's world 0 verdicts (seeds 0-9), relabelled, with the same sensitivity and reachability."""
+    delta = prereg["delta"]["gold_reward"]
+    out = {}
+    for name in names(prereg):
+        judged = results["paired"][name]
+        out[name] = {
+            "mean": judged["mean"],
+            "ci95": judged["ci95"],
+            "verdict": judged["verdict"],
+            "label": POST_HOC,
+            "sensitivity": {
+                str(d): stats.verdict(judged["ci95"], d) for d in prereg["confirmatory"]["sensitivity_deltas"]
+            },
+            "absent_reachable": stats.absent_reachable(stats.standard_error(judged["per_seed"]), 10, delta),
+        }
+    return out
+
+
+def pooled(runs: dict, prereg: dict) -> dict:
+    """Per primary comparison, both registered pools over every seed of worlds 0-2 (METHOD.md §5.3): each world's
+    paired mean and SE over all its seeds, the common effect (t on sum(n_i - 1) df) and the random effects
+    (DerSimonian-Laird, Hartung-Knapp), each with its verdict by the §5.1 rule; "worlds differ" iff p(Q) < 0.10."""
+    delta = prereg["delta"]["gold_reward"]
+    out = {}
+    for name in names(prereg):
+        per_world = {}
+        for world, run_names in WORLDS.items():
+            diffs = [x for run in run_names for x in runs[run]["paired"][name]["per_seed"] if x is not None]
+            per_world[world] = {"mean": stats.mean(diffs), "se": stats.standard_error(diffs), "n_seeds": len(diffs)}
+        y = [w["mean"] for w in per_world.values()]
+        se = [w["se"] for w in per_world.values()]
+        common = stats.common_effect(y, se, [w["n_seeds"] for w in per_world.values()])
+        random = stats.random_effects(y, se)
+        out[name] = {
+            "per_world": per_world,
+            "common_effect": {**common, "verdict": stats.verdict(common["ci95"], delta)},
+            "random_effects": {**random, "verdict": stats.verdict(random["ci95"], delta)},
+            "primary": "random_effects",
+            "worlds_differ": random["Q_p"] < 0.10,
+        }
+    return out
+
+
+def analyse(folder: Path, prereg: dict) -> dict:
+    runs = {
+        name: json.loads((folder / name / "results.json").read_text())
+        for name in ("main", "confirmatory", "world_1", "world_2")
+    }
+    return {
+        "confirmatory": confirmatory(runs["confirmatory"], prereg),
+        "world_0_post_hoc": post_hoc(runs["main"], prereg),
+        "pooled": pooled(runs, prereg),
+        "disclosure": prereg["confirmatory"]["pooled"]["disclosure"],
+    }
+
+
+def signed(iv) -> str:
+    return f"[{iv[0]:+.3f}, {iv[1]:+.3f}]"
+
+
+def markdown(analysis: dict) -> str:
+    """The tables of analysis.json, as the report shows them."""
+    lines = [
+        "Confirmatory run (world 0, seeds 10-19): the registered verdicts, and after Holm over the five primary ones",
+        "",
+        "| comparison | mean | 95 % CI | 99 % (Bonferroni) | verdict | Holm: p>, p<, p TOST | verdict after Holm | "
+        "at delta 0.075 / 0.094 / 0.125 | P(absent reachable) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in analysis["confirmatory"].items():
+        holm = ", ".join(f"{c['p_holm'][k]:.3f}" for k in ("p_greater", "p_less", "p_tost"))
+        sens = " / ".join(c["sensitivity"].values())
+        lines.append(
+            f"| {name} | {c['mean']:+.3f} | {signed(c['ci95'])} | {signed(c['ci_bonferroni'])} | {c['verdict']} | "
+            f"{holm} | {c['verdict_holm']} | {sens} | {c['absent_reachable']:.2f} |"
+        )
+    lines += ["", "Pooled over every seed of worlds 0 (20 seeds), 1 and 2 (10 each); primary: random effects", ""]
+    lines += [
+        "| comparison | world 0 / 1 / 2 | common effect [95 % CI], verdict | random effects (HK) [95 % CI], verdict | "
+        "Q (p), I^2 | worlds differ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in analysis["pooled"].items():
+        worlds = " / ".join(f"{w['mean']:+.3f}" for w in p["per_world"].values())
+        ce, re = p["common_effect"], p["random_effects"]
+        lines.append(
+            f"| {name} | {worlds} | {ce['mean']:+.3f} {signed(ce['ci95'])} {ce['verdict']} | {re['mean']:+.3f} "
+            f"{signed(re['ci95'])} {re['verdict']} | {re['Q']:.2f} ({re['Q_p']:.2f}), {re['I2']:.2f} | "
+            f"{'yes' if p['worlds_differ'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    folder = Path(argv[0] if argv else "results")
+    missing = [
+        n for n in ("main", "confirmatory", "world_1", "world_2") if not (folder / n / "results.json").is_file()
+    ]
+    if len(argv) > 1 or missing:
+        print(
+            f"study.analysis: error: give one folder holding main, confirmatory, world_1 and world_2 runs "
+            f"(missing in {folder}: {', '.join(missing) or 'none'})",
+            file=sys.stderr,
+        )
+        return 2
+    analysis = analyse(folder, summary.read_preregistration())
+    (folder / "analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
+    print(markdown(analysis), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
