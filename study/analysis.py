@@ -1,17 +1,18 @@
 """The confirmatory verdicts, Holm's adjustment, the sensitivity and the two pooled analyses of METHOD.md §5.3, from
 the committed runs (`python -m study.analysis [FOLDER]`, FOLDER = results/ by default): writes FOLDER/analysis.json
-and prints its tables. Pure Python over the runs' results.json (no torch, nothing re-run).
+and prints its tables, and FOLDER/claims.md, the README's claims table (the positive controls' rows where their runs
+are there). Pure Python over the runs' results.json (no torch, nothing re-run).
 
-The runs it reads, each FOLDER/<name>/results.json (and provenance.json beside it, which it does not read):
-main (world 0, seeds 0-9: the main table, post hoc), confirmatory (world 0, seeds 10-19), world_1 and world_2
-(seeds 0-9 each).
+The runs it reads, each FOLDER/<name>/results.json (provenance.json beside it says how it was made): main (world 0,
+seeds 0-9: the main table, post hoc), confirmatory (world 0, seeds 10-19), world_1 and world_2 (seeds 0-9 each);
+bilevel_own_data and metarm_steps100 (the positive controls' held-out runs) for the claims table.
 """
 
 import json
 import sys
 from pathlib import Path
 
-from study import stats, summary
+from study import stats, summary, tables
 
 POST_HOC = "post hoc (delta fixed after these intervals were seen)"
 # per world, the runs whose seeds it pools (METHOD.md §5.3): world 0 is the main table's run and the confirmatory run
@@ -110,43 +111,6 @@ def analyse(folder: Path, prereg: dict) -> dict:
     }
 
 
-def signed(iv) -> str:
-    return f"[{iv[0]:+.3f}, {iv[1]:+.3f}]"
-
-
-def markdown(analysis: dict) -> str:
-    """The tables of analysis.json, as the report shows them."""
-    lines = [
-        "Confirmatory run (world 0, seeds 10-19): the registered verdicts, and after Holm over the five primary ones",
-        "",
-        "| comparison | mean | 95 % CI | 99 % (Bonferroni) | verdict | Holm: p>, p<, p TOST | verdict after Holm | "
-        "at delta 0.075 / 0.094 / 0.125 | P(absent reachable) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, c in analysis["confirmatory"].items():
-        holm = ", ".join(f"{c['p_holm'][k]:.3f}" for k in ("p_greater", "p_less", "p_tost"))
-        sens = " / ".join(c["sensitivity"].values())
-        lines.append(
-            f"| {name} | {c['mean']:+.3f} | {signed(c['ci95'])} | {signed(c['ci_bonferroni'])} | {c['verdict']} | "
-            f"{holm} | {c['verdict_holm']} | {sens} | {c['absent_reachable']:.2f} |"
-        )
-    lines += ["", "Pooled over every seed of worlds 0 (20 seeds), 1 and 2 (10 each); primary: random effects", ""]
-    lines += [
-        "| comparison | world 0 / 1 / 2 | common effect [95 % CI], verdict | random effects (HK) [95 % CI], verdict | "
-        "Q (p), I^2 | worlds differ |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, p in analysis["pooled"].items():
-        worlds = " / ".join(f"{w['mean']:+.3f}" for w in p["per_world"].values())
-        ce, re = p["common_effect"], p["random_effects"]
-        lines.append(
-            f"| {name} | {worlds} | {ce['mean']:+.3f} {signed(ce['ci95'])} {ce['verdict']} | {re['mean']:+.3f} "
-            f"{signed(re['ci95'])} {re['verdict']} | {re['Q']:.2f} ({re['Q_p']:.2f}), {re['I2']:.2f} | "
-            f"{'yes' if p['worlds_differ'] else 'no'} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     folder = Path(argv[0] if argv else "results")
@@ -162,7 +126,9 @@ def main(argv=None) -> int:
         return 2
     analysis = analyse(folder, summary.read_preregistration())
     (folder / "analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
-    print(markdown(analysis), end="")
+    print(tables.analysis_markdown(analysis), end="")
+    (folder / "claims.md").write_text(tables.claims_table(folder, analysis))
+    print(f"wrote {folder / 'analysis.json'} and {folder / 'claims.md'} (the README's claims table)")
     return 0
 
 

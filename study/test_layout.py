@@ -35,9 +35,10 @@ def test_a_reference_module_loads_nothing_of_the_study_or_the_extra(module):
 
 
 def test_the_statistics_load_no_torch():
-    """study/stats.py (and the summaries and the methods' table built on it) are pure Python: no torch loaded."""
-    loaded = loaded_after("import study.stats, study.summary, study.methods")
-    assert "study.stats" in loaded and "study.summary" in loaded
+    """study/stats.py (and the summaries, the methods' table, the analyses of the committed runs and their tables,
+    built on it) are pure Python: no torch loaded."""
+    loaded = loaded_after("import study.stats, study.summary, study.methods, study.analysis, study.tables")
+    assert {"study.stats", "study.summary", "study.analysis", "study.tables"} <= set(loaded)
     assert "torch" not in loaded and "numpy" not in loaded
 
 
@@ -69,3 +70,58 @@ def test_a_renamed_function_is_caught():
     assert not resolve("metarm.no_such_function") and not resolve("evaluation.decide")
     assert not resolve("study.no_such_module") and not resolve("train.Config.no_such_field")
     assert Path(ROOT / "study" / "preregistration.json").is_file()
+
+
+# ==== The committed runs behind the tables (results/, METHOD.md §5.3) ===============================================
+RESULTS = ROOT / "results"
+RUNS = json.loads((RESULTS / "runs.json").read_text())["runs"]
+
+
+def git(*args):
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_a_committed_run_says_how_it_was_made_and_descends_from_its_registration(run):
+    """Each run in results/runs.json: its results.json, and a provenance.json naming the command (train.py's, with no
+    flag that changes a number beyond the design's), the commit, torch, the threads and the CPU; that commit
+    descends from the pre-registration that governs the run (git merge-base --is-ancestor)."""
+    folder = RESULTS / run
+    results = json.loads((folder / "results.json").read_text())
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert provenance["command"].startswith("python train.py")
+    assert {"commit", "torch", "threads", "cpu", "seconds", "started_utc"} <= set(provenance)
+    assert provenance["uncommitted_changes"] is False
+    assert "out" not in results["config"]
+    threads = provenance["command"].split()
+    assert results["config"]["threads"] == int(threads[threads.index("--threads") + 1]) == provenance["threads"]
+    if git("rev-parse", "HEAD").returncode:
+        pytest.skip("not a git checkout: the commits cannot be compared")
+    registration = RUNS[run]["registration"]
+    assert git("merge-base", "--is-ancestor", registration, provenance["commit"]).returncode == 0, (registration, run)
+
+
+def test_the_confirmatory_run_is_the_registered_command_on_fresh_seeds():
+    """results/confirmatory: the registered command (preregistration.json -> confirmatory) plus only --threads,
+    --progress and --out, which change no number; seeds 10-19 (the figures' too)."""
+    prereg = json.loads((ROOT / "study" / "preregistration.json").read_text())["confirmatory"]
+    provenance = json.loads((RESULTS / "confirmatory" / "provenance.json").read_text())
+    given, registered = provenance["command"].split(), prereg["command"].split()
+    extra = [token for token in given if token not in registered]
+    assert all(token in given for token in registered)
+    assert [token for token in extra if token.startswith("--")] == ["--threads", "--progress", "--out"]
+    results = json.loads((RESULTS / "confirmatory" / "results.json").read_text())
+    assert results["config"]["first_seed"] == 10 and results["config"]["seeds"] == 10
+    assert results["figures"]["frontier"]["seeds"] == list(range(10, 20))
+
+
+def test_the_readme_claims_table_is_generated_from_the_committed_runs():
+    """The README's claims table is study.analysis.claims_table of results/ (every number from a committed run), and
+    results/analysis.json is what study.analysis computes from the committed runs now."""
+    from study import analysis, summary
+
+    computed = analysis.analyse(RESULTS, summary.read_preregistration())
+    assert json.loads((RESULTS / "analysis.json").read_text()) == json.loads(json.dumps(computed))
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- claims: python -m study.analysis results -->\n")[1].split("<!-- /claims -->")[0]
+    assert block == analysis.claims_table(RESULTS, computed)

@@ -479,15 +479,25 @@ def test_s53_analysis_of_a_results_folder(tmp_path, capsys):
     """study.analysis on four written runs: world 0 pools the main run's and the confirmatory run's seeds (20), the
     Holm-adjusted p-values are holm() of the per-comparison ones, the verdicts come from the intervals; a folder
     without the runs is one line and exit 2."""
-    from study import analysis
+    from study import analysis, tables
 
     names = analysis.names(PREREG)
     shifts = {"main": 0.0, "confirmatory": 0.05, "world_1": 0.1, "world_2": -0.02}
+    judged = {"mean": 0.25, "ci95": [-0.5, 1.0], "verdict": "undetermined", "round": 2}
+    exploratory = {  # what the claims table reads besides the primary comparisons
+        "figures": {
+            "frontier": {"matched_kl": judged},
+            "rlhf_rounds": {"verdicts": {"gold": [judged], "rm_accuracy": []}},
+        },
+        "mechanism_widening": {**judged, "acted": False},
+        "premises": {"collapse_ratio": {**judged, "holds": False}, "gold_collapse_ratio": judged},
+    }
     for run, shift in shifts.items():
         per_seed = {n: [shift + 0.01 * i * (k + 1) - 0.04 for i in range(10)] for k, n in enumerate(names)}
+        per_seed["dpo - sft"] = [0.01 * i for i in range(10)]  # mean 0.045
         paired = {n: {**stats.decide(d, 0.1, **RULE), "per_seed": d} for n, d in per_seed.items()}
         (tmp_path / run).mkdir()
-        (tmp_path / run / "results.json").write_text(json.dumps({"paired": paired}))
+        (tmp_path / run / "results.json").write_text(json.dumps({"paired": paired, **exploratory}))
     assert analysis.main([str(tmp_path)]) == 0
     out = json.loads((tmp_path / "analysis.json").read_text())
     first = names[0]
@@ -500,6 +510,11 @@ def test_s53_analysis_of_a_results_folder(tmp_path, capsys):
     for c in out["confirmatory"].values():
         assert c["verdict"] == stats.verdict(c["ci95"], 0.1) and c["ci_bonferroni"][0] < c["ci95"][0]
     assert "Holm" in capsys.readouterr().out
+    claims = (tmp_path / "claims.md").read_text()  # the positive controls' rows only where their runs are
+    c = out["confirmatory"][first]
+    assert f"{tables.num(c['mean'])} {tables.ci(c['ci95'])} | **{c['verdict']}**" in claims
+    assert "positive control" not in claims and "+0.250 [−0.500, +1.000] | undetermined (exploratory)" in claims
+    assert "dpo − sft: +0.045 [" in claims  # from the main run
     (tmp_path / "world_2" / "results.json").unlink()
     assert analysis.main([str(tmp_path)]) == 2
     assert "world_2" in one_line_error(capsys)

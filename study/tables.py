@@ -1,0 +1,346 @@
+"""The README's claims table and the report's tables, generated from the committed runs in results/ (METHOD.md §5.3):
+every number in them is read from a run's results.json or from study.analysis's pooled analyses, never typed. Tests
+check that README.md and study/REPORT.md show these tables as generated (study/test_layout.py). Pure Python.
+"""
+
+import json
+from pathlib import Path
+
+REPORT = "study/REPORT.md"
+CONFIRMATORY = f"[Confirmatory run]({REPORT}#the-confirmatory-run-fresh-seeds-1019)"
+CONTROLS = f"[Positive controls]({REPORT}#can-the-machinery-show-an-effect-at-all-positive-controls)"
+# (the paper's claim, the primary comparison) in the claims table's order
+PRIMARY_CLAIMS = (
+    ("Jia: the meta-learned RM guides adaptation better than a vanilla RM", "bilevel - vanilla_rm"),
+    ("… because of its bilevel path (the DPO term through the hypergradient)", "bilevel - bilevel_bt_only"),
+    ("Dou et al.: MetaRM's RM guides adaptation better out of distribution", "metarm - vanilla_rm"),
+    ("… because of the ascent on the difference loss", "metarm - metarm_eta0"),
+    ("a control: more Bradley–Terry updates alone", "vanilla_rm_long - vanilla_rm"),
+)
+ROUND_CLAIMS = (  # (the rounds' metric, the paper's claim, what is measured)
+    ("gold", "Dou et al.: the policy improves further over RLHF rounds", "MetaRM − η = 0, rounds"),
+    (
+        "rm_accuracy",
+        "Dou et al.: MetaRM keeps the RM telling the shifted samples apart",
+        "the RM's pair accuracy, rounds",
+    ),
+)
+PAIRED_ROWS = (  # the report's paired table: comparison -> what it isolates
+    ("bilevel - vanilla_rm", "Jia"),
+    ("bilevel - bilevel_bt_only", "the DPO term"),
+    ("metarm - vanilla_rm", "Dou et al."),
+    ("metarm - metarm_eta0", "the ascent on J"),
+    ("vanilla_rm_long - vanilla_rm", "more updates alone"),
+    ("dpo - sft", "DPO tuned on dev"),
+    ("dpo - vanilla_rm", ""),
+    ("in_domain_rm - vanilla_rm", "reachable headroom"),
+    ("oracle - vanilla_rm", ""),
+)
+
+
+def num(x: float, digits: int = 3) -> str:
+    """A signed number with a typographic minus, as the README and the report print it."""
+    return f"{x:+.{digits}f}".replace("-", "−")
+
+
+def ci(iv, digits: int = 3) -> str:
+    return f"[{num(iv[0], digits)}, {num(iv[1], digits)}]"
+
+
+def plain(iv, digits: int = 3) -> str:
+    """'mean [lo, hi]' of an interval dict, unsigned; 'n/a' for None."""
+    if iv is None:
+        return "n/a"
+    text = f"{iv['mean']:.{digits}f}".replace("-", "−")
+    if iv.get("ci95") is None:
+        return text
+    return text + f" [{iv['ci95'][0]:.{digits}f}, {iv['ci95'][1]:.{digits}f}]".replace("-", "−")
+
+
+def name(comparison: str) -> str:
+    return comparison.replace(" - ", " − ")
+
+
+def load(folder: Path, run: str):
+    path = folder / run / "results.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ==== The README's claims table ======================================================================================
+def claims_table(folder: Path, analysis: dict) -> str:
+    """What the papers claim and what this project measured: the primary comparisons from the confirmatory run (its
+    registered verdict; after Holm) and pooled over worlds 0-2 (random effects, the registered primary pool); the
+    rest exploratory, or from the positive controls' held-out runs where those are in FOLDER (DPO: the main run)."""
+    confirm = load(folder, "confirmatory")
+    own, steps100, main = load(folder, "bilevel_own_data"), load(folder, "metarm_steps100"), load(folder, "main")
+    rows = [
+        "| the paper's claim | measured: method − control [95 % CI] | verdict | pooled, worlds 0–2, every seed "
+        "(random effects) | more |",
+        "|---|---|---|---|---|",
+    ]
+    for claim, comparison in PRIMARY_CLAIMS:
+        c, pool = analysis["confirmatory"][comparison], analysis["pooled"][comparison]
+        re = pool["random_effects"]
+        differ = " (worlds differ)" if pool["worlds_differ"] else ""
+        rows.append(
+            f"| {claim} | {name(comparison)}: {num(c['mean'])} {ci(c['ci95'])} | **{c['verdict']}**; after Holm: "
+            f"{c['verdict_holm']} | {num(re['mean'])} {ci(re['ci95'])}: {re['verdict']}{differ} | {CONFIRMATORY} |"
+        )
+        if comparison == "bilevel - bilevel_bt_only":
+            kl = confirm["figures"]["frontier"]["matched_kl"]
+            rows.append(
+                f"| Jia: more gold reward at matched KL | at the vanilla RM's KL: {num(kl['mean'])} {ci(kl['ci95'])} "
+                f"| {kl['verdict']} (exploratory) | | {CONFIRMATORY} |"
+            )
+            if own:  # the positive control's held-out run
+                both, path = own["paired"]["bilevel - vanilla_rm"], own["paired"]["bilevel - bilevel_bt_only"]
+                rows.append(
+                    "| … and where a domain's own labels are given (positive control) | bilevel − vanilla_rm: "
+                    f"{num(both['mean'])} {ci(both['ci95'])}; the path, bilevel − bilevel_bt_only: "
+                    f"{num(path['mean'])} {ci(path['ci95'])} | {both['verdict']}; {path['verdict']} | | {CONTROLS} |"
+                )
+        if comparison == "metarm - metarm_eta0":
+            rounds = confirm["figures"]["rlhf_rounds"]["verdicts"]
+            for key, claim_text, what in ROUND_CLAIMS:
+                judged = rounds[key]
+                cells = ", ".join(f"{num(v['mean'])} {ci(v['ci95'])}" for v in judged)
+                verdicts = ", ".join(v["verdict"] for v in judged)
+                which = ", ".join(str(v["round"]) for v in judged)
+                rows.append(
+                    f"| {claim_text} | {what} {which}: {cells} | {verdicts} (exploratory) | | {CONFIRMATORY} |"
+                )
+            widening = confirm["mechanism_widening"]
+            rows.append(
+                "| … by widening the reward differences on the shifted samples (its target) | metarm − metarm_eta0, "
+                f"within-prompt \\|Δr\\| on X_s over each RM's own scale: {num(widening['mean'])} "
+                f"{ci(widening['ci95'])} | {'acted' if widening['acted'] else 'did not act'} (exploratory) | | "
+                f"{CONFIRMATORY} |"
+            )
+            if steps100:  # MetaRM where its premise holds
+                mechanism = next(iter(steps100["paired_rm_accuracy"].values()))
+                rows.append(
+                    "| … where its premise holds (`--adapt-steps 100`), on its own shifted samples | metarm − "
+                    f"metarm_eta0, pair accuracy: {num(mechanism['mean'])} {ci(mechanism['ci95'])} | "
+                    f"{mechanism['verdict']} | | {CONTROLS} |"
+                )
+            premise, gold = confirm["premises"]["collapse_ratio"], confirm["premises"]["gold_collapse_ratio"]
+            rows.append(
+                "| Dou et al.'s premise: the RM's within-prompt differences collapse on the adapted policy | collapse "
+                f"ratio (adapted / π_ref): {plain(premise)}; gold's own: {plain(gold)} | "
+                f"{'holds' if premise['holds'] else 'does not hold'} (below 0.5; exploratory) | | {CONFIRMATORY} |"
+            )
+    judged = main["paired"]["dpo - sft"]  # DPO draws from its own streams: the positive control's run gives the same
+    rows.append(
+        "| a baseline: DPO, tuned on dev like the methods (world 0, seeds 0–9) | dpo − sft: "
+        f"{num(judged['mean'])} {ci(judged['ci95'])} | {judged['verdict']} | | {CONTROLS} |"
+    )
+    return "\n".join(rows) + "\n"
+
+
+# ==== The report's tables of one run =================================================================================
+def methods_table(results: dict) -> str:
+    """Per method: gold reward, win rate against pi_ref, RM accuracy on the held-out pairs, KL, with intervals."""
+    rows = [
+        "| method | gold reward | win rate vs π_ref | RM accuracy (held-out pairs) | KL(π‖π_ref) |",
+        "|---|---|---|---|---|",
+    ]
+    for m, r in results["methods"].items():
+        win, kl = f"{r['win_rate']['mean']:.3f}", f"{r['kl']['mean']:.2f}"
+        rows.append(f"| {m} | {plain(r['gold_reward'])} | {win} | {plain(r['rm_accuracy'])} | {kl} |")
+    return "\n".join(rows) + "\n"
+
+
+def paired_table(results: dict) -> str:
+    """The paired differences in gold reward: mean, interval, seeds > 0, verdict, benefit excluded, MDE."""
+    rows = [
+        "| comparison | mean | 95 % CI | seeds > 0 | verdict | benefit ≥ δ excluded | MDE (80 %) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for comparison, what in PAIRED_ROWS:
+        p = results["paired"].get(comparison)
+        if p is None:
+            continue
+        label = f"{name(comparison)} ({what})" if what else name(comparison)
+        excluded = "" if "benefit_excluded" not in p else ("yes" if p["benefit_excluded"] else "no")
+        mde = "" if p.get("mde80") is None else f"{p['mde80']:.3f}"
+        verdict = p["verdict"] if p["verdict"].startswith("n/a") else f"**{p['verdict']}**"
+        rows.append(
+            f"| {label} | {num(p['mean'])} | {ci(p['ci95'])} | {p['wins']}/{p['n_seeds']} | {verdict} | {excluded} "
+            f"| {mde} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def trends_table(results: dict) -> str:
+    """The papers' trends at the figures' seeds: Jia's matched KL, MetaRM's rounds (gold, RM accuracy), the outer
+    stationarity at the last measured step per beta, and the hypergradient's error per solver."""
+    figures = results["figures"]
+    rows = ["| the paper's trend | measured | verdict | MDE |", "|---|---|---|---|"]
+    kl = figures["frontier"]["matched_kl"]
+    rows.append(
+        "| Jia: more gold reward at matched KL (fig. 2) | bilevel − vanilla_rm at the vanilla RM's KL (β = 0.5): "
+        f"{num(kl['mean'])} {ci(kl['ci95'])}; {kl['extended_seeds']} seed(s) extended, {kl['undefined_seeds']} "
+        f"undefined | {kl['verdict']} | {kl['mde80']:.3f} |"
+    )
+    for key, claim, what in ROUND_CLAIMS:
+        judged = figures["rlhf_rounds"]["verdicts"][key]
+        which = ", ".join(str(v["round"]) for v in judged)
+        cells = ", ".join(f"{num(v['mean'])} {ci(v['ci95'])}" for v in judged)
+        verdicts = ", ".join(v["verdict"] for v in judged)
+        mdes = ", ".join(f"{v['mde80']:.3f}" for v in judged)
+        rows.append(f"| {claim} (fig. 5) | {what} {which}: {cells} | {verdicts} | {mdes} |")
+    conv = figures["outer_convergence"]
+    last = [
+        f"{ivs[-1]['mean']:.3f} [{ivs[-1]['ci95'][0]:.3f}, {ivs[-1]['ci95'][1]:.3f}]" for ivs in conv["ratio"].values()
+    ]
+    below = all(ivs[-1]["ci95"][1] < 1 for ivs in conv["ratio"].values())
+    rows.append(
+        "| Jia: outer stationarity tightens with outer iterations (fig. 4) | ‖∇F(φ_k)‖² / ‖∇F(φ_0)‖² (raw) at step "
+        f"{conv['steps'][-1]}, β = {', '.join(conv['ratio'])}: {', '.join(last)} | "
+        f"{'every interval below 1' if below else 'not every interval below 1'} (no δ: not a paired comparison) | |"
+    )
+    curves = figures["hypergradient_error"]["curves"]
+    shown = "; ".join(
+        f"{solver} " + " → ".join(f"{r['error']:.0e} ({r['hvps']})" for r in rows_) for solver, rows_ in curves.items()
+    )
+    rows.append(
+        f"| hypergradient error → 0 as solver iterations grow (fig. 3) | relative error (HVPs): {shown} | shown (one "
+        "problem, no seeds) | |"
+    )
+    return "\n".join(rows) + "\n"
+
+
+def accuracy_table(results: dict) -> str:
+    """The hypergradient training used against its float64 reference, per checked outer step."""
+    rows = ["| outer step | checks | cosine: min, median | relative error: median, max |", "|---|---|---|---|"]
+    for step, s in results["hypergradient_accuracy"]["by_step"].items():
+        rows.append(
+            f"| {step} | {s['n']} | {s['cosine_min']:.3f}, {s['cosine_median']:.4f} | "
+            f"{s['rel_error_median']:.3f}, {s['rel_error_max']:.3f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+PREMISE_ROWS = (
+    ("acc_behaviour_pairs", "accuracy on the behaviour pairs (its training distribution)"),
+    ("acc_pi_ref_samples", "accuracy on π_ref's samples"),
+    ("acc_adapted_samples", "accuracy on the samples of the policy adapted with it"),
+    ("acc_margin_ge1_pi_ref", "accuracy on within-prompt pairs with a gold margin ≥ 1: π_ref's samples"),
+    ("acc_margin_ge1_adapted", "… the adapted policy's samples"),
+    (
+        "collapse_ratio",
+        "collapse ratio: median within-prompt \\|r_i − r_j\\|, adapted / π_ref's samples (0.5 registered)",
+    ),
+    ("gold_collapse_ratio", "gold's own collapse ratio: median within-prompt \\|g_i − g_j\\|, adapted / π_ref's"),
+    ("collapse_ratio_rm_over_gold", "the RM's collapse ratio over gold's"),
+)
+
+
+def premises_table(results: dict) -> str:
+    """The premises, measured with the vanilla RM (rows present in the run only)."""
+    rows = ["| measurement (vanilla RM) | held-out |", "|---|---|"]
+    for key, label in PREMISE_ROWS:
+        if key in results["premises"]:
+            rows.append(f"| {label} | {plain(results['premises'][key])} |")
+    return "\n".join(rows) + "\n"
+
+
+def drop_split_table(results: dict) -> str:
+    """The vanilla RM's accuracy drop split into the margin mix and the ranking at equal margin, both orders."""
+    split = results["premises"]["accuracy_drop_split"]
+    rows = ["| the accuracy drop (adapted − π_ref's samples), binned | mean [95 % CI] |", "|---|---|"]
+    labels = {
+        "total": "total",
+        "mix_first.mix": "mix first: the margin mix",
+        "mix_first.ranking": "… then the ranking at equal margin",
+        "ranking_first.ranking": "ranking first: the ranking at equal margin",
+        "ranking_first.mix": "… then the margin mix",
+    }
+    for key, label in labels.items():
+        rows.append(f"| {label} | {num(split[key]['mean'])} {ci(split[key]['ci95'])} |")
+    return "\n".join(rows) + "\n"
+
+
+def worlds_table(folder: Path, analysis: dict) -> str:
+    """Per primary comparison: each world's run (worlds 0, 1, 2 at seeds 0-9; world 0 also at 10-19) with its
+    verdict, and both registered pools over every seed."""
+    runs = {
+        "world 0, seeds 0–9": "main",
+        "world 0, seeds 10–19": "confirmatory",
+        "world 1": "world_1",
+        "world 2": "world_2",
+    }
+    loaded = {label: load(folder, run) for label, run in runs.items()}
+    rows = [
+        "| comparison | " + " | ".join(runs) + " | common effect (t, Σ(n−1) df) | random effects (HK, 2 df; primary) "
+        "| Q (p), I² |",
+        "|---|" + "---|" * (len(runs) + 3),
+    ]
+    for comparison, pool in analysis["pooled"].items():
+        cells = []
+        for results in loaded.values():
+            p = results["paired"][comparison]
+            cells.append(f"{num(p['mean'])} {ci(p['ci95'])} {p['verdict']}")
+        ce, re = pool["common_effect"], pool["random_effects"]
+        rows.append(
+            f"| {name(comparison)} | {' | '.join(cells)} | {num(ce['mean'])} {ci(ce['ci95'])} {ce['verdict']} | "
+            f"{num(re['mean'])} {ci(re['ci95'])} {re['verdict']} | {re['Q']:.2f} ({re['Q_p']:.2f}), {re['I2']:.2f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def signed(iv) -> str:
+    return f"[{iv[0]:+.3f}, {iv[1]:+.3f}]"
+
+
+def analysis_markdown(analysis: dict) -> str:
+    """study.analysis's tables (analysis.json): the confirmatory verdicts with Holm's, and the pools."""
+    lines = [
+        "Confirmatory run (world 0, seeds 10-19): the registered verdicts, and after Holm over the five primary ones",
+        "",
+        "| comparison | mean | 95 % CI | 99 % (Bonferroni) | verdict | Holm: p>, p<, p TOST | verdict after Holm | "
+        "at delta 0.075 / 0.094 / 0.125 | P(absent reachable) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, c in analysis["confirmatory"].items():
+        holm = ", ".join(f"{c['p_holm'][k]:.3f}" for k in ("p_greater", "p_less", "p_tost"))
+        sens = " / ".join(c["sensitivity"].values())
+        lines.append(
+            f"| {name} | {c['mean']:+.3f} | {signed(c['ci95'])} | {signed(c['ci_bonferroni'])} | {c['verdict']} | "
+            f"{holm} | {c['verdict_holm']} | {sens} | {c['absent_reachable']:.2f} |"
+        )
+    lines += ["", "Pooled over every seed of worlds 0 (20 seeds), 1 and 2 (10 each); primary: random effects", ""]
+    lines += [
+        "| comparison | world 0 / 1 / 2 | common effect [95 % CI], verdict | random effects (HK) [95 % CI], verdict | "
+        "Q (p), I^2 | worlds differ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, p in analysis["pooled"].items():
+        worlds = " / ".join(f"{w['mean']:+.3f}" for w in p["per_world"].values())
+        ce, re = p["common_effect"], p["random_effects"]
+        lines.append(
+            f"| {name} | {worlds} | {ce['mean']:+.3f} {signed(ce['ci95'])} {ce['verdict']} | {re['mean']:+.3f} "
+            f"{signed(re['ci95'])} {re['verdict']} | {re['Q']:.2f} ({re['Q_p']:.2f}), {re['I2']:.2f} | "
+            f"{'yes' if p['worlds_differ'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report_tables(folder: Path, analysis: dict) -> dict:
+    """Every generated table the report shows, by name: the main run's (world 0, seeds 0-9), the confirmatory run's
+    premises and the drop split, the worlds, and study.analysis's confirmatory table."""
+    main, confirm = load(folder, "main"), load(folder, "confirmatory")
+    return {
+        "main methods": methods_table(main),
+        "main paired": paired_table(main),
+        "main trends": trends_table(main),
+        "main hypergradient accuracy": accuracy_table(main),
+        "main premises": premises_table(main),
+        "confirmatory methods": methods_table(confirm),
+        "confirmatory paired": paired_table(confirm),
+        "confirmatory trends": trends_table(confirm),
+        "confirmatory premises": premises_table(confirm),
+        "confirmatory drop split": drop_split_table(confirm),
+        "confirmatory verdicts and pools": analysis_markdown(analysis),
+        "worlds": worlds_table(folder, analysis),
+    }
