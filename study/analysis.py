@@ -1,7 +1,8 @@
 """The confirmatory verdicts, Holm's adjustment, the sensitivity and the two pooled analyses of METHOD.md §5.3, from
-the committed runs (`python -m study.analysis [FOLDER]`, FOLDER = results/ by default): writes FOLDER/analysis.json
-and prints its tables, and FOLDER/claims.md, the README's claims table (the positive controls' rows where their runs
-are there). Pure Python over the runs' results.json (no torch, nothing re-run).
+the committed runs (`python -m study.analysis [FOLDER] [--docs]`, FOLDER = results/ by default): writes
+FOLDER/analysis.json and FOLDER/claims.md (the README's claims table; the positive controls' rows where their runs
+are there) and prints the tables; --docs also fills the generated tables of README.md and study/REPORT.md.
+Pure Python over the runs' results.json (no torch, nothing re-run).
 
 The runs it reads, each FOLDER/<name>/results.json (provenance.json beside it says how it was made): main (world 0,
 seeds 0-9: the main table, post hoc), confirmatory (world 0, seeds 10-19), world_1 and world_2 (seeds 0-9 each);
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from study import stats, summary, tables
 
+ROOT = Path(__file__).parents[1]
 POST_HOC = "post hoc (delta fixed after these intervals were seen)"
 # per world, the runs whose seeds it pools (METHOD.md §5.3): world 0 is the main table's run and the confirmatory run
 WORLDS = {"0": ("main", "confirmatory"), "1": ("world_1",), "2": ("world_2",)}
@@ -113,6 +115,8 @@ def analyse(folder: Path, prereg: dict) -> dict:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    docs = "--docs" in argv
+    argv = [a for a in argv if a != "--docs"]
     folder = Path(argv[0] if argv else "results")
     missing = [
         n for n in ("main", "confirmatory", "world_1", "world_2") if not (folder / n / "results.json").is_file()
@@ -129,6 +133,11 @@ def main(argv=None) -> int:
     print(tables.analysis_markdown(analysis), end="")
     (folder / "claims.md").write_text(tables.claims_table(folder, analysis))
     print(f"wrote {folder / 'analysis.json'} and {folder / 'claims.md'} (the README's claims table)")
+    if docs:  # the generated tables into README.md and the report (study/test_layout.py checks they are there)
+        generated = {"claims": tables.claims_table(folder, analysis), **tables.report_tables(folder, analysis)}
+        for path in (ROOT / "README.md", ROOT / tables.REPORT):
+            path.write_text(tables.fill(path.read_text(), generated))
+            print(f"filled the generated tables of {path}")
     return 0
 
 

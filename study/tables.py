@@ -289,41 +289,61 @@ def worlds_table(folder: Path, analysis: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def signed(iv) -> str:
-    return f"[{iv[0]:+.3f}, {iv[1]:+.3f}]"
+def confirmatory_table(analysis: dict) -> str:
+    """The confirmatory run's primary comparisons: the registered verdict, the Bonferroni interval, the Holm-adjusted
+    p-values and verdict, the verdict at each sensitivity delta, and the chance "absent" had at the observed SE."""
+    rows = [
+        "| comparison | mean [95 % CI] | 99 % CI (Bonferroni, 5) | verdict | Holm-adjusted p: > 0, < 0, TOST | "
+        "verdict after Holm | at δ = 0.075 / 0.094 / 0.125 | P(absent reachable) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for comparison, c in analysis["confirmatory"].items():
+        holm = ", ".join(f"{c['p_holm'][k]:.3f}" for k in ("p_greater", "p_less", "p_tost"))
+        rows.append(
+            f"| {name(comparison)} | {num(c['mean'])} {ci(c['ci95'])} | {ci(c['ci_bonferroni'])} | **{c['verdict']}** "
+            f"| {holm} | {c['verdict_holm']} | {' / '.join(c['sensitivity'].values())} | "
+            f"{c['absent_reachable']:.2f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def post_hoc_table(analysis: dict) -> str:
+    """World 0's verdicts at seeds 0-9 (the main table), labelled post hoc, with the same sensitivity."""
+    rows = [
+        "| comparison | world 0, seeds 0–9: mean [95 % CI] | verdict (post hoc: δ fixed after these intervals were "
+        "seen) | at δ = 0.075 / 0.094 / 0.125 | P(absent reachable) |",
+        "|---|---|---|---|---|",
+    ]
+    for comparison, c in analysis["world_0_post_hoc"].items():
+        rows.append(
+            f"| {name(comparison)} | {num(c['mean'])} {ci(c['ci95'])} | {c['verdict']} | "
+            f"{' / '.join(c['sensitivity'].values())} | {c['absent_reachable']:.2f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def pooled_table(analysis: dict) -> str:
+    """Both registered pools over every seed: each world's mean (world 0: 20 seeds), the common effect, the random
+    effects (primary), Q with its p-value, I^2, and whether the worlds differ (p(Q) < 0.10)."""
+    rows = [
+        "| comparison | world 0 / 1 / 2 (seeds) | common effect (t on Σ(n − 1) df) | random effects (Hartung–Knapp, "
+        "t on W − 1 df): primary | Q (p), I² | worlds differ |",
+        "|---|---|---|---|---|---|",
+    ]
+    for comparison, p in analysis["pooled"].items():
+        worlds = " / ".join(f"{num(w['mean'])} ({w['n_seeds']})" for w in p["per_world"].values())
+        ce, re = p["common_effect"], p["random_effects"]
+        rows.append(
+            f"| {name(comparison)} | {worlds} | {num(ce['mean'])} {ci(ce['ci95'])} {ce['verdict']} ({ce['df']} df) | "
+            f"{num(re['mean'])} {ci(re['ci95'])} **{re['verdict']}** ({re['df']} df) | "
+            f"{re['Q']:.2f} ({re['Q_p']:.2f}), {re['I2']:.2f} | {'yes' if p['worlds_differ'] else 'no'} |"
+        )
+    return "\n".join(rows) + "\n"
 
 
 def analysis_markdown(analysis: dict) -> str:
-    """study.analysis's tables (analysis.json): the confirmatory verdicts with Holm's, and the pools."""
-    lines = [
-        "Confirmatory run (world 0, seeds 10-19): the registered verdicts, and after Holm over the five primary ones",
-        "",
-        "| comparison | mean | 95 % CI | 99 % (Bonferroni) | verdict | Holm: p>, p<, p TOST | verdict after Holm | "
-        "at delta 0.075 / 0.094 / 0.125 | P(absent reachable) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, c in analysis["confirmatory"].items():
-        holm = ", ".join(f"{c['p_holm'][k]:.3f}" for k in ("p_greater", "p_less", "p_tost"))
-        sens = " / ".join(c["sensitivity"].values())
-        lines.append(
-            f"| {name} | {c['mean']:+.3f} | {signed(c['ci95'])} | {signed(c['ci_bonferroni'])} | {c['verdict']} | "
-            f"{holm} | {c['verdict_holm']} | {sens} | {c['absent_reachable']:.2f} |"
-        )
-    lines += ["", "Pooled over every seed of worlds 0 (20 seeds), 1 and 2 (10 each); primary: random effects", ""]
-    lines += [
-        "| comparison | world 0 / 1 / 2 | common effect [95 % CI], verdict | random effects (HK) [95 % CI], verdict | "
-        "Q (p), I^2 | worlds differ |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, p in analysis["pooled"].items():
-        worlds = " / ".join(f"{w['mean']:+.3f}" for w in p["per_world"].values())
-        ce, re = p["common_effect"], p["random_effects"]
-        lines.append(
-            f"| {name} | {worlds} | {ce['mean']:+.3f} {signed(ce['ci95'])} {ce['verdict']} | {re['mean']:+.3f} "
-            f"{signed(re['ci95'])} {re['verdict']} | {re['Q']:.2f} ({re['Q_p']:.2f}), {re['I2']:.2f} | "
-            f"{'yes' if p['worlds_differ'] else 'no'} |"
-        )
-    return "\n".join(lines) + "\n"
+    """study.analysis's tables, as `python -m study.analysis` prints them."""
+    return "\n".join((confirmatory_table(analysis), post_hoc_table(analysis), pooled_table(analysis)))
 
 
 def report_tables(folder: Path, analysis: dict) -> dict:
@@ -341,6 +361,20 @@ def report_tables(folder: Path, analysis: dict) -> dict:
         "confirmatory trends": trends_table(confirm),
         "confirmatory premises": premises_table(confirm),
         "confirmatory drop split": drop_split_table(confirm),
-        "confirmatory verdicts and pools": analysis_markdown(analysis),
+        "confirmatory verdicts": confirmatory_table(analysis),
+        "post hoc": post_hoc_table(analysis),
+        "pooled": pooled_table(analysis),
         "worlds": worlds_table(folder, analysis),
     }
+
+
+def fill(text: str, generated: dict) -> str:
+    """text with every block `<!-- table: NAME -->` ... `<!-- /table -->` holding generated[NAME] (a block whose
+    name is not generated is left as it is): what README.md and REPORT.md show, tested to be unchanged by it."""
+    out, rest = [], text
+    while "<!-- table: " in rest:
+        head, rest = rest.split("<!-- table: ", 1)
+        key, rest = rest.split(" -->\n", 1)
+        body, rest = rest.split("<!-- /table -->", 1)
+        out.append(f"{head}<!-- table: {key} -->\n{generated.get(key, body)}<!-- /table -->")
+    return "".join(out) + rest

@@ -115,13 +115,17 @@ def test_the_confirmatory_run_is_the_registered_command_on_fresh_seeds():
     assert results["figures"]["frontier"]["seeds"] == list(range(10, 20))
 
 
-def test_the_readme_claims_table_is_generated_from_the_committed_runs():
-    """The README's claims table is study.analysis.claims_table of results/ (every number from a committed run), and
-    results/analysis.json is what study.analysis computes from the committed runs now."""
-    from study import analysis, summary
+def test_the_documents_tables_are_generated_from_the_committed_runs():
+    """The README's claims table and every generated table of the report are study.tables' of results/ (every number
+    from a committed run), and results/analysis.json is what study.analysis computes from the committed runs now."""
+    from study import analysis, summary, tables
 
     computed = analysis.analyse(RESULTS, summary.read_preregistration())
     assert json.loads((RESULTS / "analysis.json").read_text()) == json.loads(json.dumps(computed))
-    readme = (ROOT / "README.md").read_text()
-    block = readme.split("<!-- claims: python -m study.analysis results -->\n")[1].split("<!-- /claims -->")[0]
-    assert block == analysis.claims_table(RESULTS, computed)
+    generated = {"claims": tables.claims_table(RESULTS, computed), **tables.report_tables(RESULTS, computed)}
+    for document in ("README.md", tables.REPORT):
+        text = (ROOT / document).read_text()
+        assert tables.fill(text, generated) == text, f"{document}: run python -m study.analysis results --docs"
+    assert "<!-- table: claims -->" in (ROOT / "README.md").read_text()
+    shown = (ROOT / tables.REPORT).read_text()
+    assert all(f"<!-- table: {name} -->" in shown for name in tables.report_tables(RESULTS, computed))

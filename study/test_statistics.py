@@ -518,3 +518,12 @@ def test_s53_analysis_of_a_results_folder(tmp_path, capsys):
     (tmp_path / "world_2" / "results.json").unlink()
     assert analysis.main([str(tmp_path)]) == 2
     assert "world_2" in one_line_error(capsys)
+
+
+def test_s53_fill_replaces_only_named_blocks():
+    """study.tables.fill: each `<!-- table: NAME -->` block gets generated[NAME]; other text, unknown blocks stay."""
+    from study import tables
+
+    text = "a\n<!-- table: x -->\nold\n<!-- /table -->\nb\n<!-- table: y -->\nkept\n<!-- /table -->\nc"
+    assert tables.fill(text, {"x": "new\n"}) == text.replace("old\n", "new\n")
+    assert tables.fill(tables.fill(text, {"x": "new\n"}), {"x": "new\n"}) == text.replace("old\n", "new\n")
