@@ -482,6 +482,10 @@ def parse_config(argv) -> Config:
         (cfg.seeds >= 1, "--seeds must be an integer >= 1"),
         (cfg.figure_seeds >= 1, "--figure-seeds must be an integer >= 1"),
         (
+            cfg.first_seed + cfg.seeds <= 1000,
+            "--first-seed + --seeds must be <= 1000 (a seed >= 10 owns the streams 1000 * seed + k, k < 1000)",
+        ),
+        (
             all(positive(x) for x in rates),
             "--beta, --adapt-lr, --rm-lr, --outer-lr, --dpo-lr, --beta-dpo, --outer-beta-dpo and --temperature "
             "must be finite numbers > 0",

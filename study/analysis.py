@@ -70,7 +70,9 @@ def post_hoc(results: dict, prereg: dict) -> dict:
             "sensitivity": {
                 str(d): stats.verdict(judged["ci95"], d) for d in prereg["confirmatory"]["sensitivity_deltas"]
             },
-            "absent_reachable": stats.absent_reachable(stats.standard_error(judged["per_seed"]), 10, delta),
+            "absent_reachable": stats.absent_reachable(
+                stats.standard_error(judged["per_seed"]), judged["n_seeds"], delta
+            ),
         }
     return out
 
@@ -85,16 +87,20 @@ def pooled(runs: dict, prereg: dict) -> dict:
         per_world = {}
         for world, run_names in WORLDS.items():
             diffs = [x for run in run_names for x in runs[run]["paired"][name]["per_seed"] if x is not None]
-            per_world[world] = {"mean": stats.mean(diffs), "se": stats.standard_error(diffs), "n_seeds": len(diffs)}
+            se = stats.standard_error(diffs) or 0.0  # fewer than two seeds: no pool
+            per_world[world] = {"mean": stats.mean(diffs), "se": se, "n_seeds": len(diffs)}
         y = [w["mean"] for w in per_world.values()]
-        se = [w["se"] for w in per_world.values()]
-        common = stats.common_effect(y, se, [w["n_seeds"] for w in per_world.values()])
-        random = stats.random_effects(y, se)
+        ses = [w["se"] for w in per_world.values()]
+        common = stats.common_effect(y, ses, [w["n_seeds"] for w in per_world.values()])
+        random = stats.random_effects(y, ses)
+        if common is None or random is None:  # a world with SE 0: no pool (METHOD.md §5.3, amendment)
+            out[name] = {"per_world": per_world, "common_effect": None, "random_effects": None, "worlds_differ": None}
+            continue
         out[name] = {
             "per_world": per_world,
             "common_effect": {**common, "verdict": stats.verdict(common["ci95"], delta)},
             "random_effects": {**random, "verdict": stats.verdict(random["ci95"], delta)},
-            "primary": "random_effects",
+            "primary": "random_effects (Hartung-Knapp truncated at max(1, q))",
             "worlds_differ": random["Q_p"] < 0.10,
         }
     return out

@@ -5,7 +5,8 @@
 - rlhf_figure: MetaRM in iterative RLHF, the paper's main setting, against eta = 0, per round (registered too);
 - the hypergradient's error against its cost (study/hypergradient_checks.py) and the outer objective's stationarity;
 - the training curves of the run's first seed.
-`s` is train.py's Setup; `logs` and `per_seed` are lists in the run's seed order, `logs[i]["rms"]` its reward models.
+`s` is train.py's Setup; `logs` and `per_seed` are lists in the run's seed order (figure_experiments keys them by
+seed), `logs[seed]["rms"]` that seed's reward models.
 """
 
 import warnings
@@ -25,8 +26,8 @@ FRONTIER_BETAS = (0.25, 0.5, 1.0)  # §5.1: the points of the gold-vs-log-KL cur
 
 def figure_experiments(cfg, s, logs: list, per_seed: list, sft_losses: list, timings: dict, prereg: dict) -> dict:
     """Reward-vs-KL frontier, RLHF rounds, hypergradient error, outer convergence, training curves: at the first
-    cfg.figure_seeds seeds of the run, from each seed's reward models (logs[i]["rms"]); the registered verdicts of the
-    frontier and the rounds with prereg (summary.read_preregistration)."""
+    cfg.figure_seeds seeds of the run, from each seed's reward models (logs[seed]["rms"]); the registered verdicts of
+    the frontier and the rounds with prereg (summary.read_preregistration)."""
     bcfg = replace(s.bilevel_cfg)
     run_seeds = range(cfg.first_seed, cfg.first_seed + cfg.seeds)
     logs, per_seed = dict(zip(run_seeds, logs)), dict(zip(run_seeds, per_seed))  # by seed

@@ -226,8 +226,8 @@ def frontier(fig_data, path):
     save(fig, path)
 
 
-def hypergradient_error(fig_data, path):
-    """Figure 3: relative error of the hypergradient vs HVPs for CG, Neumann and unrolled."""
+def hypergradient_error(fig_data, path, seed: int = 0):
+    """Figure 3: relative error of the hypergradient vs HVPs for CG, Neumann and unrolled (the run's first seed)."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, rows in fig_data["curves"].items():
         ax.loglog(
@@ -240,7 +240,7 @@ def hypergradient_error(fig_data, path):
     ax.set_xlabel("Hessian-vector products")
     ax.set_ylabel("relative error of dF/dr")
     ax.set_title(
-        f"a separate experiment on {fig_data['domain']}'s inner problem, seed 0's bilevel RM;\n"
+        f"a separate experiment on {fig_data['domain']}'s inner problem, seed {seed}'s bilevel RM;\n"
         f"its reference agrees with finite differences to {fig_data['fd_check_rel_error']:.1e}",
         fontsize=8,
     )
@@ -313,8 +313,8 @@ def rlhf_rounds(fig_data, path, premise=None):
     save(fig, path)
 
 
-def training_curves(fig_data, path):
-    """Figure 6: SFT loss, the vanilla RM's loss and the bilevel objective F (seed 0)."""
+def training_curves(fig_data, path, seed: int = 0):
+    """Figure 6: SFT loss, the vanilla RM's loss and the bilevel objective F (the run's first seed)."""
     panels = [(k, v) for k, v in fig_data.items() if v]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3))
     for ax, (name, values) in zip(axes if len(panels) > 1 else [axes], panels):
@@ -326,7 +326,7 @@ def training_curves(fig_data, path):
         ax.plot(smooth, color="tab:blue", label=f"mean of last {w}")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7)
-    fig.suptitle("drawn from seed 0's training logs (logs.jsonl holds every seed's)", fontsize=9)
+    fig.suptitle(f"drawn from seed {seed}'s training logs (logs.jsonl holds every seed's)", fontsize=9)
     save(fig, path)
 
 
@@ -362,7 +362,9 @@ def make_all(results, out_dir, prereg: dict):
         ("outer_convergence", outer_convergence),
         ("training_curves", training_curves),
     ]:
-        if key in figs:
+        if key in figs and key in ("hypergradient_error", "training_curves"):  # drawn from the run's first seed
+            draw(figs[key], out_dir / f"{key}.png", results["config"].get("first_seed", 0))
+        elif key in figs:
             draw(figs[key], out_dir / f"{key}.png")
     if "rlhf_rounds" in figs:
         rlhf_rounds(

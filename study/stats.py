@@ -16,33 +16,63 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
-def t_density(x: float, df: int) -> float:
-    """Student's t density with df degrees of freedom."""
-    return (
-        math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2))
-        / math.sqrt(df * math.pi)
-        * (1 + x * x / df) ** (-(df + 1) / 2)
-    )
-
-
-def t_cdf(x: float, df: int) -> float:
-    """Student's t CDF: 1/2 plus the density's integral from 0 to x by Simpson's rule on 1000 panels (exact to
-    ~1e-7 for |x| < 50, no scipy needed)."""
-    return 0.5 + sum(
-        (t_density(a, df) + 4 * t_density(a + x / 2000, df) + t_density(a + x / 1000, df)) * x / 6000
-        for a in (i * x / 1000 for i in range(1000))
-    )
-
-
 @functools.cache
 def t_quantile(df: int, p: float = 0.975) -> float:
-    """The p-quantile (p >= 1/2) of Student's t with df degrees of freedom, by bisection on t_cdf (each (df, p)
-    computed once)."""
+    """The p-quantile (p >= 1/2) of Student's t with df degrees of freedom, by bisection on its CDF (the CDF by
+    Simpson's rule on the density: exact to ~1e-7 here, no scipy needed; each (df, p) computed once)."""
+
+    def dens(x):
+        return (
+            math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2))
+            / math.sqrt(df * math.pi)
+            * (1 + x * x / df) ** (-(df + 1) / 2)
+        )
+
+    def cdf(x):
+        return 0.5 + sum(
+            (dens(a) + 4 * dens(a + x / 2000) + dens(a + x / 1000)) * x / 6000
+            for a in (i * x / 1000 for i in range(1000))
+        )
+
     lo, hi = 0.0, 1000.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
     return (lo + hi) / 2
+
+
+def beta_regularised(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularised incomplete beta function, by its continued fraction (modified Lentz), using the
+    symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly."""
+    if x <= 0 or x >= 1:
+        return 0.0 if x <= 0 else 1.0
+    if x > (a + 1) / (a + b + 2):
+        return 1 - beta_regularised(b, a, 1 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(1000):
+        m = i // 2
+        if i == 0:
+            term = 1.0
+        elif i % 2 == 0:
+            term = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            term = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1 + term * d
+        d = 1 / (d if abs(d) > 1e-300 else 1e-300)
+        c = 1 + term / c
+        c = c if abs(c) > 1e-300 else 1e-300
+        f *= c * d
+        if abs(1 - c * d) < 1e-15:
+            break
+    return front * (f - 1) / a
+
+
+def t_cdf(x: float, df: int) -> float:
+    """Student's t CDF, 1 - I_{df / (df + x^2)}(df/2, 1/2) / 2 for x >= 0 and symmetric below (accurate in the far
+    tails too, which the p-values need)."""
+    tail = beta_regularised(df / 2, 0.5, df / (df + x * x)) / 2
+    return 1 - tail if x >= 0 else tail
 
 
 def normal_cdf(x: float) -> float:
@@ -78,9 +108,11 @@ def interval(xs, p: float = 0.975) -> dict:
 
 
 def standard_error(xs) -> float:
-    """s / sqrt(n) of the values that are not None."""
+    """s / sqrt(n) of the values that are not None; None for fewer than two."""
     xs = [x for x in xs if x is not None]
     m, n = mean(xs), len(xs)
+    if n < 2:
+        return None
     return math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1) / n)
 
 
@@ -126,6 +158,8 @@ def p_values(diffs: list, delta: float) -> dict:
     p_less for "< 0" (H0: mu >= 0), and the TOST p for "inside +-delta", the larger of the one-sided p-values
     against -delta (H0: mu <= -delta) and against +delta (H0: mu >= delta)."""
     xs = [x for x in diffs if x is not None]
+    if len(xs) < 2 or standard_error(xs) == 0:
+        return {"p_greater": None, "p_less": None, "p_tost": None}  # no test: the verdict is undetermined
     m, se, df = mean(xs), standard_error(xs), len(xs) - 1
     return {
         "p_greater": 1 - t_cdf(m / se, df),
@@ -136,11 +170,11 @@ def p_values(diffs: list, delta: float) -> dict:
 
 def holm(ps: list) -> list:
     """Holm's step-down adjustment of a family's p-values, in their given order: the i-th smallest (i = 0, 1, ..)
-    times (m - i), made monotone by a running maximum and capped at 1."""
-    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    times (m - i), made monotone by a running maximum and capped at 1. A None (no test) stays None, out of m."""
+    order = sorted((i for i, p in enumerate(ps) if p is not None), key=lambda i: ps[i])
     adjusted, running = [None] * len(ps), 0.0
     for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        running = max(running, min(1.0, (len(order) - rank) * ps[i]))
         adjusted[i] = running
     return adjusted
 
@@ -148,6 +182,8 @@ def holm(ps: list) -> list:
 def verdict_from_p(p: dict, level: float = 0.025) -> str:
     """The §5.1 rule read from (adjusted) p-values, in its order: reproduced (p_greater < level), contradicted
     (p_less < level), absent (p_tost < level), undetermined."""
+    if p["p_greater"] is None:
+        return "undetermined"
     if p["p_greater"] < level:
         return "reproduced"
     if p["p_less"] < level:
@@ -160,6 +196,8 @@ def verdict_from_p(p: dict, level: float = 0.025) -> str:
 def absent_reachable(se: float, n: int, delta: float) -> float:
     """The probability that the 95 % interval lies inside +-delta ("absent") if the true effect is 0 and the
     standard error is se: 2 Phi((delta - t SE) / SE) - 1, 0 when t SE >= delta, t = t(0.975, n - 1)."""
+    if n < 2 or se is None or se <= 0:
+        return None
     t = t_quantile(n - 1)
     return max(0.0, 2 * normal_cdf((delta - t * se) / se) - 1)
 
@@ -175,7 +213,9 @@ def heterogeneity(y: list, se: list) -> dict:
 
 def common_effect(y: list, se: list, n: list) -> dict:
     """The common-effect (inverse-variance) pool of per-world means y with standard errors se from n seeds each:
-    conditional on these worlds; a t-interval on sum(n_i - 1) degrees of freedom."""
+    conditional on these worlds; a t-interval on sum(n_i - 1) degrees of freedom. None if a world's se is 0."""
+    if min(se) <= 0:
+        return None
     w = [1 / s**2 for s in se]
     mu, pooled_se, df = sum(wi * yi for wi, yi in zip(w, y)) / sum(w), math.sqrt(1 / sum(w)), sum(n) - len(n)
     half = t_quantile(df) * pooled_se
@@ -184,13 +224,25 @@ def common_effect(y: list, se: list, n: list) -> dict:
 
 def random_effects(y: list, se: list) -> dict:
     """The random-effects pool over worlds: tau^2 by DerSimonian-Laird, (Q - (W - 1)) / (sum w - sum w^2 / sum w)
-    floored at 0; weights 1/(se^2 + tau^2); the Hartung-Knapp interval, mu +- t(0.975, W - 1) sqrt(sum w* (y -
-    mu)^2 / ((W - 1) sum w*)), not truncated at 1."""
+    floored at 0; weights w* = 1/(se^2 + tau^2); the Hartung-Knapp interval mu +- t(0.975, W - 1) sqrt(q / sum w*)
+    with q = sum w* (y - mu)^2 / (W - 1), truncated at max(1, q) (ci95, METHOD.md §5.3's amendment) and not
+    (ci95_untruncated, as first registered). None if a world's se is 0."""
+    if min(se) <= 0:
+        return None
     het = heterogeneity(y, se)
     w = [1 / s**2 for s in se]
     tau2 = max(0.0, (het["Q"] - het["Q_df"]) / (sum(w) - sum(wi**2 for wi in w) / sum(w)))
     ws = [1 / (s**2 + tau2) for s in se]
     mu = sum(wi * yi for wi, yi in zip(ws, y)) / sum(ws)
-    hk_se = math.sqrt(sum(wi * (yi - mu) ** 2 for wi, yi in zip(ws, y)) / (het["Q_df"] * sum(ws)))
-    half = t_quantile(het["Q_df"]) * hk_se
-    return {"mean": mu, "se": hk_se, "df": het["Q_df"], "tau2": tau2, "ci95": [mu - half, mu + half], **het}
+    q = sum(wi * (yi - mu) ** 2 for wi, yi in zip(ws, y)) / het["Q_df"]
+    t = t_quantile(het["Q_df"])
+    half, half_untruncated = t * math.sqrt(max(1.0, q) / sum(ws)), t * math.sqrt(q / sum(ws))
+    return {
+        "mean": mu,
+        "se": math.sqrt(max(1.0, q) / sum(ws)),
+        "df": het["Q_df"],
+        "tau2": tau2,
+        "ci95": [mu - half, mu + half],
+        "ci95_untruncated": [mu - half_untruncated, mu + half_untruncated],
+        **het,
+    }

@@ -196,9 +196,12 @@ def gold_collapse(per_seed: list, domains: list) -> dict:
     differences shrink only as much as the gold differences between the samples do)."""
     gold, relative = [], []
     for run in per_seed:
-        ratio = domain_means(run, domains, "gold_absdiff_median_adapted") / domain_means(
-            run, domains, "gold_absdiff_median_pi_ref"
-        )
+        reference = domain_means(run, domains, "gold_absdiff_median_pi_ref")
+        if not reference:  # over half of pi_ref's within-prompt pairs tie in gold: no ratio for this seed
+            gold.append(None)
+            relative.append(None)
+            continue
+        ratio = domain_means(run, domains, "gold_absdiff_median_adapted") / reference
         rm = domain_means(run, domains, "absdiff_median_adapted") / domain_means(run, domains, "absdiff_median_pi_ref")
         gold.append(ratio)
         relative.append(rm / ratio if ratio > 0 else None)
@@ -210,8 +213,9 @@ def drop_split(per_seed: list, domains: list) -> dict:
     binned by gold margin (METHOD.md §5.3), split in both orders: with w_b the share of (non-tied) pairs in bin b
     and a_b the accuracy there (0: pi_ref's samples, 1: the adapted policy's), total = sum w1 a1 - sum w0 a0;
     mix first: mix = sum w1 a0 - sum w0 a0, ranking = sum w1 a1 - sum w1 a0; ranking first: ranking = sum w0 a1 -
-    sum w0 a0, mix = sum w1 a1 - sum w0 a1. A bin without an accuracy on either side (gold ties) is left out and
-    the shares renormalised over the rest. Per seed (each premise the mean over domains), intervals over seeds."""
+    sum w0 a0, mix = sum w1 a1 - sum w0 a1. A bin without an accuracy on either side is left out and the shares
+    renormalised over the rest: bin 0, [0, 0.5), holds only gold ties, because gold rewards lie on a 0.5 grid. Per
+    seed (each premise the mean over domains), intervals over seeds."""
     keys = sorted(
         {k[len("share_bin") :].split("_")[0] for k in per_seed[0]["premises"][domains[0]] if "share_bin" in k}
     )
@@ -221,22 +225,21 @@ def drop_split(per_seed: list, domains: list) -> dict:
     for run in per_seed:
         w, a = {}, {}
         for side in ("pi_ref", "adapted"):
-            share = {b: domain_means(run, domains, f"share_bin{b}_{side}") for b in keys}
-            acc = {b: domain_means(run, domains, f"acc_bin{b}_{side}") for b in keys}
-            w[side], a[side] = share, acc
+            w[side] = {b: domain_means(run, domains, f"share_bin{b}_{side}") for b in keys}
+            a[side] = {b: domain_means(run, domains, f"acc_bin{b}_{side}") for b in keys}
         kept = [b for b in keys if a["pi_ref"][b] is not None and a["adapted"][b] is not None]
         for side in w:
             total = sum(w[side][b] for b in kept)
             w[side] = {b: w[side][b] / total for b in kept}
 
-        def acc(weights, accuracies):
+        def mixed(weights, accuracies):  # the accuracy with one side's margin mix and one side's per-bin accuracies
             return sum(w[weights][b] * a[accuracies][b] for b in kept)
 
-        rows["total"].append(acc("adapted", "adapted") - acc("pi_ref", "pi_ref"))
-        rows["mix_first.mix"].append(acc("adapted", "pi_ref") - acc("pi_ref", "pi_ref"))
-        rows["mix_first.ranking"].append(acc("adapted", "adapted") - acc("adapted", "pi_ref"))
-        rows["ranking_first.ranking"].append(acc("pi_ref", "adapted") - acc("pi_ref", "pi_ref"))
-        rows["ranking_first.mix"].append(acc("adapted", "adapted") - acc("pi_ref", "adapted"))
+        rows["total"].append(mixed("adapted", "adapted") - mixed("pi_ref", "pi_ref"))
+        rows["mix_first.mix"].append(mixed("adapted", "pi_ref") - mixed("pi_ref", "pi_ref"))
+        rows["mix_first.ranking"].append(mixed("adapted", "adapted") - mixed("adapted", "pi_ref"))
+        rows["ranking_first.ranking"].append(mixed("pi_ref", "adapted") - mixed("pi_ref", "pi_ref"))
+        rows["ranking_first.mix"].append(mixed("adapted", "adapted") - mixed("pi_ref", "adapted"))
     return {k: stats.interval(v) for k, v in rows.items()}
 
 

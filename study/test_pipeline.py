@@ -665,6 +665,7 @@ def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(ti
         ["--repeats", "-1"],
         ["--threads", "-2"],
         ["--seeds", "0"],
+        ["--first-seed", "995", "--seeds", "10"],
         ["--seeds", "1.5"],
         ["--beta", "-1"],
         ["--beta", "nan"],

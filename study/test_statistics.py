@@ -388,10 +388,14 @@ def test_paired_rows_draw_the_band_and_each_verdict():
 def test_s53_t_cdf_and_chi2_sf_against_closed_forms():
     """t with 1 df is Cauchy, 0.5 + atan(x)/pi; with 2 df 0.5 + x / (2 sqrt(2 + x^2)); t_cdf(t_quantile(p)) = p.
     chi^2 survival: exp(-q/2) on 2 df, erfc(sqrt(q/2)) on 1 df, exp(-q/2)(1 + q/2) on 4 df."""
-    for x in (-3.0, -0.7, 0.4, 1.3, 12.0):
-        assert stats.t_cdf(x, 1) == pytest.approx(0.5 + math.atan(x) / math.pi, abs=1e-7)
-        assert stats.t_cdf(x, 2) == pytest.approx(0.5 + x / (2 * math.sqrt(2 + x * x)), abs=1e-7)
-    assert stats.t_cdf(stats.t_quantile(9), 9) == pytest.approx(0.975, abs=1e-9)
+    for x in (-1500.0, -3.0, -0.7, 0.4, 1.3, 12.0, 40.0, 2500.0):
+        assert stats.t_cdf(x, 1) == pytest.approx(0.5 + math.atan(x) / math.pi, rel=1e-10, abs=1e-13)
+        assert stats.t_cdf(x, 2) == pytest.approx(0.5 + x / (2 * math.sqrt(2 + x * x)), rel=1e-10, abs=1e-13)
+        s3 = x / math.sqrt(3)  # 3 df: 1/2 + (s / (1 + s^2) + atan s) / pi, s = x / sqrt(3)
+        assert stats.t_cdf(x, 3) == pytest.approx(0.5 + (s3 / (1 + s3 * s3) + math.atan(s3)) / math.pi, abs=1e-12)
+    assert 1 - stats.t_cdf(1500.0, 1) == pytest.approx(0.5 - math.atan(1500.0) / math.pi, rel=1e-6)  # the far tail
+    for df, p in ((9, 0.975), (29, 0.975), (9, 0.995), (2, 0.975)):  # the quantiles' own CDF (Simpson) agrees
+        assert stats.t_cdf(stats.t_quantile(df, p), df) == pytest.approx(p, abs=1e-9)
     for q in (0.3, 2.2, 7.5, 30.0):
         assert stats.chi2_sf(q, 2) == pytest.approx(math.exp(-q / 2), rel=1e-9)
         assert stats.chi2_sf(q, 1) == pytest.approx(math.erfc(math.sqrt(q / 2)), rel=1e-6)
@@ -425,16 +429,23 @@ def test_s53_holm_by_hand_and_as_r_p_adjust():
     assert stats.holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert stats.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
     assert stats.holm([0.2]) == [0.2]
+    assert stats.holm([0.01, None, 0.04]) == [pytest.approx(0.02), None, pytest.approx(0.04)]  # no test: out of m
+    assert stats.p_values([0.25] * 10, 0.1) == {"p_greater": None, "p_less": None, "p_tost": None}  # SE = 0
+    assert stats.verdict_from_p(stats.p_values([0.3], 0.1)) == "undetermined"
 
 
 def test_s53_absent_reachable_by_hand():
     """2 Phi((delta - t SE)/SE) - 1 with t = t(0.975, 9): the issue's world 0 (SE = 0.0795 / 2.262, about 0.44) and a
     world whose t SE exceeds delta (0)."""
+    import random
+
     t, se = stats.t_quantile(9), 0.0795 / stats.t_quantile(9)
-    expected = 2 * 0.5 * (1 + math.erf((0.1 - t * se) / se / math.sqrt(2))) - 1
-    assert stats.absent_reachable(se, 10, 0.1) == pytest.approx(expected)
+    rng = random.Random(1)  # by simulation: the share of N(0, SE^2) means whose interval m +- t SE lies inside +-delta
+    inside = sum(abs(rng.gauss(0.0, se)) + t * se < 0.1 for _ in range(200_000)) / 200_000
+    assert stats.absent_reachable(se, 10, 0.1) == pytest.approx(inside, abs=0.005)
     assert stats.absent_reachable(se, 10, 0.1) == pytest.approx(0.44, abs=0.01)
     assert stats.absent_reachable(0.119 / t, 10, 0.1) == 0.0
+    assert stats.absent_reachable(0.0, 10, 0.1) is None and stats.absent_reachable(0.1, 1, 0.1) is None
 
 
 def test_s53_pooled_analyses_by_hand():
@@ -451,7 +462,52 @@ def test_s53_pooled_analyses_by_hand():
     ce = stats.common_effect([0.0, 2.0, 5.0], [1.0, 1.0, 1.0], [10, 10, 10])
     half = stats.t_quantile(27) / math.sqrt(3)
     assert ce["df"] == 27 and ce["ci95"] == pytest.approx([7 / 3 - half, 7 / 3 + half])
-    assert stats.random_effects([1.0, 1.0], [0.5, 2.0])["tau2"] == 0.0  # Q = 0 < df: floored
+    assert re["ci95_untruncated"] == pytest.approx(re["ci95"])  # q = 1 exactly here: the truncation does not bite
+    zero = stats.random_effects([1.0, 1.0], [0.5, 2.0])  # Q = 0 < df: tau^2 floored; q = 0, truncated to 1
+    assert zero["tau2"] == 0.0 and zero["ci95_untruncated"] == pytest.approx([1.0, 1.0])
+    half = stats.t_quantile(1) * math.sqrt(1 / (4 + 1 / 4))
+    assert zero["ci95"] == pytest.approx([1.0 - half, 1.0 + half])
+    assert stats.common_effect([1.0, 2.0], [0.0, 1.0], [10, 10]) is None and stats.random_effects([1.0], [0.0]) is None
+
+
+def test_s53_random_effects_weights_by_hand_with_unequal_errors():
+    """y = (0, 1, 3), SE = (1, 1/2, 1): w = (1, 4, 1), mean 7/6, Q = 174/36, DerSimonian-Laird tau^2 = (Q - 2) /
+    (6 - 18/6) = 17/18, so w* = 1/(SE^2 + 17/18) = (18/35, 36/43, 18/35), unequal weights that the pool must use;
+    q = sum w* (y - mu*)^2 / 2 and the Hartung-Knapp SE sqrt(max(1, q) / sum w*), all in exact fractions."""
+    from fractions import Fraction as Fr
+
+    y, se = [Fr(0), Fr(1), Fr(3)], [Fr(1), Fr(1, 2), Fr(1)]
+    w = [1 / s**2 for s in se]
+    q_value = sum(wi * (yi - sum(a * b for a, b in zip(w, y)) / sum(w)) ** 2 for wi, yi in zip(w, y))
+    assert q_value == Fr(174, 36)
+    tau2 = (q_value - 2) / (sum(w) - sum(wi**2 for wi in w) / sum(w))
+    assert tau2 == Fr(17, 18)
+    ws = [1 / (s**2 + tau2) for s in se]
+    assert ws == [Fr(18, 35), Fr(36, 43), Fr(18, 35)]
+    mu = sum(a * b for a, b in zip(ws, y)) / sum(ws)
+    q = sum(wi * (yi - mu) ** 2 for wi, yi in zip(ws, y)) / 2
+    out = stats.random_effects([float(v) for v in y], [float(v) for v in se])
+    assert out["tau2"] == pytest.approx(float(tau2)) and out["mean"] == pytest.approx(float(mu))
+    assert out["Q"] == pytest.approx(float(q_value)) and out["I2"] == pytest.approx(float((q_value - 2) / q_value))
+    assert out["se"] == pytest.approx(math.sqrt(max(1.0, float(q)) / float(sum(ws))))
+    assert out["mean"] != pytest.approx(sum(float(a * b) for a, b in zip(w, y)) / float(sum(w)))  # not w's mean
+
+
+def test_s53_pools_are_equivariant():
+    """Perturbations with a known answer: shifting every world's mean by c shifts both pools and their intervals by
+    c; scaling means and errors by k scales them by k (Q and I^2 unchanged); the worlds' order does not matter."""
+    y, se, n = [0.02, -0.05, 0.11], [0.03, 0.05, 0.04], [20, 10, 10]
+    for pool in (lambda a, b: stats.common_effect(a, b, n), stats.random_effects):
+        base = pool(y, se)
+        shifted = pool([v + 0.3 for v in y], se)
+        assert shifted["mean"] == pytest.approx(base["mean"] + 0.3)
+        assert shifted["ci95"] == pytest.approx([v + 0.3 for v in base["ci95"]])
+        scaled = pool([2 * v for v in y], [2 * s for s in se])
+        assert scaled["ci95"] == pytest.approx([2 * v for v in base["ci95"]])
+        assert scaled["Q"] == pytest.approx(base["Q"]) and scaled["I2"] == pytest.approx(base["I2"])
+        if pool is stats.random_effects:
+            permuted = pool(y[::-1], se[::-1])
+            assert permuted["ci95"] == pytest.approx(base["ci95"]) and permuted["tau2"] == pytest.approx(base["tau2"])
 
 
 def test_s53_pooled_analyses_reproduce_the_independent_review():
@@ -468,7 +524,8 @@ def test_s53_pooled_analyses_reproduce_the_independent_review():
     assert ce["Q"] == pytest.approx(1.25, abs=0.01) and ce["Q_p"] == pytest.approx(0.54, abs=0.01)
     assert ce["I2"] == 0.0 and ce["mean"] == pytest.approx(0.042, abs=0.001) and ce["se"] == pytest.approx(0.021, 0.02)
     assert ce["ci95"] == pytest.approx([-0.001, 0.084], abs=0.001)
-    assert re["ci95"] == pytest.approx([-0.029, 0.112], abs=0.001)
+    assert re["ci95_untruncated"] == pytest.approx([-0.029, 0.112], abs=0.001)  # as the review computed it
+    assert re["ci95"][0] < ce["ci95"][0] and re["ci95"][1] > ce["ci95"][1]  # truncated: never inside the common one
     ce, _ = pool((-0.079, -0.178, 0.020), (0.055, -0.013, 0.124), (-0.023, -0.121, 0.074))
     assert ce["Q"] == pytest.approx(6.8, abs=0.1)
     ce, _ = pool((-0.049, -0.110, 0.012), (0.086, -0.026, 0.198), (0.069, -0.044, 0.182))
@@ -508,7 +565,11 @@ def test_s53_analysis_of_a_results_folder(tmp_path, capsys):
     p = [stats.p_values([0.05 + 0.01 * i * (k + 1) - 0.04 for i in range(10)], 0.1)["p_tost"] for k in range(5)]
     assert [out["confirmatory"][n]["p_holm"]["p_tost"] for n in names] == pytest.approx(stats.holm(p))
     for c in out["confirmatory"].values():
-        assert c["verdict"] == stats.verdict(c["ci95"], 0.1) and c["ci_bonferroni"][0] < c["ci95"][0]
+        assert c["ci_bonferroni"][0] < c["ci95"][0] and c["ci95"][1] < c["ci_bonferroni"][1]
+    # the confirmatory run's first comparison: 0.01 + 0.01 i, mean 0.055, s = 0.0303, hi = 0.055 + 2.262 * 0.00957
+    c = out["confirmatory"][first]
+    assert c["mean"] == pytest.approx(0.055) and c["verdict"] == "reproduced" and c["verdict_holm"] == "reproduced"
+    assert c["sensitivity"] == {"0.075": "reproduced", "0.094": "reproduced", "0.125": "reproduced"}
     assert "Holm" in capsys.readouterr().out
     claims = (tmp_path / "claims.md").read_text()  # the positive controls' rows only where their runs are
     c = out["confirmatory"][first]
