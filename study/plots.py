@@ -198,7 +198,7 @@ def gold_and_paired(results, path, primary: list):
 def frontier(fig_data, path):
     """Figure 2: gold reward vs KL as beta varies, mean and 95 % CI over seeds for both axes."""
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    for m, by_beta in fig_data["points"].items():
+    for row, (m, by_beta) in enumerate(fig_data["points"].items()):
         betas = sorted(by_beta, key=float)
         kl = [by_beta[b]["kl"]["mean"] for b in betas]
         ax.plot(kl, [by_beta[b]["gold_reward"]["mean"] for b in betas], "-", color=COLORS[m], alpha=0.5)
@@ -214,7 +214,8 @@ def frontier(fig_data, path):
                 capsize=2,
                 label=METHODS[m].label if b == betas[0] else None,
             )
-            ax.annotate(f"β={b}", (ki["mean"], gi["mean"]), xytext=(6, -10), textcoords="offset points", fontsize=7)
+            offset = (6, -10 - 8 * row)  # each method's labels a line lower: two methods' points can coincide
+            ax.annotate(f"β={b}", (ki["mean"], gi["mean"]), xytext=offset, textcoords="offset points", fontsize=7)
     ax.set_xlabel("KL(π‖π_ref)")
     ax.set_ylabel("gold reward")
     ax.set_title(

@@ -152,14 +152,35 @@ def methods_table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
-def paired_table(results: dict) -> str:
-    """The paired differences in gold reward: mean, interval, seeds > 0, verdict, benefit excluded, MDE."""
+OWN_DATA_ROWS = (  # the bilevel positive control's held-out table (METHOD.md §5.2)
+    ("bilevel - bilevel_bt_only", "the hypergradient path: success?"),
+    ("bilevel - vanilla_rm", "closes headroom?"),
+    ("bilevel_bt_only - vanilla_rm", ""),
+    ("bilevel - in_domain_rm", "40 steps"),
+    ("in_domain_rm - vanilla_rm", "the budget-matched ceiling"),
+)
+STEPS100_ROWS = (  # MetaRM where its premise holds (METHOD.md §5.2)
+    ("metarm - vanilla_rm", ""),
+    ("metarm - metarm_eta0", ""),
+    ("vanilla_rm_long - vanilla_rm", ""),
+)
+
+
+def paired_table(results: dict, which=PAIRED_ROWS) -> str:
+    """The paired differences in gold reward: mean, interval, seeds > 0, verdict, benefit excluded, MDE; with
+    MetaRM's mechanism (its RM's accuracy on its shifted samples) where the run has it and `which` is not the main
+    table's."""
     rows = [
         "| comparison | mean | 95 % CI | seeds > 0 | verdict | benefit ≥ δ excluded | MDE (80 %) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for comparison, what in PAIRED_ROWS:
-        p = results["paired"].get(comparison)
+    judged = dict(results["paired"])
+    if which is STEPS100_ROWS:
+        mechanism = next(iter(results["paired_rm_accuracy"].values()))
+        judged["mechanism"] = mechanism
+        which = which + (("mechanism", "RM accuracy on MetaRM's own shifted samples X_s, δ = 0.05"),)
+    for comparison, what in which:
+        p = judged.get(comparison)
         if p is None:
             continue
         label = f"{name(comparison)} ({what})" if what else name(comparison)
@@ -227,6 +248,8 @@ PREMISE_ROWS = (
     ("acc_behaviour_pairs", "accuracy on the behaviour pairs (its training distribution)"),
     ("acc_pi_ref_samples", "accuracy on π_ref's samples"),
     ("acc_adapted_samples", "accuracy on the samples of the policy adapted with it"),
+    ("spread_pi_ref", "normalised spread (§3) on π_ref's samples"),
+    ("spread_adapted", "normalised spread on the adapted policy's samples"),
     ("acc_margin_ge1_pi_ref", "accuracy on within-prompt pairs with a gold margin ≥ 1: π_ref's samples"),
     ("acc_margin_ge1_adapted", "… the adapted policy's samples"),
     (
@@ -244,6 +267,46 @@ def premises_table(results: dict) -> str:
     for key, label in PREMISE_ROWS:
         if key in results["premises"]:
             rows.append(f"| {label} | {plain(results['premises'][key])} |")
+    return "\n".join(rows) + "\n"
+
+
+def headroom_table(results: dict, primary: list) -> str:
+    """The headroom rule on the run's held-out domains: the ceilings over the vanilla RM, the vanilla RM against the
+    domain-agnostic oracle, the five comparisons' half-widths, and the ratio (3 required), also with the headroom's
+    lower 95 % end."""
+    paired, methods = results["paired"], results["methods"]
+    halves = [(paired[c]["ci95"][1] - paired[c]["ci95"][0]) / 2 for c in primary]
+    head = paired["in_domain_rm - vanilla_rm"]
+    ratio, low = head["mean"] / max(halves), head["ci95"][0] / max(halves)
+    rows = [
+        "| | held-out (10 seeds) |",
+        "|---|---|",
+        f"| oracle − vanilla_rm | {num(paired['oracle - vanilla_rm']['mean'])} "
+        f"{ci(paired['oracle - vanilla_rm']['ci95'])} |",
+        f"| in_domain_rm − vanilla_rm (reachable headroom) | {num(head['mean'])} {ci(head['ci95'])} |",
+        f"| vanilla_rm vs agnostic_oracle (means) | {methods['vanilla_rm']['gold_reward']['mean']:.3f} vs "
+        f"{methods['agnostic_oracle']['gold_reward']['mean']:.3f} |".replace("-", "−"),
+        f"| half-widths of the five paired method differences | {min(halves):.3f}–{max(halves):.3f} |",
+        f"| headroom / widest half-width (3 required) | **{ratio:.2f}: {'met' if ratio >= 3 else 'not met'}** |",
+        f"| the same with the headroom's lower 95 % end | {low:.2f}: {'met' if low >= 3 else 'not met'} |",
+    ]
+    return "\n".join(rows) + "\n"
+
+
+def dpo_table(results: dict) -> str:
+    """DPO at its dev-tuned default, from a run that has it: gold reward, dpo - sft with its verdict, KL, Delta of
+    the chosen and rejected training responses at the end of training, and the unseen mass over pi_ref's."""
+    dpo, paired, end = results["methods"]["dpo"], results["paired"]["dpo - sft"], results["dpo_training"]
+    end = end["end_all_training_pairs"]
+    rows = [
+        "| DPO | gold reward | dpo − sft | KL | Δ chosen at the end | Δ rejected at the end | unseen mass, dpo − sft "
+        "|",
+        "|---|---|---|---|---|---|---|",
+        f"| tuned (Adam 1e-3) | {plain(dpo['gold_reward'])} | {num(paired['mean'])} {ci(paired['ci95'])}, "
+        f"**{paired['verdict']}** | {dpo['kl']['mean']:.2f} | {plain(end['delta_chosen'], 2)} | "
+        f"{plain(end['delta_rejected'], 2)} | {num(results['unseen_mass_dpo_minus_sft']['mean'])} "
+        f"{ci(results['unseen_mass_dpo_minus_sft']['ci95'])} |",
+    ]
     return "\n".join(rows) + "\n"
 
 
@@ -352,12 +415,22 @@ def report_tables(folder: Path, analysis: dict) -> dict:
     """Every generated table the report shows, by name: the main run's (world 0, seeds 0-9), the confirmatory run's
     premises and the drop split, the worlds, and study.analysis's confirmatory table."""
     main, confirm = load(folder, "main"), load(folder, "confirmatory")
+    own, steps100 = load(folder, "bilevel_own_data"), load(folder, "metarm_steps100")
+    controls = {}  # the positive controls' held-out runs, where they are committed
+    if own:
+        controls["own data paired"] = paired_table(own, OWN_DATA_ROWS)
+    if steps100:
+        controls["steps100 paired"] = paired_table(steps100, STEPS100_ROWS)
+        controls["steps100 premises"] = premises_table(steps100)
     return {
+        **controls,
         "main methods": methods_table(main),
         "main paired": paired_table(main),
         "main trends": trends_table(main),
         "main hypergradient accuracy": accuracy_table(main),
         "main premises": premises_table(main),
+        "main headroom": headroom_table(main, list(analysis["confirmatory"])),
+        "main dpo": dpo_table(main),
         "confirmatory methods": methods_table(confirm),
         "confirmatory paired": paired_table(confirm),
         "confirmatory trends": trends_table(confirm),
