@@ -310,6 +310,30 @@ def dpo_table(results: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def world_premises_table(folder: Path, primary: list) -> str:
+    """Premises and ceilings per world's held-out run (vanilla RM): the headroom, the oracle's, the widest half-width
+    of the primary comparisons and the ratio, and the vanilla RM's accuracies."""
+    runs = {"0 (seeds 0–9)": "main", "0 (seeds 10–19)": "confirmatory", "1": "world_1", "2": "world_2"}
+    rows = [
+        "| world | held-out headroom (in_domain_rm − vanilla_rm) | oracle − vanilla_rm | widest half-width; ratio | "
+        "vanilla RM accuracy: behaviour pairs, π_ref's samples, adapted policy's samples |",
+        "|---|---|---|---|---|",
+    ]
+    for world, run in runs.items():
+        results = load(folder, run)
+        paired, prem = results["paired"], results["premises"]
+        head = paired["in_domain_rm - vanilla_rm"]
+        widest = max((paired[c]["ci95"][1] - paired[c]["ci95"][0]) / 2 for c in primary)
+        accuracies = ", ".join(
+            f"{prem[k]['mean']:.3f}" for k in ("acc_behaviour_pairs", "acc_pi_ref_samples", "acc_adapted_samples")
+        )
+        rows.append(
+            f"| {world} | {num(head['mean'])} {ci(head['ci95'])} | {num(paired['oracle - vanilla_rm']['mean'])} | "
+            f"{widest:.3f}; {head['mean'] / widest:.2f} | {accuracies} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
 def drop_split_table(results: dict) -> str:
     """The vanilla RM's accuracy drop split into the margin mix and the ranking at equal margin, both orders."""
     split = results["premises"]["accuracy_drop_split"]
@@ -440,6 +464,7 @@ def report_tables(folder: Path, analysis: dict) -> dict:
         "post hoc": post_hoc_table(analysis),
         "pooled": pooled_table(analysis),
         "worlds": worlds_table(folder, analysis),
+        "world premises": world_premises_table(folder, list(analysis["confirmatory"])),
     }
 
 
