@@ -351,8 +351,8 @@ def drop_split_table(results: dict) -> str:
 
 
 def worlds_table(folder: Path, analysis: dict) -> str:
-    """Per primary comparison: each world's run (worlds 0, 1, 2 at seeds 0-9; world 0 also at 10-19) with its
-    verdict, and both registered pools over every seed."""
+    """Per primary comparison, each world's run with its verdict (worlds 0, 1, 2 at seeds 0-9; world 0 also at
+    10-19); the pools over every seed are the pooled table's."""
     runs = {
         "world 0, seeds 0–9": "main",
         "world 0, seeds 10–19": "confirmatory",
@@ -360,21 +360,13 @@ def worlds_table(folder: Path, analysis: dict) -> str:
         "world 2": "world_2",
     }
     loaded = {label: load(folder, run) for label, run in runs.items()}
-    rows = [
-        "| comparison | " + " | ".join(runs) + " | common effect (t, Σ(n−1) df) | random effects (HK, 2 df; primary) "
-        "| Q (p), I² |",
-        "|---|" + "---|" * (len(runs) + 3),
-    ]
-    for comparison, pool in analysis["pooled"].items():
+    rows = ["| comparison | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for comparison in analysis["pooled"]:
         cells = []
         for results in loaded.values():
             p = results["paired"][comparison]
             cells.append(f"{num(p['mean'])} {ci(p['ci95'])} {p['verdict']}")
-        ce, re = pool["common_effect"], pool["random_effects"]
-        rows.append(
-            f"| {name(comparison)} | {' | '.join(cells)} | {num(ce['mean'])} {ci(ce['ci95'])} {ce['verdict']} | "
-            f"{num(re['mean'])} {ci(re['ci95'])} {re['verdict']} | {re['Q']:.2f} ({re['Q_p']:.2f}), {re['I2']:.2f} |"
-        )
+        rows.append(f"| {name(comparison)} | {' | '.join(cells)} |")
     return "\n".join(rows) + "\n"
 
 

@@ -738,3 +738,20 @@ def test_interrupted_run_leaves_earlier_results_and_no_partial_folder(tmp_path, 
     assert (out / "results.json").read_text() == "earlier run"
     assert not (tmp_path / "out.partial").exists()
     assert not (tmp_path / "out.old").exists()
+
+
+# ==== METHOD.md §5.4: what the hypergradient path carries (issue 31), the measurements by hand =======================
+def test_s54_sign_agreement_adam_shares_and_ratio_by_hand():
+    """Sign agreement over a prompt's candidate pairs with different gold rewards (ties in dF/dr 1/2); each term's
+    share of Adam's step from the bias-corrected second moment; the norm ratio and cosine -- all worked out here."""
+    from study import path_checks
+
+    dF = T64(-1.0, 0.0, 2.0, 1.0, 1.0, 0.0)  # -dF/dr: (1, 0, -2) and (-1, -1, 0)
+    gold = T64(3.0, 1.0, 1.0, 0.0, 2.0, 1.0)
+    # prompt 1: (0,1) agree, (0,2) agree, (1,2) a gold tie (left out); prompt 2: (0,1) a dF tie 1/2, (0,2) agree,
+    # (1,2) disagree -> 3.5 over 5 pairs
+    assert path_checks.sign_agreement(dF, gold, 3) == (pytest.approx(3.5), 5)
+    # v_hat = (4, 1) / (1 - 0.999) = (4000, 1000): a's step 1/4000 + 1/1000, b's 4/1000
+    shares = path_checks.adam_shares({"dpo": [T64(1.0, 1.0)], "bt": [T64(0.0, 2.0)]}, [T64(4.0, 1.0)], step=1, eps=0.0)
+    assert shares == {"dpo": pytest.approx(0.00125 / 0.00525), "bt": pytest.approx(0.004 / 0.00525)}
+    assert path_checks.ratio_and_cosine([T64(3.0, 4.0)], [T64(0.0, 5.0)]) == (pytest.approx(1.0), pytest.approx(0.8))
