@@ -175,6 +175,8 @@ def run(cfg: Config, tmp: Path) -> dict:
     results["world_version"] = data.WORLD_VERSION
     results["sft_val_perplexity"] = ppl
     results["bilevel_curvature"] = [log["curvature"] for log in logs if "curvature" in log]
+    if any("path_signal" in log for log in logs):  # the own-data fit's M1 (METHOD.md §5.4)
+        results["path_signal"] = summary.path_signal([log["path_signal"] for log in logs])
     if "bilevel" in setup.methods and cfg.outer_data == "train":
         accuracy = hypergradient_checks.accuracy_summary([log["hypergradient_accuracy"] for log in logs])
         results["hypergradient_accuracy"] = accuracy
@@ -303,7 +305,9 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
     own_steps = len(s.domains) * cfg.extra_steps  # --outer-data own: one bilevel RM per evaluation domain
     if "bilevel" in methods and cfg.outer_data == "own":  # the positive control
         with phase("bilevel", own_steps) as progress:
-            out["bilevel"], logs["curvature"] = fits.own_data_bilevel(seed, s, phi, True, progress)
+            out["bilevel"], logs["curvature"], logs["path_signal"] = fits.own_data_bilevel(
+                seed, s, phi, True, progress
+            )
     elif "bilevel" in methods:
         with phase("bilevel", cfg.extra_steps) as progress:
             out["bilevel"] = policy.copy_params(phi)
@@ -321,7 +325,7 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
         out["bilevel_bt_only"] = out["vanilla_rm"]
     elif "bilevel_bt_only" in methods and cfg.outer_data == "own":
         with phase("bilevel_bt_only", own_steps) as progress:
-            out["bilevel_bt_only"], _ = fits.own_data_bilevel(seed, s, phi, False, progress)
+            out["bilevel_bt_only"], _, _ = fits.own_data_bilevel(seed, s, phi, False, progress)
     elif "bilevel_bt_only" in methods:
         with phase("bilevel_bt_only", cfg.extra_steps) as progress:
             out["bilevel_bt_only"] = policy.copy_params(phi)

@@ -11,7 +11,7 @@ import torch
 
 import metarm
 import policy
-from study import hypergradient_checks, measure
+from study import hypergradient_checks, measure, path_checks
 
 
 def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=(), check_steps=(), progress=None):
@@ -40,19 +40,24 @@ def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=
     return log, curvature, inputs
 
 
-def own_data_bilevel(seed: int, s, phi: dict, dpo_term: bool, progress=None):
+def own_data_bilevel(seed: int, s, phi: dict, dpo_term: bool, progress=None, swap: bool = False):
     """The positive control of the bilevel path (METHOD.md §5.2): for each evaluation domain d, (7) on d's own
     labelled pairs (its DPO term and its lam L_BT term) with (5) on d's prompts, from a copy of the vanilla RM phi;
-    dpo_term=False is its control bilevel_bt_only (the same draws). Returns ({d: phi_d}, {d: curvature, with each
-    outer step's F} -- {d: None} for the control). progress: one bar over every domain's outer steps."""
-    phis, curvature = {}, {}
+    dpo_term=False is its control bilevel_bt_only (the same draws); swap=True gives the DPO term d's pairs with chosen
+    and rejected swapped, lam L_BT them as they are (bilevel_swapped, METHOD.md §5.4 M3). Returns ({d: phi_d},
+    {d: curvature, with each outer step's F} -- {d: None} for the control --, {d: the path's signal at the first,
+    middle and last outer step (study.path_checks.signal, §5.4 M1)} -- {} for the control)."""
+    phis, curvature, signals = {}, {}, {}
     for d in s.domains:
-        one_domain = {d: (s.prompts[d], s.own_pairs[d])} if dpo_term else {}
+        chosen, rejected = s.own_pairs[d]
+        one_domain = {d: (s.prompts[d], (rejected, chosen) if swap else (chosen, rejected))} if dpo_term else {}
         phis[d] = policy.copy_params(phi)
-        log, curvature[d], _ = fit_bilevel(seed, s, phis[d], one_domain, s.own_pairs[d], [d], progress=progress)
+        steps = hypergradient_checks.accuracy_steps(s.bilevel_cfg.outer_steps) if dpo_term else ()
+        log, curvature[d], kept = fit_bilevel(seed, s, phis[d], one_domain, s.own_pairs[d], [d], steps, progress)
         if dpo_term:
             curvature[d]["F"] = [e["F"] for e in log]
-    return phis, curvature
+            signals[d] = [path_checks.signal(s.model, s.rm, s.theta_ref, k, 1, measure.gold_fn(s.world)) for k in kept]
+    return phis, curvature, signals
 
 
 def train_dpo(model, pairs, steps: int, batch_size: int, lr: float, beta_dpo: float, generator, progress=None):

@@ -184,9 +184,10 @@ def train_with_checkpoints(
 ):
     """metarm.train_bilevel, taken in parts so that before each outer step in `steps` what that step's
     hypergradient is computed from is kept (hypergradient_accuracy's inputs): phi, the warm starts, cfg (rho and the
-    inner step as the step uses them) and the step's problems, drawn by metarm.draw_outer_batch from copies of the
-    generators (the run itself is unchanged); steps outside the run are not kept. Returns (the training log, the
-    inputs in step order)."""
+    inner step as the step uses them) and the step's problems and lam-term pairs, drawn by metarm.draw_outer_batch
+    from copies of the generators (the run itself is unchanged), and Adam's second moments before the step (zeros
+    before the first; study.path_checks); steps outside the run are not kept. Returns (the training log, the inputs
+    in step order)."""
     log, inputs, state = [], [], None
     for stop in sorted({k for k in steps if 0 <= k < cfg.outer_steps}) + [cfg.outer_steps]:
         done = 0 if state is None else state["step"]
@@ -207,12 +208,14 @@ def train_with_checkpoints(
             )
             log += part
         if stop < cfg.outer_steps:
-            problems, _ = metarm.draw_outer_batch(
+            problems, lam_pairs = metarm.draw_outer_batch(
                 model, domains, bt_pairs, cfg, clone_generator(generator), clone_generator(bt_generator)
             )
             warm = {} if state is None else dict(state["warm"])
             kept = {"phi": policy.copy_params(phi), "warm": warm, "problems": problems, "cfg": replace(cfg)}
-            inputs.append({"step": stop, **kept})
+            adam = {} if state is None else state["opt"].state  # Adam's second moments before the step (§5.4)
+            second = [adam[p]["exp_avg_sq"].clone() if p in adam else torch.zeros_like(p) for p in phi.values()]
+            inputs.append({"step": stop, **kept, "lam_pairs": lam_pairs, "exp_avg_sq": second})
     return log, inputs
 
 

@@ -185,6 +185,23 @@ def collapse(per_seed: list, domains: list) -> dict:
     return out
 
 
+def path_signal(per_seed: list) -> dict:
+    """METHOD.md §5.4 M1 over seeds: per seed (its {domain: [study.path_checks.signal per kept step]}), the sign
+    agreement pooled over domains, steps and pairs, and the means of the norm ratio, the cosine and the DPO term's
+    Adam share; each with its 95 % interval over seeds, and "signal" iff the agreement's lower end is above 0.5."""
+    rows = {"sign_agreement": [], "ratio": [], "cosine": [], "share_dpo": []}
+    for signals in per_seed:
+        steps = [step for by_step in signals.values() for step in by_step]
+        pairs = sum(step["pairs"] for step in steps)
+        rows["sign_agreement"].append(sum(step["score"] for step in steps) / pairs if pairs else None)
+        for key in ("ratio", "cosine", "share_dpo"):
+            rows[key].append(stats.mean([step[key] for step in steps]))
+    out = {key: stats.interval(values) for key, values in rows.items()}
+    agreement = out["sign_agreement"]
+    out["signal"] = bool(agreement and agreement["ci95"] and agreement["ci95"][0] > 0.5)
+    return out
+
+
 def domain_means(run: dict, domains: list, key: str):
     """One seed's premise `key`, the mean over the evaluation domains."""
     return stats.mean([run["premises"][d][key] for d in domains])

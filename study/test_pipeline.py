@@ -325,11 +325,12 @@ def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypat
         return [{"F": 1.0, "margin": 0.5}], {"step": cfg.outer_steps}
 
     monkeypatch.setattr(metarm, "train_bilevel", fake_train)
+    monkeypatch.setattr(fits.hypergradient_checks, "accuracy_steps", lambda steps: ())  # no kept step to measure
     own = {"a": ("A chosen", "A rejected"), "b": ("B chosen", "B rejected")}
     s = SimpleNamespace(domains=["a", "b"], prompts={"a": "A prompts", "b": "B prompts"}, own_pairs=own)
     s.model, s.rm, s.device, s.theta_ref, s.bilevel_cfg = None, None, "cpu", {}, metarm.BilevelConfig()
     phi = {"w": torch.zeros(1)}
-    phis, curvature = fits.own_data_bilevel(0, s, phi, dpo_term=True)
+    phis, curvature, signals = fits.own_data_bilevel(0, s, phi, dpo_term=True)
     assert [c[0] for c in calls] == [{"a": ("A prompts", own["a"])}, {"b": ("B prompts", own["b"])}]
     assert [c[1] for c in calls] == [own["a"], own["b"]]
     assert [c[2:] for c in calls] == [(4, 5), (4, 5)]  # seed 0's draws for every domain, and for the control
@@ -343,11 +344,15 @@ def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypat
     assert measure.phi_of({"bilevel": per_domain}, "bilevel", "camera") is phis["b"]
     assert measure.phi_of({"bilevel": phi}, "bilevel", "b") is phi
     calls.clear()
-    phis, curvature = fits.own_data_bilevel(0, s, phi, dpo_term=False)
+    phis, curvature, signals = fits.own_data_bilevel(0, s, phi, dpo_term=False)
     assert [c[:2] for c in calls] == [({}, own["a"]), ({}, own["b"])]
     assert [c[2:] for c in calls] == [(4, 5), (4, 5)]
-    assert curvature == {"a": None, "b": None}
+    assert curvature == {"a": None, "b": None} and signals == {}
     assert len(calibrated) == 2
+    calls.clear()  # METHOD.md §5.4 M3: the DPO term's chosen and rejected swapped, lam L_BT's pairs as they are
+    fits.own_data_bilevel(0, s, phi, dpo_term=True, swap=True)
+    assert [c[0] for c in calls] == [{"a": ("A prompts", own["a"][::-1])}, {"b": ("B prompts", own["b"][::-1])}]
+    assert [c[1] for c in calls] == [own["a"], own["b"]] and [c[2:] for c in calls] == [(4, 5), (4, 5)]
 
 
 def test_s52_shifted_accuracy_by_hand(monkeypatch):
@@ -523,6 +528,9 @@ def test_own_data_run_judges_the_positive_control_s_comparisons(tiny_run):
     assert list(res["bilevel_curvature"][0]) == data.DEV_DOMAINS
     assert "hypergradient_accuracy" not in res
     assert res["methods"]["bilevel"]["gold_reward"] != res["methods"]["bilevel_bt_only"]["gold_reward"]
+    # METHOD.md §5.4 M1, measured on the own-data fits (one seed: no interval)
+    assert {"sign_agreement", "ratio", "cosine", "share_dpo", "signal"} <= set(res["path_signal"])
+    assert 0 <= res["path_signal"]["sign_agreement"]["mean"] <= 1 and res["path_signal"]["signal"] is False
 
 
 def test_every_flag_at_its_boundary_runs_and_its_reused_runs_are_exact(tiny_run):
@@ -755,3 +763,46 @@ def test_s54_sign_agreement_adam_shares_and_ratio_by_hand():
     shares = path_checks.adam_shares({"dpo": [T64(1.0, 1.0)], "bt": [T64(0.0, 2.0)]}, [T64(4.0, 1.0)], step=1, eps=0.0)
     assert shares == {"dpo": pytest.approx(0.00125 / 0.00525), "bt": pytest.approx(0.004 / 0.00525)}
     assert path_checks.ratio_and_cosine([T64(3.0, 4.0)], [T64(0.0, 5.0)]) == (pytest.approx(1.0), pytest.approx(0.8))
+
+
+def test_s54_signal_recomputes_the_step_training_took(bl):
+    """path_checks.term_gradients at a kept step: the DPO term's and lam L_BT's gradients add up to the gradient the
+    step applied (its logged norm), and second_moment_after is the second moment torch's Adam holds after that step
+    (read from a run stopped there); signal's pairs are the within-prompt candidate pairs with different gold."""
+    from study import path_checks
+
+    s = bl
+    cfg = replace(s["cfg"], T=2, cg_iters=5, lam=0.4, outer_steps=3)
+    phi = policy.copy_params(s["phi"])
+    log, kept = hypergradient_checks.train_with_checkpoints(
+        s["model"], s["rm"], phi, s["domains"], s["pairs"], replace(cfg), s["theta_ref"], G(0), G(1), steps=(0, 2)
+    )
+
+    def gold(batch):  # any gold reward of the candidates will do: here a function of their tokens
+        return (batch["idx"] % 3).sum(-1).to(f64)
+
+    for k in kept:
+        g_dpo, g_bt, score, pairs = path_checks.term_gradients(s["model"], s["rm"], s["theta_ref"], k, 3, gold)
+        total = [a + b for a, b in zip(g_dpo, g_bt)]
+        assert torch.cat([x.flatten() for x in total]).norm().item() == pytest.approx(
+            log[k["step"]]["grad_norm"], rel=1e-10
+        )
+        stopped = policy.copy_params(s["phi"])
+        _, state = metarm.train_bilevel(
+            s["model"],
+            s["rm"],
+            stopped,
+            s["domains"],
+            s["pairs"],
+            replace(cfg),
+            s["theta_ref"],
+            G(0),
+            G(1),
+            k["step"] + 1,
+        )
+        adam = [state["opt"].state[p]["exp_avg_sq"] for p in stopped.values()]
+        for ours, torch_s in zip(path_checks.second_moment_after(k, total), adam):
+            assert torch.allclose(ours, torch_s, rtol=1e-10, atol=1e-300)
+        assert 0 < pairs <= sum(len(p["cand"]["idx"]) // cfg.K * 6 for p in k["problems"].values())
+        out = path_checks.signal(s["model"], s["rm"], s["theta_ref"], k, 3, gold)
+        assert 0 <= out["score"] <= out["pairs"] == pairs and 0 < out["share_dpo"] < 1 and -1 <= out["cosine"] <= 1
