@@ -211,12 +211,17 @@ def candidate_rewards(rm, phi: dict, cand: dict, K: int):
 
 def level_functions(model, prob: dict, cfg: BilevelConfig, theta_ref):
     """One domain's g = Eq. (5) and f = its L_DPO term of Eq. (7) -- Jia's lower and upper levels, this project's
-    formalisation -- as functions (theta, {"r": rewards})."""
+    formalisation -- as functions (theta, {"r": rewards}). A problem with a "gold" entry (the candidates' gold rewards,
+    (B K,)) has instead f = -E_x sum_k w_k(theta) gold_k, the gold value of the inner policy on its own candidates:
+    not the paper's, the capacity diagnostic of METHOD.md §5.4 (the path given perfect information)."""
 
     def g(theta, outer):
         return inner_loss(model, theta, outer["r"], prob["cand"], cfg.K, cfg.beta, cfg.rho, theta_ref)
 
     def f(theta, outer):
+        if "gold" in prob:
+            w = importance_weights(implicit_reward(model, theta, prob["cand"]), cfg.K)
+            return -(w * prob["gold"].view(-1, cfg.K)).sum(-1).mean()
         return outer_dpo(model, theta, prob["chosen"], prob["rejected"], cfg.beta_dpo)
 
     return g, f
@@ -342,13 +347,20 @@ def draw_problem(model, prompts, pairs, cfg: BilevelConfig, generator) -> dict:
 def draw_outer_batch(model, domains: dict, bt_pairs, cfg: BilevelConfig, generator, bt_generator):
     """One outer step's data: cfg.pairs_per_domain pooled pairs for (7)'s lam term (from bt_generator), then
     cfg.domains_per_step of the domains and each one's problem (draw_problem, from generator). Two generators, so
-    that the lam term's pairs are the same whatever the domains draw. Returns (problems, lam_pairs)."""
+    that the lam term's pairs are the same whatever the domains draw. A domain given as (prompts, pairs, gold) with
+    gold a function of an encoded batch gets its candidates' gold rewards in the problem (level_functions: the
+    diagnostic of METHOD.md §5.4; the draws are the same). Returns (problems, lam_pairs)."""
     chosen, rejected = bt_pairs
     rows = policy.draw(len(chosen["idx"]), cfg.pairs_per_domain, bt_generator)
     lam_pairs = (policy.rows_of(chosen, rows), policy.rows_of(rejected, rows))
     names = list(domains)
     picks = torch.randperm(len(names), generator=generator, device=generator.device)[: cfg.domains_per_step]
-    problems = {names[i]: draw_problem(model, *domains[names[i]], cfg, generator) for i in picks.tolist()}
+    problems = {}
+    for i in picks.tolist():
+        prompts, pairs, *gold = domains[names[i]]
+        problems[names[i]] = draw_problem(model, prompts, pairs, cfg, generator)
+        if gold:
+            problems[names[i]]["gold"] = gold[0](problems[names[i]]["cand"])
     return problems, lam_pairs
 
 

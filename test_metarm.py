@@ -1012,3 +1012,53 @@ def test_jvp_of_logprob_and_sft(world, tiny_gpt):
     before = policy.perplexity(model, world.sft[:100])
     policy.sft(model, world.sft[100:], steps=60, batch_size=32, lr=3e-3, generator=G(0), progress=False)
     assert policy.perplexity(model, world.sft[:100]) < 0.5 * before
+
+
+def test_s54_gold_outer_objective_by_hand_and_finite_differences(bl):
+    """The capacity diagnostic of METHOD.md §5.4 (not the paper's): a problem that carries its candidates' gold
+    rewards has f = -E_x sum_k w_k(theta) gold_k, (4)'s weights written out on manual_logprob; its dF/dr (IFT + CG
+    from the Newton-solved theta*) matches central differences of that written-out F, 1e-6 rel."""
+    prob = {**bl["problems"]["a"]}
+    prob["gold"] = torch.randn(len(prob["cand"]["idx"]), generator=G(5), dtype=f64)
+    K, c = bl["cfg"].K, prob["cand"]
+
+    def gold_value(theta):
+        delta = manual_logprob(bl["model"], c["idx"], c["mask"], theta) - manual_logprob(
+            bl["model"], c["idx"], c["mask"]
+        )
+        return -(torch.softmax(delta.view(-1, K), -1) * prob["gold"].view(-1, K)).sum(-1).mean()
+
+    _, f = metarm.level_functions(bl["model"], prob, bl["cfg"], bl["theta_ref"])
+    assert f(bl["warm"]["a"], {}).item() == pytest.approx(gold_value(bl["warm"]["a"]).item(), rel=1e-12)
+    dF_dr, r, info = metarm.hypergradient(
+        bl["model"], bl["rm"], bl["phi"], prob, bl["cfg"], bl["theta_ref"], bl["warm"]["a"]
+    )
+    assert info["converged"]
+
+    def F_of(x):
+        theta, newton = bilevel.newton_solve(lower_ref(bl, prob), bl["warm"]["a"], x, tol=1e-10)
+        assert newton["converged"]
+        return gold_value(theta).item()
+
+    for seed in (1, 2):
+        u = torch.randn(r.shape, generator=G(seed), dtype=f64)
+        fd = bilevel.hypergrad_fd(F_of, {"r": r.detach()}, {"r": u})
+        assert (dF_dr * u).sum().item() == pytest.approx(fd, rel=1e-6)
+
+
+def test_s54_draw_outer_batch_adds_the_candidates_gold_with_the_same_draws(bl):
+    """A domain given with a gold function gets its candidates' gold rewards in the problem; every draw (domains,
+    candidates, pairs, the lam term's pairs) is the same as without it."""
+    cfg = replace(bl["cfg"], domains_per_step=2)
+
+    def gold(batch):
+        return batch["idx"].sum(-1).to(f64)
+
+    plain, lam_plain = metarm.draw_outer_batch(bl["model"], bl["domains"], bl["pairs"], cfg, G(0), G(1))
+    with_gold = {d: (*v, gold) for d, v in bl["domains"].items()}
+    gilded, lam_gilded = metarm.draw_outer_batch(bl["model"], with_gold, bl["pairs"], cfg, G(0), G(1))
+    assert list(plain) == list(gilded) and torch.equal(lam_plain[0]["idx"], lam_gilded[0]["idx"])
+    for d in plain:
+        assert torch.equal(plain[d]["cand"]["idx"], gilded[d]["cand"]["idx"])
+        assert torch.equal(plain[d]["chosen"]["idx"], gilded[d]["chosen"]["idx"]) and "gold" not in plain[d]
+        torch.testing.assert_close(gilded[d]["gold"], gold(gilded[d]["cand"]), rtol=0, atol=0)

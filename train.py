@@ -29,7 +29,7 @@ import metarm
 import policy
 from study import figures, fits, hypergradient_checks, measure, plots, summary
 from study.cli import BadInput, bar, clock, option, parse, prepare_out, provenance, publish, write_json
-from study.methods import METHODS
+from study.methods import DEFAULT_METHODS, METHODS
 from study.stats import mean
 
 # seed + X_T draws X_t for vanilla_rm_long's extra steps and MetaRM's updates: at eta = 0 MetaRM is vanilla_rm_long
@@ -48,7 +48,10 @@ class Config:
         0, "seed of data.World's draws: corpus, pairs, evaluation pairs (0: world v3 as published)"
     )
     domains: str = option("test", "test: the held-out domains | dev: the dev domains (tuning)")
-    methods: str = option(",".join(METHODS), "comma-separated subset of the methods (study/methods.py)")
+    methods: str = option(
+        ",".join(DEFAULT_METHODS),
+        "comma-separated subset of the methods (study/methods.py; its diagnostics: add them)",
+    )
     quick: bool = option(False, "a smoke run: 1 seed, small budgets, no figures (< 1 min)")
     figures: bool = option(True, "run the figures' experiments")
     figure_seeds: int = option(
@@ -305,9 +308,8 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
     own_steps = len(s.domains) * cfg.extra_steps  # --outer-data own: one bilevel RM per evaluation domain
     if "bilevel" in methods and cfg.outer_data == "own":  # the positive control
         with phase("bilevel", own_steps) as progress:
-            out["bilevel"], logs["curvature"], logs["path_signal"] = fits.own_data_bilevel(
-                seed, s, phi, True, progress
-            )
+            own = fits.own_data_bilevel(seed, s, phi, "dpo", progress)
+            out["bilevel"], logs["curvature"], logs["path_signal"] = own
     elif "bilevel" in methods:
         with phase("bilevel", cfg.extra_steps) as progress:
             out["bilevel"] = policy.copy_params(phi)
@@ -325,7 +327,7 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
         out["bilevel_bt_only"] = out["vanilla_rm"]
     elif "bilevel_bt_only" in methods and cfg.outer_data == "own":
         with phase("bilevel_bt_only", own_steps) as progress:
-            out["bilevel_bt_only"], _, _ = fits.own_data_bilevel(seed, s, phi, False, progress)
+            out["bilevel_bt_only"], _, _ = fits.own_data_bilevel(seed, s, phi, None, progress)
     elif "bilevel_bt_only" in methods:
         with phase("bilevel_bt_only", cfg.extra_steps) as progress:
             out["bilevel_bt_only"] = policy.copy_params(phi)
@@ -333,6 +335,10 @@ def train_reward_models(seed: int, cfg: Config, s: Setup, timings: dict):
             logs["bilevel_bt_only"], _, _ = fits.fit_bilevel(
                 seed, s, out["bilevel_bt_only"], {}, s.train_pairs, progress=progress
             )
+    for m in ("bilevel_swapped", "bilevel_gold"):  # METHOD.md §5.4's diagnostics, on the own-data run only
+        if m in methods:
+            with phase(m, own_steps) as progress:
+                out[m], _, _ = fits.own_data_bilevel(seed, s, phi, fits.OUTER[m], progress)
     if "dpo" in methods:
         with phase("dpo", cfg.dpo_steps) as progress:
             out["dpo"], logs["dpo"] = fits.train_dpo(
@@ -503,6 +509,11 @@ def parse_config(argv) -> Config:
         (
             cfg.outer_data == "train" or not cfg.figures,
             "--outer-data own is the positive control of the main table, not of the figures: add --figures 0",
+        ),
+        (
+            cfg.outer_data == "own" or not {"bilevel_swapped", "bilevel_gold"} & set(methods),
+            "--methods bilevel_swapped and bilevel_gold are METHOD.md §5.4's diagnostics of the own-data run: add "
+            "--outer-data own",
         ),
         (
             cfg.outer_data == "train" or "in_domain_rm" not in methods or cfg.ceiling_steps == cfg.extra_steps,

@@ -25,8 +25,9 @@ def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=
     if domains:
         probe = {}
         for d in probe_domains:
+            prompts, pairs = domains[d][:2]  # (a third entry, the diagnostic's gold, does not enter (5))
             probe[d] = metarm.draw_problem(
-                s.model, *domains[d], bcfg, policy.generator(measure.stream(seed, 3), s.device)
+                s.model, prompts, pairs, bcfg, policy.generator(measure.stream(seed, 3), s.device)
             )
         curvature = metarm.calibrate(s.model, s.rm, phi, probe, bcfg, s.theta_ref)
     generator = policy.generator(measure.stream(seed, 4), s.device)
@@ -40,22 +41,37 @@ def fit_bilevel(seed: int, s, phi: dict, domains: dict, bt_pairs, probe_domains=
     return log, curvature, inputs
 
 
-def own_data_bilevel(seed: int, s, phi: dict, dpo_term: bool, progress=None, swap: bool = False):
+OUTER = {  # --outer-data own: what (7)'s domain term is for each method (METHOD.md §5.2, §5.4)
+    "bilevel": "dpo",  # L_DPO on the domain's own pairs
+    "bilevel_bt_only": None,  # no domain term: lam L_BT alone (the control)
+    "bilevel_swapped": "swapped",  # L_DPO on the same pairs, chosen and rejected swapped (M3)
+    "bilevel_gold": "gold",  # the inner policy's gold value on its own candidates (M4)
+}
+
+
+def own_data_bilevel(seed: int, s, phi: dict, outer: str | None, progress=None):
     """The positive control of the bilevel path (METHOD.md §5.2): for each evaluation domain d, (7) on d's own
-    labelled pairs (its DPO term and its lam L_BT term) with (5) on d's prompts, from a copy of the vanilla RM phi;
-    dpo_term=False is its control bilevel_bt_only (the same draws); swap=True gives the DPO term d's pairs with chosen
-    and rejected swapped, lam L_BT them as they are (bilevel_swapped, METHOD.md §5.4 M3). Returns ({d: phi_d},
-    {d: curvature, with each outer step's F} -- {d: None} for the control --, {d: the path's signal at the first,
-    middle and last outer step (study.path_checks.signal, §5.4 M1)} -- {} for the control)."""
+    labelled pairs with (5) on d's prompts, from a copy of the vanilla RM phi, the same draws for every `outer`
+    (OUTER): "dpo", (7)'s DPO term; None, no domain term (bilevel_bt_only); "swapped", the DPO term on d's pairs
+    with chosen and rejected swapped; "gold", the gold value of the inner policy on its candidates. lam L_BT is on
+    d's pairs as they are. Returns ({d: phi_d}, {d: curvature with each outer step's F} -- {d: None} without a domain
+    term --, {d: the path's signal at the first, middle and last outer step (study.path_checks.signal, §5.4 M1)}
+    for "dpo" -- else {})."""
     phis, curvature, signals = {}, {}, {}
     for d in s.domains:
         chosen, rejected = s.own_pairs[d]
-        one_domain = {d: (s.prompts[d], (rejected, chosen) if swap else (chosen, rejected))} if dpo_term else {}
+        if outer is None:
+            one_domain = {}
+        elif outer == "gold":
+            one_domain = {d: (s.prompts[d], (chosen, rejected), measure.gold_fn(s.world))}
+        else:
+            one_domain = {d: (s.prompts[d], (rejected, chosen) if outer == "swapped" else (chosen, rejected))}
         phis[d] = policy.copy_params(phi)
-        steps = hypergradient_checks.accuracy_steps(s.bilevel_cfg.outer_steps) if dpo_term else ()
+        steps = hypergradient_checks.accuracy_steps(s.bilevel_cfg.outer_steps) if outer == "dpo" else ()
         log, curvature[d], kept = fit_bilevel(seed, s, phis[d], one_domain, s.own_pairs[d], [d], steps, progress)
-        if dpo_term:
+        if outer is not None:
             curvature[d]["F"] = [e["F"] for e in log]
+        if outer == "dpo":
             signals[d] = [path_checks.signal(s.model, s.rm, s.theta_ref, k, 1, measure.gold_fn(s.world)) for k in kept]
     return phis, curvature, signals
 

@@ -8,7 +8,8 @@ Adding a method: a row here, its call in train.py, and a test.
 Columns:
     label        how a table or a figure names it
     color        its colour in every figure
-    role         baseline | method (a paper's) | control (a method without its ingredient) | ceiling
+    role         baseline | method (a paper's) | control (a method without its ingredient) | ceiling | diagnostic
+                 (a measurement of METHOD.md §5.4 on the own-data run, not in the default run: DEFAULT_METHODS)
     adapts_with  what adaptation (3) maximises on an evaluation domain: "rm" (its reward model), "gold" (r*_d),
                  "agnostic gold" (r* without the domain's words), "rounds" (MetaRM's rounds of §3, which adapt
                  with the reward model as it is updated); None: not adapted, its own policy is evaluated as it is
@@ -44,4 +45,7 @@ METHODS = {
     "oracle": Method("gold oracle", "black", "ceiling", "gold", False),
     "in_domain_rm": Method("in-domain RM", "tab:red", "ceiling", "rm", True),
     "agnostic_oracle": Method("domain-agnostic oracle", "tab:brown", "ceiling", "agnostic gold", False),
+    "bilevel_swapped": Method("bilevel, DPO labels swapped", "darkseagreen", "diagnostic", "rm", True),
+    "bilevel_gold": Method("bilevel, gold outer objective", "darkgreen", "diagnostic", "rm", True),
 }
+DEFAULT_METHODS = [m for m, row in METHODS.items() if row.role != "diagnostic"]  # train.py's --methods default

@@ -161,10 +161,12 @@ def difference(a, b):
 
 def judged_comparisons(outer_data: str, methods: list, prereg: dict) -> tuple:
     """The comparisons a run judges by the verdict rule: the primary ones, those of the bilevel positive control
-    with --outer-data own, DPO's when dpo and sft run (METHOD.md §5.1, §5.2); each once, in that order."""
+    with --outer-data own (and of §5.4's diagnostics that ran), DPO's when dpo and sft run (METHOD.md §5.1, §5.2,
+    §5.4); each once, in that order."""
     judged = list(pairs(prereg["primary"]))
     if outer_data == "own":
         judged += pairs(prereg["positive_controls"]["bilevel_own_data"]["comparisons"])
+        judged += [pair for pair in pairs(prereg["path"]["comparisons"]) if set(pair) <= set(methods)]
     if "dpo" in methods and "sft" in methods:
         judged += pairs(prereg["positive_controls"]["dpo"]["comparisons"])
     return tuple(dict.fromkeys(judged))

@@ -34,7 +34,7 @@ from conftest import (
     one_line_error,
 )
 from study import bench, figures, fits, hypergradient_checks, measure, summary
-from study.methods import METHODS
+from study.methods import DEFAULT_METHODS, METHODS
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated", "ignore:cg did not converge")
 PREREG = summary.read_preregistration()
@@ -330,7 +330,7 @@ def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypat
     s = SimpleNamespace(domains=["a", "b"], prompts={"a": "A prompts", "b": "B prompts"}, own_pairs=own)
     s.model, s.rm, s.device, s.theta_ref, s.bilevel_cfg = None, None, "cpu", {}, metarm.BilevelConfig()
     phi = {"w": torch.zeros(1)}
-    phis, curvature, signals = fits.own_data_bilevel(0, s, phi, dpo_term=True)
+    phis, curvature, signals = fits.own_data_bilevel(0, s, phi, "dpo")
     assert [c[0] for c in calls] == [{"a": ("A prompts", own["a"])}, {"b": ("B prompts", own["b"])}]
     assert [c[1] for c in calls] == [own["a"], own["b"]]
     assert [c[2:] for c in calls] == [(4, 5), (4, 5)]  # seed 0's draws for every domain, and for the control
@@ -344,15 +344,20 @@ def test_s52_own_data_bilevel_sees_each_domain_s_own_pairs_and_prompts(monkeypat
     assert measure.phi_of({"bilevel": per_domain}, "bilevel", "camera") is phis["b"]
     assert measure.phi_of({"bilevel": phi}, "bilevel", "b") is phi
     calls.clear()
-    phis, curvature, signals = fits.own_data_bilevel(0, s, phi, dpo_term=False)
+    phis, curvature, signals = fits.own_data_bilevel(0, s, phi, None)
     assert [c[:2] for c in calls] == [({}, own["a"]), ({}, own["b"])]
     assert [c[2:] for c in calls] == [(4, 5), (4, 5)]
     assert curvature == {"a": None, "b": None} and signals == {}
     assert len(calibrated) == 2
     calls.clear()  # METHOD.md §5.4 M3: the DPO term's chosen and rejected swapped, lam L_BT's pairs as they are
-    fits.own_data_bilevel(0, s, phi, dpo_term=True, swap=True)
+    fits.own_data_bilevel(0, s, phi, "swapped")
     assert [c[0] for c in calls] == [{"a": ("A prompts", own["a"][::-1])}, {"b": ("B prompts", own["b"][::-1])}]
     assert [c[1] for c in calls] == [own["a"], own["b"]] and [c[2:] for c in calls] == [(4, 5), (4, 5)]
+    calls.clear()  # M4: the domain's problems carry a gold function (metarm.draw_outer_batch adds the candidates')
+    s.world = None
+    fits.own_data_bilevel(0, s, phi, "gold")
+    assert [c[0]["a"][:2] for c in calls[:1]] == [("A prompts", own["a"])] and callable(calls[0][0]["a"][2])
+    assert [c[2:] for c in calls] == [(4, 5), (4, 5)]
 
 
 def test_s52_shifted_accuracy_by_hand(monkeypatch):
@@ -482,7 +487,7 @@ BOUNDARY_RUN = [
     "--first-seed",  # not its boundary (0, the default run's): a fresh seed's own streams, through the figures too
     "10",
 ]
-# the bilevel positive control (METHOD.md §5.2): one RM per evaluation domain from its own pairs
+# the positive control (METHOD.md §5.2), one bilevel RM per evaluation domain from its own pairs; §5.4's diagnostics
 
 
 OWN_DATA_RUN = TINY_RUN + [
@@ -491,7 +496,7 @@ OWN_DATA_RUN = TINY_RUN + [
     "--ceiling-steps",
     "2",
     "--methods",
-    "vanilla_rm,bilevel,bilevel_bt_only,in_domain_rm",
+    "vanilla_rm,bilevel,bilevel_bt_only,in_domain_rm,bilevel_swapped,bilevel_gold",
 ]
 
 
@@ -528,7 +533,10 @@ def test_own_data_run_judges_the_positive_control_s_comparisons(tiny_run):
     assert list(res["bilevel_curvature"][0]) == data.DEV_DOMAINS
     assert "hypergradient_accuracy" not in res
     assert res["methods"]["bilevel"]["gold_reward"] != res["methods"]["bilevel_bt_only"]["gold_reward"]
-    # METHOD.md §5.4 M1, measured on the own-data fits (one seed: no interval)
+    # METHOD.md §5.4: the diagnostics ran and their comparisons are judged; M1 measured on the own-data fits
+    assert {"bilevel - bilevel_swapped", "bilevel_gold - vanilla_rm"} <= set(res["paired"])
+    assert res["methods"]["bilevel_swapped"]["gold_reward"] != res["methods"]["bilevel"]["gold_reward"]
+    assert res["methods"]["bilevel_gold"]["gold_reward"] != res["methods"]["bilevel"]["gold_reward"]
     assert {"sign_agreement", "ratio", "cosine", "share_dpo", "signal"} <= set(res["path_signal"])
     assert 0 <= res["path_signal"]["sign_agreement"]["mean"] <= 1 and res["path_signal"]["signal"] is False
 
@@ -538,7 +546,7 @@ def test_every_flag_at_its_boundary_runs_and_its_reused_runs_are_exact(tiny_run)
     metric; at lam = 0 bilevel_bt_only is the vanilla RM's run (no step to take), and results.json says so."""
     res = json.loads((tiny_run[2] / "results.json").read_text())
     assert res["config"]["eta"] == 0 and res["config"]["lam"] == 0 and res["config"]["K"] == 2
-    assert set(res["methods"]) == set(METHODS)
+    assert set(res["methods"]) == set(DEFAULT_METHODS)
     assert set(res["figures"]) == {
         "frontier",
         "rlhf_rounds",
@@ -581,7 +589,7 @@ def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(ti
     assert [row["step"] for row in bilevel] == [0, 1] and {"F", "grad_norm", "hvps"} <= set(bilevel[0])
     vanilla = [row["loss"] for row in rows if row["phase"] == "vanilla_rm"]
     assert len(vanilla) == 20 and all(math.isfinite(x) for x in vanilla)  # TINY_RUN: --rm-steps 20
-    adapted = [m for m, row in METHODS.items() if row.adapts_with in ("rm", "gold", "agnostic gold")]  # 7
+    adapted = [m for m in DEFAULT_METHODS if METHODS[m].adapts_with in ("rm", "gold", "agnostic gold")]  # 7
     assert len([row for row in rows if row["phase"] == "adaptation"]) == len(adapted) * len(data.DEV_DOMAINS)
     names = (
         "results.json",
@@ -610,7 +618,7 @@ def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(ti
     } <= set(res)
     assert "out" not in res["config"]
     assert res["world_version"] == data.WORLD_VERSION
-    assert set(res["methods"]) == set(METHODS)
+    assert set(res["methods"]) == set(DEFAULT_METHODS)
     assert res["domains"] == data.DEV_DOMAINS
     assert {"gold_collapse_ratio", "collapse_ratio_rm_over_gold", "accuracy_drop_split"} <= set(res["premises"])
     assert res["mechanism_widening"]["per_seed"] == [
@@ -658,7 +666,7 @@ def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(ti
     assert res["methods"]["oracle"]["gold_reward"]["mean"] > res["methods"]["sft"]["gold_reward"]["mean"] + 1.0
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     w = data.World(TINY_WORLD)
-    assert len(samples) == len(METHODS) * len(data.DEV_DOMAINS) * 8
+    assert len(samples) == len(DEFAULT_METHODS) * len(data.DEV_DOMAINS) * 8
     assert all(
         row["gold_reward"] == pytest.approx(w.gold_reward(row["domain"], w.encode(row["response"])))
         for row in samples[:40]
@@ -674,6 +682,7 @@ def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(ti
         ["--threads", "-2"],
         ["--seeds", "0"],
         ["--first-seed", "995", "--seeds", "10"],
+        ["--methods", "vanilla_rm,bilevel,bilevel_swapped"],  # a §5.4 diagnostic without --outer-data own
         ["--seeds", "1.5"],
         ["--beta", "-1"],
         ["--beta", "nan"],

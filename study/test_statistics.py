@@ -342,6 +342,9 @@ def test_s52_judged_comparisons():
     )
     own = summary.judged_comparisons("own", ["vanilla_rm", "bilevel", "bilevel_bt_only"], PREREG)
     assert own == primary + (("bilevel_bt_only", "vanilla_rm"), ("bilevel", "in_domain_rm"))
+    # METHOD.md §5.4: the diagnostics' comparisons only where they ran
+    with_swap = summary.judged_comparisons("own", ["vanilla_rm", "bilevel", "bilevel_swapped"], PREREG)
+    assert with_swap == own + (("bilevel", "bilevel_swapped"),)
 
 
 def test_methods_table_is_data_the_pipeline_and_plots_read():
@@ -353,7 +356,7 @@ def test_methods_table_is_data_the_pipeline_and_plots_read():
         if isinstance(control, dict) and isinstance(control.get("comparisons"), list):
             registered |= set(summary.pairs(control["comparisons"]))
     for m, row in METHODS.items():
-        assert row.role in ("baseline", "method", "control", "ceiling")
+        assert row.role in ("baseline", "method", "control", "ceiling", "diagnostic")
         assert row.adapts_with in (None, "rm", "gold", "agnostic gold", "rounds")
         if row.control:
             assert (m, row.control) in registered
