@@ -414,6 +414,9 @@ def pooled_table(analysis: dict) -> str:
     for comparison, p in analysis["pooled"].items():
         worlds = " / ".join(f"{num(w['mean'])} ({w['n_seeds']})" for w in p["per_world"].values())
         ce, re = p["common_effect"], p["random_effects"]
+        if ce is None:  # a world with fewer than two seeds or SE 0: no pool (METHOD.md §5.3, amendment)
+            rows.append(f"| {name(comparison)} | {worlds} | n/a | n/a | n/a | n/a | n/a |")
+            continue
         rows.append(
             f"| {name(comparison)} | {worlds} | {num(ce['mean'])} {ci(ce['ci95'])} {ce['verdict']} ({ce['df']} df) | "
             f"{num(re['mean'])} {ci(re['ci95'])} **{re['verdict']}** ({re['df']} df) | {ci(re['ci95_untruncated'])} | "
