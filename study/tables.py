@@ -4,6 +4,7 @@ check that README.md and study/REPORT.md show these tables as generated (study/t
 """
 
 import json
+import re
 from pathlib import Path
 
 REPORT = "study/REPORT.md"
@@ -36,6 +37,14 @@ PAIRED_ROWS = (  # the report's paired table: comparison -> what it isolates
     ("in_domain_rm - vanilla_rm", "reachable headroom"),
     ("oracle - vanilla_rm", ""),
 )
+
+
+def acted(widening: dict) -> str:
+    """MetaRM's mechanism in words (METHOD.md §5.3): acted iff the interval is above 0; without a delta, an interval
+    that is not reads "did not act detectably", and one below 0 says that the ascent narrowed the differences."""
+    if widening["acted"]:
+        return "acted"
+    return "narrowed them" if widening["ci95"] and widening["ci95"][1] < 0 else "did not act detectably"
 
 
 def num(x: float, digits: int = 3) -> str:
@@ -115,7 +124,7 @@ def claims_table(folder: Path, analysis: dict) -> str:
             rows.append(
                 "| … by widening the reward differences on the shifted samples (its target) | metarm − metarm_eta0, "
                 f"within-prompt \\|Δr\\| on X_s over each RM's own scale: {num(widening['mean'])} "
-                f"{ci(widening['ci95'])} | {'acted' if widening['acted'] else 'did not act'} (exploratory) | | "
+                f"{ci(widening['ci95'])} | {acted(widening)} (exploratory) | | "
                 f"{CONFIRMATORY} |"
             )
             if steps100:  # MetaRM where its premise holds
@@ -464,12 +473,8 @@ def report_tables(folder: Path, analysis: dict) -> dict:
 
 
 def fill(text: str, generated: dict) -> str:
-    """text with every block `<!-- table: NAME -->` ... `<!-- /table -->` holding generated[NAME] (a block whose
-    name is not generated is left as it is): what README.md and REPORT.md show, tested to be unchanged by it."""
-    out, rest = [], text
-    while "<!-- table: " in rest:
-        head, rest = rest.split("<!-- table: ", 1)
-        key, rest = rest.split(" -->\n", 1)
-        body, rest = rest.split("<!-- /table -->", 1)
-        out.append(f"{head}<!-- table: {key} -->\n{generated.get(key, body)}<!-- /table -->")
-    return "".join(out) + rest
+    """text with every block `<!-- table: NAME -->` (a line of its own) ... `<!-- /table -->` holding generated[NAME]
+    (a block whose name is not generated is left as it is): what README.md and REPORT.md show, tested to be unchanged
+    by it."""
+    block = re.compile(r"^<!-- table: ([^\n]+?) -->\n(.*?)^<!-- /table -->", re.S | re.M)
+    return block.sub(lambda m: f"<!-- table: {m[1]} -->\n{generated.get(m[1], m[2])}<!-- /table -->", text)

@@ -579,6 +579,9 @@ def test_s53_analysis_of_a_results_folder(tmp_path, capsys):
     assert f"{tables.num(c['mean'])} {tables.ci(c['ci95'])} | **{c['verdict']}**" in claims
     assert "positive control" not in claims and "+0.250 [−0.500, +1.000] | undetermined (exploratory)" in claims
     assert "dpo − sft: +0.045 [" in claims  # from the main run
+    assert "did not act detectably (exploratory)" in claims  # widening [-0.5, +1.0]: not above 0, not below
+    assert tables.acted({"acted": False, "ci95": [-0.2, -0.1]}) == "narrowed them"
+    assert tables.acted({"acted": True, "ci95": [0.1, 0.2]}) == "acted"
     (tmp_path / "world_2" / "results.json").unlink()
     assert analysis.main([str(tmp_path)]) == 2
     assert "world_2" in one_line_error(capsys)
@@ -591,6 +594,8 @@ def test_s53_fill_replaces_only_named_blocks():
     text = "a\n<!-- table: x -->\nold\n<!-- /table -->\nb\n<!-- table: y -->\nkept\n<!-- /table -->\nc"
     assert tables.fill(text, {"x": "new\n"}) == text.replace("old\n", "new\n")
     assert tables.fill(tables.fill(text, {"x": "new\n"}), {"x": "new\n"}) == text.replace("old\n", "new\n")
+    decoy = "the markers `<!-- table: x -->` are comments\n" + text  # a marker inside a line is not a block
+    assert tables.fill(decoy, {"x": "new\n"}) == decoy.replace("old\n", "new\n")
 
 
 def test_s54_path_signal_pools_pairs_and_averages_steps_by_hand():
