@@ -7,6 +7,7 @@ input. Run with the reference's tests: python -m pytest -q.
 import functools
 import json
 import math
+import subprocess
 from dataclasses import replace
 from itertools import combinations
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ import metarm
 import policy
 import train
 from conftest import (
+    ROOT,
     T64,
     THREADS,
     TINY_WORLD,
@@ -570,7 +572,8 @@ def test_every_flag_at_its_boundary_runs_and_its_reused_runs_are_exact(tiny_run)
     assert {row["seed"] for row in rows if "seed" in row} == {10}
     provenance = json.loads((tiny_run[2] / "provenance.json").read_text())
     assert provenance["command"].startswith("python train.py --quick --domains dev") and provenance["threads"] >= 1
-    assert provenance["commit"] is None or len(provenance["commit"]) == 40
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    assert provenance["commit"] == (head.stdout.strip() if head.returncode == 0 else None)  # None: not a checkout
     assert {"torch", "cpu", "started_utc", "seconds", "uncommitted_changes"} <= set(provenance)
 
 

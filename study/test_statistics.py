@@ -594,7 +594,7 @@ def test_s53_fill_replaces_only_named_blocks():
     text = "a\n<!-- table: x -->\nold\n<!-- /table -->\nb\n<!-- table: y -->\nkept\n<!-- /table -->\nc"
     assert tables.fill(text, {"x": "new\n"}) == text.replace("old\n", "new\n")
     assert tables.fill(tables.fill(text, {"x": "new\n"}), {"x": "new\n"}) == text.replace("old\n", "new\n")
-    decoy = "the markers `<!-- table: x -->` are comments\n" + text  # a marker inside a line is not a block
+    decoy = "in a sentence <!-- table: x -->\nnot a block <!-- /table -->\n" + text  # markers inside lines
     assert tables.fill(decoy, {"x": "new\n"}) == decoy.replace("old\n", "new\n")
 
 
@@ -603,11 +603,11 @@ def test_s54_path_signal_pools_pairs_and_averages_steps_by_hand():
     cosine and share the means over steps (None left out); "signal" iff the agreement's interval is above 0.5."""
     seed = {
         "a": [{"score": 3.0, "pairs": 4, "ratio": 0.5, "cosine": 0.1, "share_dpo": 0.2}],
-        "b": [{"score": 1.0, "pairs": 4, "ratio": 1.5, "cosine": None, "share_dpo": 0.4}],
+        "b": [{"score": 1.0, "pairs": 2, "ratio": 1.5, "cosine": None, "share_dpo": 0.4}],
     }
     other = {"a": [{"score": 7.0, "pairs": 8, "ratio": 1.0, "cosine": 0.3, "share_dpo": 0.3}]}
     out = summary.path_signal([seed, other])
-    assert out["sign_agreement"]["mean"] == pytest.approx((4 / 8 + 7 / 8) / 2)
+    assert out["sign_agreement"]["mean"] == pytest.approx((4 / 6 + 7 / 8) / 2)  # pooled: not (3/4 + 1/2) / 2
     assert out["ratio"]["mean"] == pytest.approx((1.0 + 1.0) / 2) and out["cosine"]["mean"] == pytest.approx(0.2)
     assert out["share_dpo"]["mean"] == pytest.approx((0.3 + 0.3) / 2)
     assert out["signal"] is False  # two seeds: t(1) makes the interval wide
