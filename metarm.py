@@ -199,6 +199,7 @@ class BilevelConfig:
     pairs_per_domain: int = 32
     lr: float = 1e-3  # Adam on phi
     recalibrate_every: int = 20  # outer steps between curvature checks at theta* (0: never)
+    rho_factor: float = 1.5  # rho = rho_factor (-lambda_min)_+ at theta* (rho_from; > 1; METHOD.md §5.4 M4: 1.1)
     max_new_tokens: int = 16
 
 
@@ -267,10 +268,10 @@ def curvature(model, theta, r, cand, cfg: BilevelConfig, theta_ref, iters: int =
     return lo, hi
 
 
-def rho_from(lam_min: float, lam_max: float) -> float:
-    """§2.1: rho = max(1.5 (-lambda_min)_+, 0.01 lambda_max), above -lambda_min (local strong
-    convexity) and a condition number of at most ~100."""
-    return max(1.5 * max(0.0, -lam_min), 0.01 * lam_max)
+def rho_from(lam_min: float, lam_max: float, factor: float = 1.5) -> float:
+    """§2.1: rho = max(factor (-lambda_min)_+, 0.01 lambda_max), above -lambda_min for any factor > 1 (local strong
+    convexity) and a condition number of at most ~100; factor 1.5 by default (BilevelConfig.rho_factor)."""
+    return max(factor * max(0.0, -lam_min), 0.01 * lam_max)
 
 
 def calibrate(model, rm, phi, problems: dict, cfg: BilevelConfig, theta_ref, rounds: int = 3) -> dict:
@@ -279,7 +280,7 @@ def calibrate(model, rm, phi, problems: dict, cfg: BilevelConfig, theta_ref, rou
     r = {d: candidate_rewards(rm, phi, p["cand"], cfg.K).detach() for d, p in problems.items()}
     eigs = [curvature(model, theta_ref, r[d], p["cand"], cfg, theta_ref) for d, p in problems.items()]
     for _ in range(rounds):
-        cfg.rho = max(rho_from(lo, hi) for lo, hi in eigs)
+        cfg.rho = max(rho_from(lo, hi, cfg.rho_factor) for lo, hi in eigs)
         cfg.inner_lr = 1.0 / (max(hi for _, hi in eigs) + cfg.rho)
         eigs = []
         for d, p in problems.items():
@@ -306,7 +307,7 @@ def recheck_rho(model, rm, phi, problems: dict, warm: dict, cfg: BilevelConfig, 
     ]
     lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
     if lam_min + cfg.rho < 0.5 * cfg.rho:
-        cfg.rho = max(cfg.rho, rho_from(lam_min, lam_max))
+        cfg.rho = max(cfg.rho, rho_from(lam_min, lam_max, cfg.rho_factor))
         cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
     return lam_min + cfg.rho
 

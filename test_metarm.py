@@ -373,7 +373,7 @@ def test_eq7_domain_subsets_rescaled_by_N_over_n(bl):
     assert sum(Fv for _, Fv in subsets) / 3 == pytest.approx(F_full, rel=1e-10)
 
 
-def test_eq5_shift_invariance_and_rho_from_explicit_hessian(bl):
+def test_eq5_shift_invariance_and_rho_from_explicit_hessian(bl, monkeypatch):
     """(5)/§2.1, with the explicit 108 x 108 Hessian of g: at rho = 0 it is indefinite at theta_ref and annihilates
     the shift direction (W + 1u^T, b + 1); calibrate's rho makes it positive definite at theta*; rho_from by hand."""
     s, prob = bl, bl["problems"]["a"]
@@ -396,6 +396,14 @@ def test_eq5_shift_invariance_and_rho_from_explicit_hessian(bl):
     assert torch.linalg.eigvalsh(hess(g, theta))[0] > 0
     assert metarm.rho_from(-2.0, 10.0) == 3.0
     assert metarm.rho_from(1.0, 500.0) == 5.0
+    assert metarm.rho_from(-2.0, 10.0, factor=1.1) == pytest.approx(2.2)  # METHOD.md §5.4 M4's less damping
+    factors, rho_from = [], metarm.rho_from
+    monkeypatch.setattr(
+        metarm, "rho_from", lambda lo, hi, factor=1.5: factors.append(factor) or rho_from(lo, hi, factor)
+    )
+    cfg = replace(bl["cfg"], rho_factor=1.1)
+    metarm.calibrate(bl["model"], bl["rm"], bl["phi"], bl["problems"], cfg, bl["theta_ref"])  # passes the factor on
+    assert factors and set(factors) == {1.1}
 
 
 def test_eq6_eq8_unrolled_and_training_path_converge(bl):

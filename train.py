@@ -94,6 +94,10 @@ class Config:
     outer_beta_dpo: float = option(metarm.BilevelConfig.beta_dpo, "beta_DPO inside the outer objective (7)")
     K: int = option(metarm.BilevelConfig.K, "K, candidates per prompt of the inner problem (4)(5)")
     T: int = option(metarm.BilevelConfig.T, "T, inner gradient steps (6), warm-started")
+    rho_factor: float = option(
+        metarm.BilevelConfig.rho_factor,
+        "rho = rho-factor (-lambda_min)_+ at theta* (§2.1; > 1; METHOD.md §5.4 M4: 1.1)",
+    )
     solver: str = option(metarm.BilevelConfig.solver, "hypergradient (8): cg | neumann | unrolled")
     eta: float = option(metarm.MetaRMConfig.eta, "eta, MetaRM's ascent step (10)")
     metarm_k: int = option(metarm.MetaRMConfig.k, "k, MetaRM responses per shifted prompt (9)")
@@ -241,6 +245,7 @@ def make_setup(cfg: Config, world, model, device) -> Setup:
         outer_steps=cfg.extra_steps,
         lr=cfg.outer_lr,
         max_new_tokens=measure.MAX_NEW,
+        rho_factor=cfg.rho_factor,
     )
     own_pairs_needed = "in_domain_rm" in methods or cfg.outer_data == "own"  # the ceiling and the positive control
     return Setup(
@@ -502,6 +507,10 @@ def parse_config(argv) -> Config:
         ),
         (math.isfinite(cfg.eta) and cfg.eta >= 0, "--eta must be a finite number >= 0"),
         (math.isfinite(cfg.lam) and cfg.lam >= 0, "--lam must be a finite number >= 0"),
+        (
+            math.isfinite(cfg.rho_factor) and cfg.rho_factor > 1,
+            "--rho-factor must be a finite number > 1 (rho must exceed -lambda_min)",
+        ),
         (cfg.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
         (cfg.domains in ("test", "dev"), "--domains must be test or dev"),
         (cfg.solver in ("cg", "neumann", "unrolled"), "--solver must be cg, neumann or unrolled"),

@@ -685,6 +685,7 @@ def test_pipeline_is_deterministic_writes_the_schema_and_the_oracle_beats_sft(ti
         ["--threads", "-2"],
         ["--seeds", "0"],
         ["--first-seed", "995", "--seeds", "10"],
+        ["--rho-factor", "1"],
         ["--methods", "vanilla_rm,bilevel,bilevel_swapped"],  # a §5.4 diagnostic without --outer-data own
         ["--seeds", "1.5"],
         ["--beta", "-1"],
