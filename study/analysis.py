@@ -137,10 +137,11 @@ def main(argv=None) -> int:
     analysis = analyse(folder, summary.read_preregistration())
     (folder / "analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
     print(tables.analysis_markdown(analysis), end="")
-    (folder / "claims.md").write_text(tables.claims_table(folder, analysis))
+    claims = tables.claims_table(folder, analysis)
+    (folder / "claims.md").write_text(claims)
     print(f"wrote {folder / 'analysis.json'} and {folder / 'claims.md'} (the README's claims table)")
     if docs:  # the generated tables into README.md and the report (study/test_layout.py checks they are there)
-        generated = {"claims": tables.claims_table(folder, analysis), **tables.report_tables(folder, analysis)}
+        generated = {"claims": claims, **tables.report_tables(folder, analysis)}
         for path in (ROOT / "README.md", ROOT / tables.REPORT):
             path.write_text(tables.fill(path.read_text(), generated))
             print(f"filled the generated tables of {path}")

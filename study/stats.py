@@ -145,8 +145,7 @@ def decide(diffs: list, delta: float, alpha: float, power: float, min_seeds: int
     out = {**iv, "delta": delta, "verdict": rule}
     if iv["ci95"] is None:
         return {**out, "benefit_excluded": None, "mde80": None}
-    n, m = iv["n_seeds"], iv["mean"]
-    se = math.sqrt(sum((x - m) ** 2 for x in diffs if x is not None) / (n - 1) / n)
+    n, se = iv["n_seeds"], standard_error(diffs)
     hi = iv["ci95"][1] if direction > 0 else -iv["ci95"][0]
     mde = (t_quantile(n - 1, 1 - alpha / 2) + t_quantile(n - 1, power)) * se
     return {**out, "benefit_excluded": hi < delta, "mde80": mde}

@@ -39,6 +39,11 @@ PAIRED_ROWS = (  # the report's paired table: comparison -> what it isolates
 )
 
 
+def markdown(header: str, rows: list) -> str:
+    """A markdown table: the header line, its separator (one column per cell of the header), the rows."""
+    return "\n".join([header, "|" + "---|" * (header.count("|") - 1), *rows]) + "\n"
+
+
 def acted(widening: dict) -> str:
     """MetaRM's mechanism in words (METHOD.md §5.3): acted iff the interval is above 0; without a delta, an interval
     that is not reads "did not act detectably", and one below 0 says that the ascent narrowed the differences."""
@@ -83,11 +88,11 @@ def claims_table(folder: Path, analysis: dict) -> str:
     run)."""
     confirm = load(folder, "confirmatory")
     own, steps100, main = load(folder, "bilevel_own_data"), load(folder, "metarm_steps100"), load(folder, "main")
-    rows = [
+    header = (
         "| the paper's claim | measured: method − control [95 % CI] | verdict | pooled, worlds 0–2, every seed "
-        "(random effects) | more |",
-        "|---|---|---|---|---|",
-    ]
+        "(random effects) | more |"
+    )
+    rows = []
     for claim, comparison in PRIMARY_CLAIMS:
         c, pool = analysis["confirmatory"][comparison], analysis["pooled"][comparison]
         re = pool["random_effects"]
@@ -145,20 +150,18 @@ def claims_table(folder: Path, analysis: dict) -> str:
         "| a baseline: DPO, tuned on dev like the methods (world 0, seeds 0–9) | dpo − sft: "
         f"{num(judged['mean'])} {ci(judged['ci95'])} | {judged['verdict']} | | {CONTROLS} |"
     )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 # ==== The report's tables of one run =================================================================================
 def methods_table(results: dict) -> str:
     """Per method: gold reward, win rate against pi_ref, RM accuracy on the held-out pairs, KL, with intervals."""
-    rows = [
-        "| method | gold reward | win rate vs π_ref | RM accuracy (held-out pairs) | KL(π‖π_ref) |",
-        "|---|---|---|---|---|",
-    ]
+    header = "| method | gold reward | win rate vs π_ref | RM accuracy (held-out pairs) | KL(π‖π_ref) |"
+    rows = []
     for m, r in results["methods"].items():
         win, kl = f"{r['win_rate']['mean']:.3f}", f"{r['kl']['mean']:.2f}"
         rows.append(f"| {m} | {plain(r['gold_reward'])} | {win} | {plain(r['rm_accuracy'])} | {kl} |")
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 OWN_DATA_ROWS = (  # the bilevel positive control's held-out table (METHOD.md §5.2)
@@ -179,10 +182,8 @@ def paired_table(results: dict, which=PAIRED_ROWS) -> str:
     """The paired differences in gold reward: mean, interval, seeds > 0, verdict, benefit excluded, MDE; with
     MetaRM's mechanism (its RM's accuracy on its shifted samples) where the run has it and `which` is not the main
     table's."""
-    rows = [
-        "| comparison | mean | 95 % CI | seeds > 0 | verdict | benefit ≥ δ excluded | MDE (80 %) |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    header = "| comparison | mean | 95 % CI | seeds > 0 | verdict | benefit ≥ δ excluded | MDE (80 %) |"
+    rows = []
     judged = dict(results["paired"])
     if which is STEPS100_ROWS:
         mechanism = next(iter(results["paired_rm_accuracy"].values()))
@@ -200,14 +201,15 @@ def paired_table(results: dict, which=PAIRED_ROWS) -> str:
             f"| {label} | {num(p['mean'])} | {ci(p['ci95'])} | {p['wins']}/{p['n_seeds']} | {verdict} | {excluded} "
             f"| {mde} |"
         )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def trends_table(results: dict) -> str:
     """The papers' trends at the figures' seeds: Jia's matched KL, MetaRM's rounds (gold, RM accuracy), the outer
     stationarity at the last measured step per beta, and the hypergradient's error per solver."""
     figures = results["figures"]
-    rows = ["| the paper's trend | measured | verdict | MDE |", "|---|---|---|---|"]
+    header = "| the paper's trend | measured | verdict | MDE |"
+    rows = []
     kl = figures["frontier"]["matched_kl"]
     rows.append(
         "| Jia: more gold reward at matched KL (fig. 2) | bilevel − vanilla_rm at the vanilla RM's KL (β = 0.5): "
@@ -232,25 +234,27 @@ def trends_table(results: dict) -> str:
         f"{'every interval below 1' if below else 'not every interval below 1'} (no δ: not a paired comparison) | |"
     )
     curves = figures["hypergradient_error"]["curves"]
-    shown = "; ".join(
-        f"{solver} " + " → ".join(f"{r['error']:.0e} ({r['hvps']})" for r in rows_) for solver, rows_ in curves.items()
-    )
+    solvers = []
+    for solver, points in curves.items():
+        solvers.append(f"{solver} " + " → ".join(f"{point['error']:.0e} ({point['hvps']})" for point in points))
+    shown = "; ".join(solvers)
     rows.append(
         f"| hypergradient error → 0 as solver iterations grow (fig. 3) | relative error (HVPs): {shown} | shown (one "
         "problem, no seeds) | |"
     )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def accuracy_table(results: dict) -> str:
     """The hypergradient training used against its float64 reference, per checked outer step."""
-    rows = ["| outer step | checks | cosine: min, median | relative error: median, max |", "|---|---|---|---|"]
+    header = "| outer step | checks | cosine: min, median | relative error: median, max |"
+    rows = []
     for step, s in results["hypergradient_accuracy"]["by_step"].items():
         rows.append(
             f"| {step} | {s['n']} | {s['cosine_min']:.3f}, {s['cosine_median']:.4f} | "
             f"{s['rel_error_median']:.3f}, {s['rel_error_max']:.3f} |"
         )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 PREMISE_ROWS = (
@@ -272,11 +276,12 @@ PREMISE_ROWS = (
 
 def premises_table(results: dict) -> str:
     """The premises, measured with the vanilla RM (rows present in the run only)."""
-    rows = ["| measurement (vanilla RM) | held-out |", "|---|---|"]
+    header = "| measurement (vanilla RM) | held-out |"
+    rows = []
     for key, label in PREMISE_ROWS:
         if key in results["premises"]:
             rows.append(f"| {label} | {plain(results['premises'][key])} |")
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def headroom_table(results: dict, primary: list) -> str:
@@ -287,9 +292,8 @@ def headroom_table(results: dict, primary: list) -> str:
     halves = [(paired[c]["ci95"][1] - paired[c]["ci95"][0]) / 2 for c in primary]
     head = paired["in_domain_rm - vanilla_rm"]
     ratio, low = head["mean"] / max(halves), head["ci95"][0] / max(halves)
+    header = "| | held-out (10 seeds) |"
     rows = [
-        "| | held-out (10 seeds) |",
-        "|---|---|",
         f"| oracle − vanilla_rm | {num(paired['oracle - vanilla_rm']['mean'])} "
         f"{ci(paired['oracle - vanilla_rm']['ci95'])} |",
         f"| in_domain_rm − vanilla_rm (reachable headroom) | {num(head['mean'])} {ci(head['ci95'])} |",
@@ -299,7 +303,7 @@ def headroom_table(results: dict, primary: list) -> str:
         f"| headroom / widest half-width (3 required) | **{ratio:.2f}: {'met' if ratio >= 3 else 'not met'}** |",
         f"| the same with the headroom's lower 95 % end | {low:.2f}: {'met' if low >= 3 else 'not met'} |",
     ]
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def dpo_table(results: dict) -> str:
@@ -307,27 +311,27 @@ def dpo_table(results: dict) -> str:
     the chosen and rejected training responses at the end of training, and the unseen mass over pi_ref's."""
     dpo, paired, end = results["methods"]["dpo"], results["paired"]["dpo - sft"], results["dpo_training"]
     end = end["end_all_training_pairs"]
+    header = (
+        "| DPO | gold reward | dpo − sft | KL | Δ chosen at the end | Δ rejected at the end | unseen mass, dpo − sft |"
+    )
     rows = [
-        "| DPO | gold reward | dpo − sft | KL | Δ chosen at the end | Δ rejected at the end | unseen mass, dpo − sft "
-        "|",
-        "|---|---|---|---|---|---|---|",
         f"| tuned (Adam 1e-3) | {plain(dpo['gold_reward'])} | {num(paired['mean'])} {ci(paired['ci95'])}, "
         f"**{paired['verdict']}** | {dpo['kl']['mean']:.2f} | {plain(end['delta_chosen'], 2)} | "
         f"{plain(end['delta_rejected'], 2)} | {num(results['unseen_mass_dpo_minus_sft']['mean'])} "
         f"{ci(results['unseen_mass_dpo_minus_sft']['ci95'])} |",
     ]
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def world_premises_table(folder: Path, primary: list) -> str:
     """Premises and ceilings per world's held-out run (vanilla RM): the headroom, the oracle's, the widest half-width
     of the primary comparisons and the ratio, and the vanilla RM's accuracies."""
     runs = {"0 (seeds 0–9)": "main", "0 (seeds 10–19)": "confirmatory", "1": "world_1", "2": "world_2"}
-    rows = [
+    header = (
         "| world | held-out headroom (in_domain_rm − vanilla_rm) | oracle − vanilla_rm | widest half-width; ratio | "
-        "vanilla RM accuracy: behaviour pairs, π_ref's samples, adapted policy's samples |",
-        "|---|---|---|---|---|",
-    ]
+        "vanilla RM accuracy: behaviour pairs, π_ref's samples, adapted policy's samples |"
+    )
+    rows = []
     for world, run in runs.items():
         results = load(folder, run)
         paired, prem = results["paired"], results["premises"]
@@ -340,13 +344,14 @@ def world_premises_table(folder: Path, primary: list) -> str:
             f"| {world} | {num(head['mean'])} {ci(head['ci95'])} | {num(paired['oracle - vanilla_rm']['mean'])} | "
             f"{widest:.3f}; {head['mean'] / widest:.2f} | {accuracies} |"
         )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def drop_split_table(results: dict) -> str:
     """The vanilla RM's accuracy drop split into the margin mix and the ranking at equal margin, both orders."""
     split = results["premises"]["accuracy_drop_split"]
-    rows = ["| the accuracy drop (adapted − π_ref's samples), binned | mean [95 % CI] |", "|---|---|"]
+    header = "| the accuracy drop (adapted − π_ref's samples), binned | mean [95 % CI] |"
+    rows = []
     labels = {
         "total": "total",
         "mix_first.mix": "mix first: the margin mix",
@@ -356,7 +361,7 @@ def drop_split_table(results: dict) -> str:
     }
     for key, label in labels.items():
         rows.append(f"| {label} | {num(split[key]['mean'])} {ci(split[key]['ci95'])} |")
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def worlds_table(folder: Path, analysis: dict) -> str:
@@ -369,24 +374,24 @@ def worlds_table(folder: Path, analysis: dict) -> str:
         "world 2": "world_2",
     }
     loaded = {label: load(folder, run) for label, run in runs.items()}
-    rows = ["| comparison | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    header, rows = "| comparison | " + " | ".join(runs) + " |", []
     for comparison in analysis["pooled"]:
         cells = []
         for results in loaded.values():
             p = results["paired"][comparison]
             cells.append(f"{num(p['mean'])} {ci(p['ci95'])} {p['verdict']}")
         rows.append(f"| {name(comparison)} | {' | '.join(cells)} |")
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def confirmatory_table(analysis: dict) -> str:
     """The confirmatory run's primary comparisons: the registered verdict, the Bonferroni interval, the Holm-adjusted
     p-values and verdict, the verdict at each sensitivity delta, and the chance "absent" had at the observed SE."""
-    rows = [
+    header = (
         "| comparison | mean [95 % CI] | 99 % CI (Bonferroni, 5) | Holm-adjusted p: > 0, < 0, TOST | verdict after "
-        "Holm (the confirmatory claim) | unadjusted verdict | at δ = 0.075 / 0.094 / 0.125 | P(absent reachable) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+        "Holm (the confirmatory claim) | unadjusted verdict | at δ = 0.075 / 0.094 / 0.125 | P(absent reachable) |"
+    )
+    rows = []
     for comparison, c in analysis["confirmatory"].items():
         holm = ", ".join(f"{c['p_holm'][k]:.3f}" for k in ("p_greater", "p_less", "p_tost"))
         rows.append(
@@ -394,32 +399,32 @@ def confirmatory_table(analysis: dict) -> str:
             f"**{c['verdict_holm']}** | {c['verdict']} | {' / '.join(c['sensitivity'].values())} | "
             f"{c['absent_reachable']:.2f} |"
         )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def post_hoc_table(analysis: dict) -> str:
     """World 0's verdicts at seeds 0-9 (the main table), labelled post hoc, with the same sensitivity."""
-    rows = [
+    header = (
         "| comparison | world 0, seeds 0–9: mean [95 % CI] | verdict (post hoc: δ fixed after these intervals were "
-        "seen) | at δ = 0.075 / 0.094 / 0.125 | P(absent reachable) |",
-        "|---|---|---|---|---|",
-    ]
+        "seen) | at δ = 0.075 / 0.094 / 0.125 | P(absent reachable) |"
+    )
+    rows = []
     for comparison, c in analysis["world_0_post_hoc"].items():
         rows.append(
             f"| {name(comparison)} | {num(c['mean'])} {ci(c['ci95'])} | {c['verdict']} | "
             f"{' / '.join(c['sensitivity'].values())} | {c['absent_reachable']:.2f} |"
         )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def pooled_table(analysis: dict) -> str:
     """Both registered pools over every seed: each world's mean (world 0: 20 seeds), the common effect, the random
     effects (primary), Q with its p-value, I^2, and whether the worlds differ (p(Q) < 0.10)."""
-    rows = [
+    header = (
         "| comparison | world 0 / 1 / 2 (seeds) | common effect (t on Σ(n − 1) df) | random effects (Hartung–Knapp "
-        "truncated, t on W − 1 df): primary | untruncated | Q (p), I² | worlds differ |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        "truncated, t on W − 1 df): primary | untruncated | Q (p), I² | worlds differ |"
+    )
+    rows = []
     for comparison, p in analysis["pooled"].items():
         worlds = " / ".join(f"{num(w['mean'])} ({w['n_seeds']})" for w in p["per_world"].values())
         ce, re = p["common_effect"], p["random_effects"]
@@ -431,7 +436,7 @@ def pooled_table(analysis: dict) -> str:
             f"{num(re['mean'])} {ci(re['ci95'])} **{re['verdict']}** ({re['df']} df) | {ci(re['ci95_untruncated'])} | "
             f"{re['Q']:.2f} ({re['Q_p']:.2f}), {re['I2']:.2f} | {'yes' if p['worlds_differ'] else 'no'} |"
         )
-    return "\n".join(rows) + "\n"
+    return markdown(header, rows)
 
 
 def analysis_markdown(analysis: dict) -> str:

@@ -761,7 +761,7 @@ def test_interrupted_run_leaves_earlier_results_and_no_partial_folder(tmp_path, 
     assert not (tmp_path / "out.old").exists()
 
 
-# ==== METHOD.md §5.4: what the hypergradient path carries (issue 31), the measurements by hand =======================
+# ==== METHOD.md §5.4: what the hypergradient path carries (issue 31), the measurements by hand =====================
 def test_s54_sign_agreement_adam_shares_and_ratio_by_hand():
     """Sign agreement over a prompt's candidate pairs with different gold rewards (ties in dF/dr 1/2); each term's
     share of Adam's step from the bias-corrected second moment; the norm ratio and cosine -- all worked out here."""
