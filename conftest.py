@@ -111,7 +111,7 @@ def one_line_error(capsys) -> str:  # the stderr of a refused command: one line,
 ROOT = Path(__file__).parent
 # the modules a document may name as `module.name`: the project's (study: study.<name>), and those that moved into
 # study/, so that a name left behind fails to resolve
-PROJECT_MODULES = ("data", "policy", "bilevel", "metarm", "train", "conftest", "hf", "study")
+PROJECT_MODULES = ("data", "policy", "bilevel", "metarm", "train", "conftest", "hf", "hf_bilevel", "study")
 FORMER_MODULES = ("evaluation", "plots", "cli", "bench")
 DOCUMENTS = ("README.md", "METHOD.md", "study/REPORT.md")
 

@@ -17,6 +17,7 @@ import importlib
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -387,12 +388,13 @@ def test_bad_input_is_one_line_and_keeps_earlier_outputs(files, tmp_path, capsys
 
 
 def test_the_extra_s_documented_names_resolve_and_nothing_imports_it():
-    """Every `hf.name` that README.md and METHOD.md name exists (the core's names: study/test_layout.py); no module
-    of the reference or the study imports hf."""
+    """Every `hf.name` and `hf_bilevel.name` that README.md and METHOD.md name exists (the core's names:
+    study/test_layout.py); no module of the reference or the study imports hf or hf_bilevel."""
     from conftest import ROOT, documented_names, resolve
 
-    names = [n for n in documented_names() if n.startswith("hf.")]
+    names = [n for n in documented_names() if n.split(".")[0] in ("hf", "hf_bilevel")]
     assert all(resolve(n) for n in names), [n for n in names if not resolve(n)]
+    extra = ("hf.py", "test_hf.py", "hf_bilevel.py", "test_hf_bilevel.py")
     for path in list(ROOT.glob("*.py")) + list((ROOT / "study").glob("*.py")):
-        if path.name not in ("hf.py", "test_hf.py"):
-            assert "import hf" not in path.read_text(), path
+        if path.name not in extra:
+            assert not re.search(r"^\s*(import|from) hf(_bilevel)?\b", path.read_text(), re.M), path

@@ -1,0 +1,459 @@
+"""Tests of hf_bilevel.py, the optional Hugging Face extra's bilevel reward model: Eqs. (4)-(8) of METHOD.md with
+theta = the policy's LoRA-FA adapters.
+
+Skipped as a whole, with the reason, when the extra is not installed (pip install -r requirements-hf.txt).
+Truths, in float64 on tiny Llamas built from config (nothing is downloaded); Llama's float32 casts in RMSNorm and in
+the eager softmax are patched to keep float64 (`float64_llama`), or float64 checks could not reach their tolerances:
+    test_theta_exposure_b0_is_the_base_and_b_merges_by_hand    B = 0: the base model's log-probabilities exactly;
+                                                               random B: those of W + (alpha/r) B A merged by hand
+    test_hvp_against_central_differences_and_symmetric         H v against differences of grad_theta g; u'Hv = v'Hu
+    test_hypergradient_against_central_differences_of_F         Eq. (8) and lam L_BT against float64 differences of
+                                                               F along three directions, F by a Newton-solved (6)
+    test_reduction_to_the_toy                                  the toy GPT behind a thin wrapper, theta = its head:
+                                                               metarm.hypergradient's and metarm.calibrate's numbers
+    test_sampler_cache_seed_eos_and_distribution               cached log-probabilities == a full forward; the same
+                                                               seed, the same candidates; eos kept and last; the
+                                                               first token's frequencies == softmax (chi-square)
+    test_two_tokenizers_each_model_reads_its_own               the reward model reads the same text in its own ids
+Refusals: test_models_unsafe_for_second_order_are_refused, test_bad_input_is_one_line_and_writes_nothing;
+test_command_smoke (a smoke test, not a truth).
+"""
+
+import copy
+import importlib
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import bilevel
+import data
+import metarm
+import policy
+
+REASON = "the optional Hugging Face extra is not installed: pip install -r requirements.txt -r requirements-hf.txt"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+transformers = pytest.importorskip("transformers", reason=REASON)
+pytest.importorskip("peft", reason=REASON)
+pytest.importorskip("trl", reason=REASON)
+hf = importlib.import_module("hf")
+hfb = importlib.import_module("hf_bilevel")
+llama = importlib.import_module("transformers.models.llama.modeling_llama")
+BadInput = hfb.BadInput
+
+
+# ---- float64 Llamas ------------------------------------------------------------------------------------------
+def rms_norm_float64(self, hidden_states):
+    """LlamaRMSNorm.forward without its cast to float32."""
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def eager_attention_float64(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """modeling_llama.eager_attention_forward with its softmax in the inputs' dtype (no float32 cast)."""
+    key = llama.repeat_kv(key, module.num_key_value_groups)
+    value = llama.repeat_kv(value, module.num_key_value_groups)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+@pytest.fixture(autouse=True)
+def float64_llama(monkeypatch):
+    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", rms_norm_float64)
+    monkeypatch.setattr(llama, "eager_attention_forward", eager_attention_float64)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return data.World()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world):
+    return hf.toy_tokenizer(world)
+
+
+def pair_records(world, domains=("taxi", "pizzeria"), n=6) -> dict:
+    """read_domains's dict for n labelled pairs of each domain, as train.py writes them."""
+    out = {}
+    for d in domains:
+        pairs = []
+        for p in world.pairs[d][:n]:
+            x = world.decode(p.prompt)
+            pairs.append(
+                {"prompt": x, "chosen": " " + world.decode(p.chosen), "rejected": " " + world.decode(p.rejected)}
+            )
+        out[d] = {"pairs": pairs, "prompts": list(dict.fromkeys(p["prompt"] for p in pairs))}
+    return out
+
+
+TINY = metarm.BilevelConfig(K=3, prompts_per_domain=2, pairs_per_domain=4, T=5, max_new_tokens=4, lam=0.3)
+
+
+def tiny_setup(world, tokenizer, rank=2, seed=0):
+    """(policy with LoRA-FA, theta_ref, reward model, one domain's problem): 16-wide one-layer float64 Llamas."""
+    lm, rm, _ = hfb.toy_models(16, 1, seed, torch.float64)
+    lm, theta_ref = hfb.with_lora_fa(lm, hfb.LoraFA(rank=rank, alpha=2.0 * rank, seed=seed))
+    encoder = hfb.Encoder(lm, tokenizer, rm, tokenizer, pair_records(world), theta_ref)
+    prob = encoder.problem("taxi", TINY, policy.generator(seed))
+    return lm, theta_ref, rm, prob, encoder
+
+
+@torch.no_grad()
+def shift(params: dict, u: dict, eps: float):
+    """params += eps u, in place."""
+    for n, p in params.items():
+        p.add_(eps * u[n])
+
+
+def random_like(params: dict, seed: int, scale: float = 1.0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: scale * torch.randn(p.shape, generator=gen, dtype=p.dtype) for n, p in params.items()}
+
+
+# ---- truths --------------------------------------------------------------------------------------------------
+def test_theta_exposure_b0_is_the_base_and_b_merges_by_hand(world, tokenizer):
+    """theta = the adapters' B: at B = 0 the policy's log-probabilities are the base model's, bit for bit; at a
+    random B they are those of the base model with W + (alpha / r) B A written into its weights by hand."""
+    lm, _, _ = hfb.toy_models(16, 1, 0, torch.float64)
+    base = copy.deepcopy(lm)
+    lora = hfb.LoraFA(rank=2, alpha=3.0, target_modules=("q_proj", "v_proj"), seed=0)
+    lm, theta_ref = hfb.with_lora_fa(lm, lora)
+    pairs = pair_records(world)["taxi"]["pairs"]
+    prompts = [tokenizer(text=p["prompt"])["input_ids"] for p in pairs]
+    batch = hfb.policy_batch(lm, prompts, [hfb.response_ids(tokenizer, p["chosen"]) for p in pairs], 0, theta_ref)
+    plain = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(
+        hfb.logprob(lm, theta_ref, batch), policy.sequence_logprob(plain, batch["input_ids"], batch["mask"])
+    )
+
+    theta = random_like(theta_ref, 1)
+    merged = copy.deepcopy(base)
+    weights = dict(lm.named_parameters())
+    with torch.no_grad():
+        for name, B in theta.items():
+            module = name.removeprefix("base_model.model.").removesuffix(".lora_B.default.weight")
+            A = weights[name.replace(".lora_B.", ".lora_A.")]
+            merged.get_parameter(module + ".weight").add_((lora.alpha / lora.rank) * B @ A)
+    logits = merged(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = policy.sequence_logprob(logits, batch["input_ids"], batch["mask"])
+    torch.testing.assert_close(hfb.logprob(lm, theta, batch), expected, rtol=1e-12, atol=1e-12)
+    assert len(theta) == 2 and (hfb.logprob(lm, theta, batch) - expected).abs().max() < 1e-12
+    assert not torch.allclose(expected, hfb.logprob(lm, theta_ref, batch))  # B moves the policy
+
+
+def test_hvp_against_central_differences_and_symmetric(world, tokenizer):
+    """H v of g (Eq. (5)) by double backward == (grad g(theta + eps v) - grad g(theta - eps v)) / 2 eps in float64,
+    and u'Hv = v'Hu, at a random theta with random rewards."""
+    lm, theta_ref, _, prob, _ = tiny_setup(world, tokenizer)
+    cfg = metarm.BilevelConfig(**{**TINY.__dict__, "rho": 0.1})
+    g, _ = hfb.level_functions(lm, prob, cfg, theta_ref)
+    r = {
+        "r": torch.randn(
+            TINY.prompts_per_domain, TINY.K, generator=torch.Generator().manual_seed(2), dtype=torch.float64
+        )
+    }
+    theta, v, u = random_like(theta_ref, 3, 0.3), random_like(theta_ref, 4), random_like(theta_ref, 5)
+
+    def grad_at(t):
+        leaves = {n: x.detach().requires_grad_(True) for n, x in t.items()}
+        return dict(zip(leaves, torch.autograd.grad(g(leaves, r), list(leaves.values()))))
+
+    Hv = bilevel.hvp(lambda th: g(th, r), theta, v)
+    eps = 1e-5
+    plus, minus = grad_at(bilevel.add(theta, v, eps)), grad_at(bilevel.add(theta, v, -eps))
+    for n in theta:
+        torch.testing.assert_close(Hv[n], (plus[n] - minus[n]) / (2 * eps), rtol=1e-6, atol=1e-9)
+    Hu = bilevel.hvp(lambda th: g(th, r), theta, u)
+    assert abs(bilevel.dot(u, Hv).item() - bilevel.dot(v, Hu).item()) < 1e-12 * bilevel.norm(Hv) * bilevel.norm(u)
+
+
+def test_hypergradient_against_central_differences_of_F(world, tokenizer):
+    """grad_phi F (Eqs. (7)(8): hf_bilevel.outer_gradient, CG to 1e-12 at a Newton-solved theta*) along three
+    random directions u of phi (every reward-model parameter) == (F(phi + eps u) - F(phi - eps u)) / 2 eps, each F
+    = L_DPO(theta*(phi)) + lam L_BT(phi) with theta*(phi) solved by Newton (bilevel.newton_solve) to 1e-12."""
+    lm, theta_ref, rm, prob, encoder = tiny_setup(world, tokenizer, rank=1)
+    # rho = 2, well above -lambda_min (about 0.4 here), so that pure Newton converges from theta_ref
+    cfg = metarm.BilevelConfig(**{**TINY.__dict__, "rho": 2.0, "inner_lr": 0.3, "cg_iters": 200, "cg_tol": 1e-12})
+    lam_pairs = encoder.lam_pairs(cfg, policy.generator(7))
+    g, f = hfb.level_functions(lm, prob, cfg, theta_ref)
+    phi = {n: p for n, p in rm.named_parameters()}
+
+    def solve():
+        r = hfb.candidate_rewards(rm, prob, cfg.K).detach()
+        return bilevel.newton_solve(g, theta_ref, {"r": r}, tol=1e-12)[0], r
+
+    def F():
+        with torch.no_grad():
+            bt = metarm.bt_loss(hfb.reward(rm, lam_pairs[0]), hfb.reward(rm, lam_pairs[1]))[0]
+        theta_star, r = solve()
+        return f(theta_star, {"r": r}).item() + cfg.lam * bt.item()
+
+    warm = {"taxi": solve()[0]}
+    grads, F0, _ = hfb.outer_gradient(lm, rm, phi, {"taxi": prob}, lam_pairs, cfg, theta_ref, 1, warm)
+    assert abs(F0 - F()) < 1e-10
+    eps = 1e-5
+    for seed in (11, 12, 13):
+        u = random_like(phi, seed)
+        u = bilevel.scale(1 / bilevel.norm(u), u)  # a unit direction
+        shift(phi, u, eps)
+        F_plus = F()  # outside no_grad: the Newton solve differentiates g
+        shift(phi, u, -2 * eps)
+        F_minus = F()
+        shift(phi, u, eps)
+        fd = (F_plus - F_minus) / (2 * eps)
+        analytic = sum((gr * u[n]).sum().item() for gr, n in zip(grads, phi))
+        assert abs(analytic - fd) <= 1e-6 * abs(fd), (analytic, fd)  # measured: about 3e-8
+
+
+class ToyPolicy(nn.Module):
+    """The toy GPT as a Hugging Face causal LM would be called: forward(input_ids, ...) -> an object with logits."""
+
+    def __init__(self, gpt):
+        super().__init__()
+        self.gpt = gpt
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False):
+        return SimpleNamespace(logits=self.gpt(input_ids)[0])
+
+
+class ToyRewardModel(nn.Module):
+    """The toy reward model as a sequence classifier would be called. The toy RM sums over the response tokens,
+    which a classifier does not know: the batch's attention_mask carries the response mask here."""
+
+    def __init__(self, gpt, rm):
+        super().__init__()
+        self.gpt, self.rm = gpt, rm
+
+    def forward(self, input_ids, attention_mask, use_cache=False):
+        return SimpleNamespace(logits=self.rm(self.gpt.features(input_ids)[1], attention_mask)[:, None])
+
+
+def test_reduction_to_the_toy(world):
+    """The toy GPT behind ToyPolicy with theta = its head, the toy reward model behind ToyRewardModel: hf_bilevel's
+    hypergradient (dF/dr, r, theta*, F) and calibrate (rho, the inner step, lambda_min, lambda_max) give
+    metarm.hypergradient's and metarm.calibrate's numbers to 1e-12 on the toy's own problem."""
+    torch.manual_seed(0)
+    gpt = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab), n_embd=32)).double().eval().requires_grad_(False)
+    rm, phi = policy.make_reward_model(gpt, policy.generator(1))
+    d = data.TRAIN_DOMAINS[0]
+    prompts = torch.tensor(world.prompts[d])
+    cfg = metarm.BilevelConfig(K=3, prompts_per_domain=2, pairs_per_domain=4, T=5, max_new_tokens=4)
+    toy = metarm.draw_problem(gpt, prompts, policy.encode_pairs(gpt, world.pairs[d][:8]), cfg, policy.generator(2))
+    toy["cand"] = policy.encode(gpt, toy["cand"]["idx"], toy["cand"]["mask"])  # features by a full forward
+    theta_ref = policy.adapted_params(gpt, "head")
+
+    wrapped_rm = ToyRewardModel(gpt, copy.deepcopy(rm))
+    with torch.no_grad():
+        for n, p in phi.items():
+            wrapped_rm.rm.get_parameter(n).copy_(p)
+    wrapped_rm.rm.requires_grad_(True)
+
+    def as_hf(batch):
+        return {
+            "input_ids": batch["idx"],
+            "attention_mask": batch["mask"],
+            "mask": batch["mask"],
+            "logp_ref": batch["logp_ref"],
+        }
+
+    prob = {"cand": as_hf(toy["cand"]), "chosen": as_hf(toy["chosen"]), "rejected": as_hf(toy["rejected"])}
+    prob["cand_rm"] = {"input_ids": toy["cand"]["idx"], "attention_mask": toy["cand"]["mask"]}
+    hf_theta_ref = {"gpt." + n: p.detach() for n, p in theta_ref.items()}
+
+    toy_cfg, hf_cfg = copy.copy(cfg), copy.copy(cfg)
+    expected = metarm.calibrate(gpt, rm, phi, {d: toy}, toy_cfg, theta_ref)
+    got = hfb.calibrate(ToyPolicy(gpt), wrapped_rm, {d: prob}, hf_cfg, hf_theta_ref)
+    for key in ("lambda_min", "lambda_max", "rho", "inner_lr"):
+        assert abs(got[key] - expected[key]) <= 1e-12 * max(1.0, abs(expected[key])), key
+
+    dF_dr, r, info = metarm.hypergradient(gpt, rm, phi, toy, toy_cfg, theta_ref)
+    hf_dF_dr, hf_r, hf_info = hfb.hypergradient(ToyPolicy(gpt), wrapped_rm, prob, hf_cfg, hf_theta_ref)
+    torch.testing.assert_close(hf_r, r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(hf_dF_dr, dF_dr, rtol=1e-12, atol=1e-12)
+    assert abs(hf_info["F"] - info["F"]) < 1e-12
+    for n, t in info["theta"].items():
+        torch.testing.assert_close(hf_info["theta"]["gpt." + n], t, rtol=1e-12, atol=1e-12)
+    toy_phi_grad = torch.autograd.grad((r * dF_dr).sum(), list(phi.values()))
+    hf_phi = [wrapped_rm.rm.get_parameter(n) for n in phi]
+    for a, b in zip(torch.autograd.grad((hf_r * hf_dF_dr).sum(), hf_phi), toy_phi_grad):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_sampler_cache_seed_eos_and_distribution():
+    """On a tiny Llama over 5 tokens (eos = 1, so that responses stop): the log-probabilities summed from the
+    sampler's cached logits == a full forward of prompt + response (1e-12); the same seed gives the same
+    candidates, another seed others; each response keeps its eos as its last token and has no other; the first
+    token's frequencies over 20,000 draws match the model's softmax (temperature 1, no top-k / top-p: chi-square)."""
+    config = transformers.LlamaConfig(
+        vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=32, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    lm = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    prompts = [[0, 2, 3], [4, 2]]
+    responses, logps = hfb.sample(lm, prompts, 6, 8, 1, policy.generator(0))
+    assert responses == hfb.sample(lm, prompts, 6, 8, 1, policy.generator(0))[0]
+    assert responses != hfb.sample(lm, prompts, 6, 8, 1, policy.generator(1))[0]
+    assert all(1 <= len(y) <= 8 and 1 not in y[:-1] for y in responses)
+    assert any(y[-1] == 1 and len(y) < 8 for y in responses) and any(1 not in y for y in responses)
+    repeated = [x for x in prompts for _ in range(6)]
+    batch = hfb.policy_batch(lm, repeated, responses, 0, {})
+    torch.testing.assert_close(logps, batch["logp_ref"], rtol=1e-12, atol=1e-12)
+
+    n = 20000
+    first, _ = hfb.sample(lm, [prompts[0]], n, 1, 1, policy.generator(3))
+    counts = torch.bincount(torch.tensor([y[0] for y in first]), minlength=5).double()
+    probs = torch.softmax(lm(input_ids=torch.tensor([prompts[0]])).logits[0, -1], -1).detach()
+    chi2 = ((counts - n * probs) ** 2 / (n * probs)).sum().item()
+    assert chi2 < 18.5, (chi2, counts / n, probs)  # the 0.999 quantile of chi-square with 4 df
+
+
+def test_two_tokenizers_each_model_reads_its_own(world, tokenizer):
+    """A reward model with its own tokenizer (the toy vocabulary in reverse order): the candidates and the lam
+    pairs reach it as its own tokenizer's ids of the same text the policy's ids spell (prompt + response + eos)."""
+    vocab = {w: i for i, w in enumerate(reversed(world.vocab + [hf.UNK]))}
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=hf.UNK))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    rm_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=data.BOS, eos_token=data.EOS, pad_token=data.PAD, unk_token=hf.UNK
+    )
+    lm, rm, _ = hfb.toy_models(16, 1, 0, torch.float64)
+    rm.config.pad_token_id = rm_tokenizer.pad_token_id
+    lm, theta_ref = hfb.with_lora_fa(lm, hfb.LoraFA(rank=2, seed=0))
+    encoder = hfb.Encoder(lm, tokenizer, rm, rm_tokenizer, pair_records(world), theta_ref)
+    prob = encoder.problem("taxi", TINY, policy.generator(0))
+    specials = set(tokenizer.all_special_tokens) - {data.EOS}
+    for i, (ids, attention) in enumerate(zip(prob["cand"]["input_ids"], prob["cand"]["attention_mask"])):
+        words = tokenizer.convert_ids_to_tokens(ids[attention.bool()].tolist())
+        prompt_len = int((attention - prob["cand"]["mask"][i]).sum())
+        response = [w for w in words[prompt_len:] if w not in specials]
+        expected = words[:prompt_len] + response + ([] if response[-1:] == [data.EOS] else [data.EOS])
+        rm_ids = prob["cand_rm"]["input_ids"][i][prob["cand_rm"]["attention_mask"][i].bool()].tolist()
+        assert rm_tokenizer.convert_ids_to_tokens(rm_ids) == expected
+        assert rm_ids != ids[attention.bool()].tolist()
+    chosen, _ = encoder.lam_pairs(TINY, policy.generator(1))
+    for ids, attention in zip(chosen["input_ids"], chosen["attention_mask"]):
+        assert ids[attention.bool()].tolist()[-1] == rm_tokenizer.eos_token_id
+
+
+# ---- refusals and the command ---------------------------------------------------------------------------------
+def test_models_unsafe_for_second_order_are_refused(world, tokenizer):
+    """A policy or reward model with fused (sdpa) attention, activation checkpointing or dropout, and a policy in
+    half precision, are refused by train in one BadInput line before anything runs; a LoRA target that names no
+    linear layer too. The reward model gets the same checks, but a bfloat16 one passes (the policy's HVPs and CG
+    need float32 or float64; the reward model is differentiated once)."""
+    domains = pair_records(world)
+
+    def tiny(**config):
+        torch.manual_seed(0)
+        c = hf.toy_llama_config(tokenizer, 16, 1)
+        for key, value in config.items():
+            setattr(c, key, value)
+        return transformers.AutoModelForCausalLM.from_config(c).eval()
+
+    checkpointed = tiny()
+    checkpointed.gradient_checkpointing_enable()
+    _, rm, _ = hfb.toy_models(16, 1, 0, torch.float32)
+    cases = [
+        ("attention implementation 'sdpa'", transformers.AutoModelForCausalLM.from_config(
+            hf.toy_llama_config(tokenizer, 16, 1), attn_implementation="sdpa")),
+        ("activation checkpointing", checkpointed),
+        ("dropout is on", tiny(attention_dropout=0.1)),
+        ("bfloat16 weights", tiny().to(torch.bfloat16)),
+    ]  # fmt: skip
+    for message, model in cases:
+        with pytest.raises(BadInput, match=message):
+            hfb.train(model, tokenizer, rm, tokenizer, domains, TINY)
+        if message != "bfloat16 weights":  # the reward model gets the same checks but precision's
+            with pytest.raises(BadInput, match=message):
+                hfb.check_second_order(model, "the reward model", is_policy=False)
+    hfb.check_second_order(cases[-1][1], "the reward model", is_policy=False)
+    with pytest.raises(BadInput, match="no linear layer of the policy has that name"):
+        hfb.with_lora_fa(tiny(), hfb.LoraFA(target_modules=("q_proj", "attention")))
+
+
+def run_main(argv: str, capsys):
+    """hf_bilevel.main on a command line (split on spaces): (exit code, stdout, stderr)."""
+    code = hfb.main(argv.split())
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+TINY_COMMAND = "--outer-steps 2 --K 2 --prompts-per-domain 1 --pairs-per-domain 2 --T 2 --max-new-tokens 3 --hidden 8"
+
+
+@pytest.fixture(scope="module")
+def pairs_file(world, tmp_path_factory):
+    """6 labelled pairs of each of two domains as train.py writes them (data.save_pairs_jsonl, with the domain)."""
+    path = tmp_path_factory.mktemp("pairs") / "pairs.jsonl"
+    data.save_pairs_jsonl(world, [p for d in ("taxi", "pizzeria") for p in world.pairs[d][:6]], path)
+    return path
+
+
+def test_command_smoke(pairs_file, tmp_path, capsys):
+    """Smoke test, not a truth: two outer steps on tiny Llamas write a reward model that loads again, its tokenizer
+    and metrics.json with every outer step's F, |grad F|, rho, lambda_min, lambda_max, HVPs and CG residuals, and
+    the step's cost; --rm-lora writes an adapter."""
+    code, out, err = run_main(f"--pairs {pairs_file} --out {tmp_path}/rm {TINY_COMMAND}", capsys)
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert [e["step"] for e in metrics["log"]] == [0, 1] and metrics["domains"] == {"taxi": 6, "pizzeria": 6}
+    for e in metrics["log"]:
+        assert all(math.isfinite(e[k]) for k in ("F", "grad_norm", "rho", "lambda_min", "lambda_max"))
+        assert e["hvps"] > 0 and set(e["cg_residual"]) <= {"taxi", "pizzeria"}
+    assert metrics["cost"]["in_forwards"] > 1 and metrics["cost"]["in_gradients"] > 1
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm")
+    assert rm.config.num_labels == 1 and (tmp_path / "rm" / "tokenizer.json").is_file()
+    code, _, err = run_main(f"--pairs {pairs_file} --out {tmp_path}/lora {TINY_COMMAND} --rm-lora", capsys)
+    assert code == 0, err
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+
+
+def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys):
+    """Pairs without a domain, an empty domain, a prompts file whose domain has no pairs, a missing or malformed
+    file, an unknown word, values out of range, a folder that is not a model: each is one 'hf_bilevel.py: error:'
+    line, exit code 2; an earlier run survives and nothing else is written."""
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "earlier" / "metrics.json").write_text("{}")
+    x = "<bos> <taxi> honestly the driver was"
+    record = {"prompt": x, "chosen": " great . <eos>", "rejected": " awful . <eos>"}
+    (tmp_path / "no_domain.jsonl").write_text(json.dumps(record) + "\n")
+    (tmp_path / "empty.jsonl").write_text(json.dumps({**record, "domain": " "}) + "\n")
+    (tmp_path / "unknown.jsonl").write_text(json.dumps({**record, "chosen": "yummy", "domain": "taxi"}) + "\n")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompt": x, "domain": "bakery"}) + "\n")
+    (tmp_path / "broken.jsonl").write_text('{"prompt": "x", "domain": \n')
+    good = f"--pairs {pairs_file} --out {tmp_path}/earlier"
+    cases = [
+        ("missing or mistyped fields ['domain']", f"{good} --pairs {tmp_path}/no_domain.jsonl"),
+        ("has an empty domain", f"{good} --pairs {tmp_path}/empty.jsonl"),
+        ("domain 'bakery' has no pairs", f"{good} --prompts {tmp_path}/prompts.jsonl"),
+        ("cannot be read", f"{good} --pairs {tmp_path}/missing.jsonl"),
+        ("not JSON", f"{good} --prompts {tmp_path}/broken.jsonl"),
+        ("not in the toy world's vocabulary", f"{good} --pairs {tmp_path}/unknown.jsonl --domains-per-step 1"),
+        ("--domains-per-step 3 > the 2 domains", f"{good} --domains-per-step 3"),
+        ("--K must be >= 1", f"{good} --K 1"),
+        ("--rho-factor must be a finite number > 1", f"{good} --rho-factor 1"),
+        ("--lam must be a finite number >= 0", f"{good} --lam nan"),
+        ("--dtype must be float32 or float64", f"{good} --dtype float16"),
+        ("go together", f"{good} --policy {tmp_path}"),
+        ("not a local model folder", f"{good} --policy {tmp_path} --reward-model {tmp_path}"),
+        ("no linear layer of the policy has that name", f"{good} --lora-targets q_proj,attn"),
+        ("--out is required", f"--pairs {pairs_file}"),
+    ]
+    for message, command in cases:
+        code, out, err = run_main(command, capsys)
+        assert code == 2 and err.startswith("hf_bilevel.py: error: ") and err.count("\n") == 1, (message, err)
+        assert message in err, (message, err)
+    assert (tmp_path / "earlier" / "metrics.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["earlier"]
