@@ -151,6 +151,16 @@ def load(path: str, kind, dtype, what: str):
     return without_dropout(model), tokenizer
 
 
+def load_policy(path: str, dtype=torch.float32) -> tuple:
+    """(causal LM, tokenizer) from a local folder, safe for second order (load)."""
+    return load(path, AutoModelForCausalLM, dtype, "a causal LM")
+
+
+def load_reward_model(path: str, dtype=torch.float32) -> tuple:
+    """(sequence classifier with one label, tokenizer) from a local folder, safe for second order (load)."""
+    return load(path, AutoModelForSequenceClassification, dtype, "a reward model")
+
+
 def toy_models(hidden: int, layers: int, seed: int, dtype) -> tuple:
     """(policy, reward model, tokenizer): tiny Llamas over the toy world's vocabulary, one word-level tokenizer
     (hf.toy_tokenizer), eager attention, initialised from seed and seed + 1."""
@@ -493,6 +503,7 @@ def train(
         for step in range(cfg.outer_steps):
             t = time.perf_counter()
             problems, lam_pairs = encoder.draw(cfg, generator, bt_generator)
+            drawn = time.perf_counter() - t  # sampling the candidates and encoding the step's data
             grads, F_value, info = outer_gradient(lm, rm, phi, problems, lam_pairs, cfg, theta_ref, len(domains), warm)
             policy.check_finite(torch.tensor([F_value] + [g.norm() for g in grads]), "F or its hypergradient", step)
             policy.apply_gradient(opt, phi, grads)
@@ -500,13 +511,14 @@ def train(
             entry.update(info, rho=cfg.rho, inner_lr=cfg.inner_lr, lambda_min=None, lambda_max=None)
             if cfg.recalibrate_every and step % cfg.recalibrate_every == 0:
                 entry.update(recheck(lm, rm, problems, warm, cfg, theta_ref))
-            entry["seconds"] = time.perf_counter() - t
+            entry.update(seconds=time.perf_counter() - t, draw_seconds=drawn)
             log.append(entry)
             policy.show(progress, {"F": entry["F"], "grad_norm": entry["grad_norm"]})
         cost = step_cost(lm, problems[next(iter(problems))], cfg, warm[next(iter(problems))], theta_ref)
     outer_seconds = statistics.median(e["seconds"] for e in log)
     cost.update(
         outer_step_seconds=outer_seconds,
+        draw_share=sum(e["draw_seconds"] for e in log) / sum(e["seconds"] for e in log),
         in_forwards=outer_seconds / cost["forward_seconds"],
         in_gradients=outer_seconds / cost["gradient_seconds"],
     )
@@ -586,8 +598,8 @@ def command(a: Args):
     dtype = getattr(torch, a.dtype)
     device = PartialState().device
     if a.policy:
-        lm, lm_tokenizer = load(a.policy, AutoModelForCausalLM, dtype, "a causal LM")
-        rm, rm_tokenizer = load(a.reward_model, AutoModelForSequenceClassification, dtype, "a reward model")
+        lm, lm_tokenizer = load_policy(a.policy, dtype)
+        rm, rm_tokenizer = load_reward_model(a.reward_model, dtype)
     else:
         lm, rm, lm_tokenizer = toy_models(a.hidden, a.layers, a.seed, dtype)
         rm_tokenizer = lm_tokenizer

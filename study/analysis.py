@@ -106,6 +106,83 @@ def pooled(runs: dict, prereg: dict) -> dict:
     return out
 
 
+# METHOD.md §5.4's runs (dev domains, own data): M1's, M2's and M3's, M4's and its settings in the registered order,
+# and M5's three DPO rows; each FOLDER/<name>/results.json where committed
+PATH_RUNS = {"M1": "path_m1", "M2_M3": "path_m2_m3"}
+M4_RUNS = (
+    ("K = 4, 40 steps, rho 1.5 (-lambda_min)", "path_m4"),
+    ("K = 8", "path_m4_k8"),
+    ("80 outer steps (80-step ceiling)", "path_m4_steps80"),
+    ("rho = 1.1 (-lambda_min)", "path_m4_rho11"),
+)
+DPO_CORNER = (
+    ("Adam 1e-3, 25 steps (the grid's choice)", "dpo_corner_chosen"),
+    ("Adam 3e-4, 25 steps", "dpo_corner_lr3e-4"),
+    ("Adam 1e-3, 10 steps", "dpo_corner_steps10"),
+)
+
+
+def judged(run: dict, comparison: str) -> dict:
+    """A run's paired comparison: mean, interval and verdict (no per-seed list)."""
+    entry = run["paired"][comparison]
+    return {"mean": entry["mean"], "ci95": entry["ci95"], "verdict": entry["verdict"], "n_seeds": entry["n_seeds"]}
+
+
+def path_reading(signal: bool, ratio_hi, share_hi, m2: str, m3: str, m4: list) -> str:
+    """METHOD.md §5.4's registered reading from the outcomes: E2 (swamped) iff signal, M2 reproduced and the DPO
+    term below lam L_BT (the ratio's upper end < 1 or the Adam share's < 0.5); E1 or E3 iff no signal, M2 and M3
+    not reproduced and M4 reproduced at one of its settings (m4: their verdicts in order, as run); E4 iff M2 is not
+    reproduced and M4 ran at all four settings, none reproduced; otherwise not decided."""
+    below = (ratio_hi is not None and ratio_hi < 1) or (share_hi is not None and share_hi < 0.5)
+    if signal and m2 == "reproduced" and below:
+        return "E2"
+    if not signal and m2 != "reproduced" and m3 != "reproduced" and "reproduced" in m4:
+        return "E1 or E3"
+    if m2 != "reproduced" and len(m4) == len(M4_RUNS) and "reproduced" not in m4:
+        return "E4"
+    return "not decided"
+
+
+def path(folder: Path) -> dict | None:
+    """METHOD.md §5.4 from its committed runs (None until M1's and M2's are there): M1's signal, M2 (the path
+    alone) beside its ceiling, M3 (true - swapped) and its mean over M2's, M4 at the settings that ran, M5's DPO
+    rows, and the registered reading."""
+    runs = {key: tables.load(folder, name) for key, name in PATH_RUNS.items()}
+    if None in runs.values():
+        return None
+    m1 = runs["M1"]["path_signal"]
+    m2_run = runs["M2_M3"]
+    m2, m3 = judged(m2_run, "bilevel - vanilla_rm"), judged(m2_run, "bilevel - bilevel_swapped")
+    m4 = []
+    for setting, name in M4_RUNS:
+        run = tables.load(folder, name)
+        if run is None:
+            break
+        m4.append({"setting": setting, "run": name, **judged(run, "bilevel_gold - vanilla_rm")})
+    corner = []
+    for row, name in DPO_CORNER:
+        run = tables.load(folder, name)
+        if run is not None:
+            corner.append({"row": row, "run": name, **judged(run, "dpo - sft")})
+    upper = {key: (m1[key]["ci95"] or [None, None])[1] if m1[key] else None for key in ("ratio", "share_dpo")}
+    out = {
+        "M1": m1,
+        "M1_at_lam_0": m2_run["path_signal"]["sign_agreement"],
+        "M2": m2,
+        "M2_ceiling": judged(m2_run, "in_domain_rm - vanilla_rm"),
+        "M3": {**m3, "over_M2": m3["mean"] / m2["mean"] if m2["mean"] else None},
+        "M4": m4,
+        "M5": corner,
+        "M5_inside_grid": None,
+    }
+    if len(corner) == len(DPO_CORNER):
+        out["M5_inside_grid"] = all(row["mean"] <= corner[0]["mean"] for row in corner[1:])
+    out["reading"] = path_reading(
+        m1["signal"], upper["ratio"], upper["share_dpo"], m2["verdict"], m3["verdict"], [e["verdict"] for e in m4]
+    )
+    return out
+
+
 def analyse(folder: Path, prereg: dict) -> dict:
     runs = {
         name: json.loads((folder / name / "results.json").read_text())
@@ -116,6 +193,7 @@ def analyse(folder: Path, prereg: dict) -> dict:
         "world_0_post_hoc": post_hoc(runs["main"], prereg),
         "pooled": pooled(runs, prereg),
         "disclosure": prereg["confirmatory"]["pooled"]["disclosure"],
+        "path": path(folder),
     }
 
 

@@ -439,6 +439,42 @@ def pooled_table(analysis: dict) -> str:
     return markdown(header, rows)
 
 
+def judged_cell(entry: dict) -> str:
+    return f"{num(entry['mean'])} {ci(entry['ci95'])}, **{entry['verdict']}**"
+
+
+def path_table(path: dict) -> str:
+    """METHOD.md §5.4's four measurements on the dev domains (10 seeds each), with the registered criteria."""
+    m1 = path["M1"]
+    signal = "signal" if m1["signal"] else "no signal"
+    rows = [
+        f"| M1(a) sign agreement of −dF/dr with gold (0.5: chance), λ = 0.3 | {plain(m1['sign_agreement'])} | "
+        f"{signal} (lower end above 0.5) |",
+        f"| … the same at λ = 0 (the M2 run; not registered) | {plain(path['M1_at_lam_0'])} | |",
+        f"| M1(b) ‖∇φ DPO term‖ / ‖∇φ λ·L_BT‖ | {plain(m1['ratio'])} | below λ·L_BT iff the upper end < 1 |",
+        f"| M1(b) their cosine | {plain(m1['cosine'])} | |",
+        f"| M1(c) the DPO term's share of Adam's step | {plain(m1['share_dpo'])} | "
+        "below λ·L_BT iff the upper end < 0.5 |",
+        f"| M2 the path alone (λ = 0): bilevel − vanilla_rm | {judged_cell(path['M2'])} | |",
+        f"| … its ceiling: in_domain_rm − vanilla_rm, 40 steps | {judged_cell(path['M2_ceiling'])} | |",
+        f"| M3 true − swapped labels (λ = 0): bilevel − bilevel_swapped | {judged_cell(path['M3'])} | "
+        f"its mean over M2's: {num(path['M3']['over_M2'], 2) if path['M3']['over_M2'] is not None else 'n/a'} "
+        "(signal ≈ 2, noise ≈ 0) |",
+    ]
+    for e in path["M4"]:
+        rows.append(
+            f"| M4 the path given gold (λ = 0), {e['setting']}: bilevel_gold − vanilla_rm | {judged_cell(e)} | |"
+        )
+    rows.append(f"| **reading (METHOD.md §5.4)** | **{path['reading']}** | |")
+    return markdown("| measurement (dev domains, 10 seeds) | value [95 % CI] | registered criterion |", rows)
+
+
+def dpo_corner_table(path: dict) -> str:
+    """M5: DPO's grid past its corner (dev, 3 seeds), each row's dpo − sft."""
+    rows = [f"| {e['row']} | {num(e['mean'])} {ci(e['ci95'])} |" for e in path["M5"]]
+    return markdown("| DPO (β_DPO 0.1), dev, 3 seeds | dpo − sft [95 % CI] |", rows)
+
+
 def analysis_markdown(analysis: dict) -> str:
     """study.analysis's tables, as `python -m study.analysis` prints them."""
     return "\n".join((confirmatory_table(analysis), post_hoc_table(analysis), pooled_table(analysis)))
@@ -455,6 +491,9 @@ def report_tables(folder: Path, analysis: dict) -> dict:
     if steps100:
         controls["steps100 paired"] = paired_table(steps100, STEPS100_ROWS)
         controls["steps100 premises"] = premises_table(steps100)
+    if analysis.get("path"):
+        controls["path"] = path_table(analysis["path"])
+        controls["dpo corner"] = dpo_corner_table(analysis["path"])
     return {
         **controls,
         "main methods": methods_table(main),

@@ -612,3 +612,63 @@ def test_s54_path_signal_pools_pairs_and_averages_steps_by_hand():
     assert out["share_dpo"]["mean"] == pytest.approx((0.3 + 0.3) / 2)
     assert out["signal"] is False  # two seeds: t(1) makes the interval wide
     assert summary.path_signal([other] * 3)["signal"] is True  # no spread: an interval of width 0 at 0.875
+
+
+def test_s54_path_reading_by_the_registered_pattern():
+    """METHOD.md §5.4's readings, case by case: E2 needs signal, M2 reproduced and the DPO term below lam L_BT by
+    either measure; E1 or E3 needs no signal, M2 and M3 not reproduced and M4 reproduced at some setting; E4 needs
+    all four M4 settings run and none reproduced (and M2 not reproduced); anything else is not decided."""
+    from study.analysis import path_reading
+
+    undetermined, four_nulls = "undetermined", ["absent", "undetermined", "undetermined", "absent"]
+    assert path_reading(True, 0.9, 0.8, "reproduced", undetermined, []) == "E2"  # the ratio's upper end < 1
+    assert path_reading(True, 1.2, 0.45, "reproduced", undetermined, []) == "E2"  # the share's upper end < 0.5
+    assert path_reading(True, 1.0, 0.5, "reproduced", undetermined, []) == "not decided"  # both at the bound
+    assert path_reading(False, 0.5, 0.2, "reproduced", undetermined, []) == "not decided"  # no signal
+    assert path_reading(True, None, 1.0, "reproduced", undetermined, []) == "not decided"  # lam = 0: no ratio
+    assert path_reading(False, 2.0, 0.9, "absent", undetermined, [undetermined, "reproduced"]) == "E1 or E3"
+    assert path_reading(False, 2.0, 0.9, "absent", "reproduced", [undetermined, "reproduced"]) == "not decided"
+    assert path_reading(True, 2.0, 0.9, "absent", undetermined, ["reproduced"]) == "not decided"  # signal
+    assert path_reading(True, 2.0, 0.9, undetermined, undetermined, four_nulls) == "E4"
+    assert path_reading(False, 2.0, 0.9, undetermined, undetermined, four_nulls[:3]) == "not decided"
+    assert path_reading(False, 2.0, 0.9, "reproduced", undetermined, four_nulls) == "not decided"
+
+
+def test_s54_path_analysis_of_a_results_folder(tmp_path):
+    """study.analysis.path on written runs: nothing until M1's and M2's runs are there; then M1 as the run recorded
+    it, M2, M3 and M3's mean over M2's, M4 at the settings that ran (in the registered order, stopping at a gap),
+    and DPO's corner: inside the grid iff neither further row's mean beats the chosen row's."""
+    from study import analysis
+
+    def entry(mean, verdict):
+        return {"mean": mean, "ci95": [mean - 0.1, mean + 0.1], "verdict": verdict, "n_seeds": 10}
+
+    def write(name, obj):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(obj))
+
+    interval = {"mean": 0.6, "ci95": [0.55, 0.65]}
+    signal = {"sign_agreement": interval, "ratio": interval, "cosine": interval, "share_dpo": interval, "signal": True}
+    write("path_m1", {"path_signal": signal})
+    assert analysis.path(tmp_path) is None
+    paired = {
+        "bilevel - vanilla_rm": entry(0.2, "reproduced"),
+        "bilevel - bilevel_swapped": entry(0.3, "reproduced"),
+        "in_domain_rm - vanilla_rm": entry(3.0, "reproduced"),
+    }
+    write("path_m2_m3", {"paired": paired, "path_signal": {**signal, "sign_agreement": {"mean": 0.7, "ci95": None}}})
+    write("path_m4", {"paired": {"bilevel_gold - vanilla_rm": entry(0.05, "undetermined")}})
+    write("path_m4_steps80", {"paired": {"bilevel_gold - vanilla_rm": entry(0.5, "reproduced")}})  # after a gap
+    for name, mean in (("dpo_corner_chosen", -0.1), ("dpo_corner_lr3e-4", -0.2), ("dpo_corner_steps10", -0.1)):
+        write(name, {"paired": {"dpo - sft": entry(mean, "undetermined (fewer than 10 seeds)")}})
+    out = analysis.path(tmp_path)
+    assert out["M1"] == signal and out["M1_at_lam_0"]["mean"] == 0.7
+    assert out["M2"]["verdict"] == "reproduced" and out["M3"]["over_M2"] == pytest.approx(1.5)
+    assert out["M2_ceiling"]["mean"] == 3.0
+    assert [e["run"] for e in out["M4"]] == ["path_m4"]  # K = 8 is missing: the later setting does not count
+    assert out["M5_inside_grid"] is True and [e["mean"] for e in out["M5"]] == [-0.1, -0.2, -0.1]
+    assert out["reading"] == "E2"  # signal, M2 reproduced, the ratio's upper end 0.65 < 1
+    (tmp_path / "dpo_corner_steps10" / "results.json").write_text(
+        json.dumps({"paired": {"dpo - sft": entry(-0.09, "undetermined (fewer than 10 seeds)")}})
+    )
+    assert analysis.path(tmp_path)["M5_inside_grid"] is False
