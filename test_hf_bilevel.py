@@ -122,7 +122,8 @@ def random_like(params: dict, seed: int, scale: float = 1.0) -> dict:
 # ---- truths --------------------------------------------------------------------------------------------------
 def test_theta_exposure_b0_is_the_base_and_b_merges_by_hand(world, tokenizer):
     """theta = the adapters' B: at B = 0 the policy's log-probabilities are the base model's, bit for bit; at a
-    random B they are those of the base model with W + (alpha / r) B A written into its weights by hand."""
+    random B they are those of the base model with W + (alpha / r) B A written into its weights by hand; A is the
+    same for the same seed, another for another."""
     lm, _, _ = hfb.toy_models(16, 1, 0, torch.float64)
     base = copy.deepcopy(lm)
     lora = hfb.LoraFA(rank=2, alpha=3.0, target_modules=("q_proj", "v_proj"), seed=0)
@@ -148,6 +149,11 @@ def test_theta_exposure_b0_is_the_base_and_b_merges_by_hand(world, tokenizer):
     torch.testing.assert_close(hfb.logprob(lm, theta, batch), expected, rtol=1e-12, atol=1e-12)
     assert len(theta) == 2 and (hfb.logprob(lm, theta, batch) - expected).abs().max() < 1e-12
     assert not torch.allclose(expected, hfb.logprob(lm, theta_ref, batch))  # B moves the policy
+    again, _ = hfb.with_lora_fa(hfb.toy_models(16, 1, 0, torch.float64)[0], lora)  # A is drawn from the seed
+    other, _ = hfb.with_lora_fa(hfb.toy_models(16, 1, 0, torch.float64)[0], hfb.LoraFA(2, 3.0, seed=1))
+    for name, A in weights.items():
+        if ".lora_A." in name:
+            assert torch.equal(again.get_parameter(name), A) and not torch.equal(other.get_parameter(name), A)
 
 
 def test_hvp_against_central_differences_and_symmetric(world, tokenizer):
@@ -178,8 +184,9 @@ def test_hvp_against_central_differences_and_symmetric(world, tokenizer):
 
 def test_hypergradient_against_central_differences_of_F(world, tokenizer):
     """grad_phi F (Eqs. (7)(8): hf_bilevel.outer_gradient, CG to 1e-12 at a Newton-solved theta*) along three
-    random directions u of phi (every reward-model parameter) == (F(phi + eps u) - F(phi - eps u)) / 2 eps, each F
-    = L_DPO(theta*(phi)) + lam L_BT(phi) with theta*(phi) solved by Newton (bilevel.newton_solve) to 1e-12."""
+    random unit directions u of phi (every reward-model parameter) == (F(phi + eps u) - F(phi - eps u)) / 2 eps,
+    each F = (N/n) L_DPO(theta*(phi)) + lam L_BT(phi), one drawn domain of N = 2, with theta*(phi) solved by Newton
+    (bilevel.newton_solve) to 1e-12."""
     lm, theta_ref, rm, prob, encoder = tiny_setup(world, tokenizer, rank=1)
     # rho = 2, well above -lambda_min (about 0.4 here), so that pure Newton converges from theta_ref
     cfg = metarm.BilevelConfig(**{**TINY.__dict__, "rho": 2.0, "inner_lr": 0.3, "cg_iters": 200, "cg_tol": 1e-12})
@@ -195,10 +202,11 @@ def test_hypergradient_against_central_differences_of_F(world, tokenizer):
         with torch.no_grad():
             bt = metarm.bt_loss(hfb.reward(rm, lam_pairs[0]), hfb.reward(rm, lam_pairs[1]))[0]
         theta_star, r = solve()
-        return f(theta_star, {"r": r}).item() + cfg.lam * bt.item()
+        return 2 * f(theta_star, {"r": r}).item() + cfg.lam * bt.item()
 
     warm = {"taxi": solve()[0]}
-    grads, F0, _ = hfb.outer_gradient(lm, rm, phi, {"taxi": prob}, lam_pairs, cfg, theta_ref, 1, warm)
+    # the drawn domain stands for N = 2: (7)'s DPO term counts twice
+    grads, F0, _ = hfb.outer_gradient(lm, rm, phi, {"taxi": prob}, lam_pairs, cfg, theta_ref, 2, warm)
     assert abs(F0 - F()) < 1e-10
     eps = 1e-5
     for seed in (11, 12, 13):
