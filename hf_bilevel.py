@@ -116,7 +116,11 @@ def check_second_order(model, what: str, is_policy: bool):
         )
     dropouts = [m.p for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
     if dropouts or getattr(config, "attention_dropout", 0.0) > 0:
-        raise BadInput(f"{what}: dropout is on (p = {max(dropouts or [config.attention_dropout])}); CG needs the same")
+        p = max(dropouts or [config.attention_dropout])
+        raise BadInput(
+            f"{what}: dropout is on (p = {p}); each HVP of CG would see another random function "
+            "(hf_bilevel.without_dropout sets it to 0)"
+        )
     dtype = next(model.parameters()).dtype
     if is_policy and dtype in (torch.float16, torch.bfloat16):
         raise BadInput(f"{what}: {dtype} weights; the policy's HVPs and CG need float32 or float64")
