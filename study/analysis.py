@@ -110,11 +110,12 @@ def pooled(runs: dict, prereg: dict) -> dict:
 # and M5's three DPO rows; each FOLDER/<name>/results.json where committed
 PATH_RUNS = {"M1": "path_m1", "M2_M3": "path_m2_m3"}
 M4_RUNS = (
-    ("K = 4, 40 steps, rho 1.5 (-lambda_min)", "path_m4"),
+    ("K = 4, 40 steps, ρ = 1.5·(−λ_min)₊", "path_m4"),
     ("K = 8", "path_m4_k8"),
-    ("80 outer steps (80-step ceiling)", "path_m4_steps80"),
-    ("rho = 1.1 (-lambda_min)", "path_m4_rho11"),
+    ("80 outer steps (an 80-step ceiling)", "path_m4_steps80"),
+    ("ρ = 1.1·(−λ_min)₊", "path_m4_rho11"),
 )
+CEILING = "in_domain_rm - vanilla_rm"  # Bradley-Terry on the domain's own labels at the same budget
 DPO_CORNER = (
     ("Adam 1e-3, 25 steps (the grid's choice)", "dpo_corner_chosen"),
     ("Adam 3e-4, 25 steps", "dpo_corner_lr3e-4"),
@@ -158,18 +159,33 @@ def path(folder: Path) -> dict | None:
         run = tables.load(folder, name)
         if run is None:
             break
-        m4.append({"setting": setting, "run": name, **judged(run, "bilevel_gold - vanilla_rm")})
+        over = [a - b for a, b in zip(*(run["paired"][c]["per_seed"] for c in ("bilevel_gold - vanilla_rm", CEILING)))]
+        m4.append(
+            {
+                "setting": setting,
+                "run": name,
+                **judged(run, "bilevel_gold - vanilla_rm"),
+                "over_ceiling": stats.interval(over),  # not registered: bilevel_gold - in_domain_rm, paired
+            }
+        )
     corner = []
     for row, name in DPO_CORNER:
         run = tables.load(folder, name)
         if run is not None:
             corner.append({"row": row, "run": name, **judged(run, "dpo - sft")})
     upper = {key: (m1[key]["ci95"] or [None, None])[1] if m1[key] else None for key in ("ratio", "share_dpo")}
+    accuracy = {  # not registered: the RM's accuracy on the dev domains' evaluation pairs (gold order)
+        f"{m}, lam = {run['config']['lam']:g}": run["methods"][m]["rm_accuracy"]
+        for run, methods in ((runs["M1"], ("vanilla_rm", "bilevel")), (m2_run, ("bilevel", "bilevel_swapped")))
+        for m in methods
+    }
     out = {
         "M1": m1,
+        "path_at_lam_0.3": judged(runs["M1"], "bilevel - bilevel_bt_only"),
+        "rm_accuracy": accuracy,
         "M1_at_lam_0": m2_run["path_signal"]["sign_agreement"],
         "M2": m2,
-        "M2_ceiling": judged(m2_run, "in_domain_rm - vanilla_rm"),
+        "M2_ceiling": judged(m2_run, CEILING),
         "M3": {**m3, "over_M2": m3["mean"] / m2["mean"] if m2["mean"] else None},
         "M4": m4,
         "M5": corner,

@@ -458,14 +458,23 @@ def path_table(path: dict) -> str:
         f"| M2 the path alone (λ = 0): bilevel − vanilla_rm | {judged_cell(path['M2'])} | |",
         f"| … its ceiling: in_domain_rm − vanilla_rm, 40 steps | {judged_cell(path['M2_ceiling'])} | |",
         f"| M3 true − swapped labels (λ = 0): bilevel − bilevel_swapped | {judged_cell(path['M3'])} | "
-        f"its mean over M2's: {num(path['M3']['over_M2'], 2) if path['M3']['over_M2'] is not None else 'n/a'} "
+        f"its mean over M2's: {num(path['M3']['over_M2'], 1) if path['M3']['over_M2'] is not None else 'n/a'} "
         "(signal ≈ 2, noise ≈ 0) |",
     ]
     for e in path["M4"]:
         rows.append(
             f"| M4 the path given gold (λ = 0), {e['setting']}: bilevel_gold − vanilla_rm | {judged_cell(e)} | |"
         )
+        over = e["over_ceiling"]
+        rows.append(
+            f"| … not registered: bilevel_gold − in_domain_rm, paired | {num(over['mean'])} {ci(over['ci95'])} | |"
+        )
     rows.append(f"| **reading (METHOD.md §5.4)** | **{path['reading']}** | |")
+    at_lam = judged_cell(path["path_at_lam_0.3"])
+    rows.append(f"| not registered: bilevel − bilevel_bt_only at λ = 0.3 (the M1 run) | {at_lam} | |")
+    for name, interval in path["rm_accuracy"].items():
+        what = f"not registered: the RM's accuracy on the evaluation pairs (gold order), {name}"
+        rows.append(f"| {what} | {plain(interval)} | |")
     return markdown("| measurement (dev domains, 10 seeds) | value [95 % CI] | registered criterion |", rows)
 
 

@@ -641,7 +641,14 @@ def test_s54_path_analysis_of_a_results_folder(tmp_path):
     from study import analysis
 
     def entry(mean, verdict):
-        return {"mean": mean, "ci95": [mean - 0.1, mean + 0.1], "verdict": verdict, "n_seeds": 10}
+        per_seed = [mean + 0.01 * (i - 4.5) for i in range(10)]
+        return {
+            "mean": mean,
+            "ci95": [mean - 0.1, mean + 0.1],
+            "verdict": verdict,
+            "n_seeds": 10,
+            "per_seed": per_seed,
+        }
 
     def write(name, obj):
         (tmp_path / name).mkdir()
@@ -649,23 +656,36 @@ def test_s54_path_analysis_of_a_results_folder(tmp_path):
 
     interval = {"mean": 0.6, "ci95": [0.55, 0.65]}
     signal = {"sign_agreement": interval, "ratio": interval, "cosine": interval, "share_dpo": interval, "signal": True}
-    write("path_m1", {"path_signal": signal})
+    accuracy = {
+        m: {"rm_accuracy": {"mean": 0.8, "ci95": [0.7, 0.9]}} for m in ("vanilla_rm", "bilevel", "bilevel_swapped")
+    }
+    m1_paired = {"bilevel - bilevel_bt_only": entry(0.05, "undetermined")}
+    write("path_m1", {"path_signal": signal, "paired": m1_paired, "config": {"lam": 0.3}, "methods": accuracy})
     assert analysis.path(tmp_path) is None
     paired = {
         "bilevel - vanilla_rm": entry(0.2, "reproduced"),
         "bilevel - bilevel_swapped": entry(0.3, "reproduced"),
         "in_domain_rm - vanilla_rm": entry(3.0, "reproduced"),
     }
-    write("path_m2_m3", {"paired": paired, "path_signal": {**signal, "sign_agreement": {"mean": 0.7, "ci95": None}}})
-    write("path_m4", {"paired": {"bilevel_gold - vanilla_rm": entry(0.05, "undetermined")}})
+    lam0 = {"paired": paired, "config": {"lam": 0.0}, "methods": accuracy}
+    write("path_m2_m3", {**lam0, "path_signal": {**signal, "sign_agreement": {"mean": 0.7, "ci95": None}}})
+    ceiling = {"in_domain_rm - vanilla_rm": entry(0.2, "n/a (a ceiling)")}
+    write("path_m4", {"paired": {"bilevel_gold - vanilla_rm": entry(0.05, "undetermined"), **ceiling}})
     write("path_m4_steps80", {"paired": {"bilevel_gold - vanilla_rm": entry(0.5, "reproduced")}})  # after a gap
     for name, mean in (("dpo_corner_chosen", -0.1), ("dpo_corner_lr3e-4", -0.2), ("dpo_corner_steps10", -0.1)):
         write(name, {"paired": {"dpo - sft": entry(mean, "undetermined (fewer than 10 seeds)")}})
     out = analysis.path(tmp_path)
     assert out["M1"] == signal and out["M1_at_lam_0"]["mean"] == 0.7
     assert out["M2"]["verdict"] == "reproduced" and out["M3"]["over_M2"] == pytest.approx(1.5)
-    assert out["M2_ceiling"]["mean"] == 3.0
+    assert out["M2_ceiling"]["mean"] == 3.0 and out["path_at_lam_0.3"]["mean"] == 0.05
+    assert list(out["rm_accuracy"]) == [
+        "vanilla_rm, lam = 0.3",
+        "bilevel, lam = 0.3",
+        "bilevel, lam = 0",
+        "bilevel_swapped, lam = 0",
+    ]
     assert [e["run"] for e in out["M4"]] == ["path_m4"]  # K = 8 is missing: the later setting does not count
+    assert out["M4"][0]["over_ceiling"]["mean"] == pytest.approx(0.05 - 0.2)  # paired, seed by seed
     assert out["M5_inside_grid"] is True and [e["mean"] for e in out["M5"]] == [-0.1, -0.2, -0.1]
     assert out["reading"] == "E2"  # signal, M2 reproduced, the ratio's upper end 0.65 < 1
     (tmp_path / "dpo_corner_steps10" / "results.json").write_text(
