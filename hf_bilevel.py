@@ -46,6 +46,7 @@ chosen / rejected / domain); writes the reward model (its LoRA adapter with --rm
 the calibration; one outer step's cost in forwards and gradients. Python: `hf_bilevel.train(...)`.
 """
 
+import functools
 import math
 import statistics
 import sys
@@ -165,10 +166,17 @@ def load_reward_model(path: str, dtype=torch.float32) -> tuple:
     return load(path, AutoModelForSequenceClassification, dtype, "a reward model")
 
 
+@functools.cache
+def toy_tokenizer():
+    """The word-level tokenizer of the toy world's vocabulary (hf.toy_tokenizer), built once: data.World() takes
+    seconds."""
+    return hf.toy_tokenizer(data.World())
+
+
 def toy_models(hidden: int, layers: int, seed: int, dtype) -> tuple:
     """(policy, reward model, tokenizer): tiny Llamas over the toy world's vocabulary, one word-level tokenizer
-    (hf.toy_tokenizer), eager attention, initialised from seed and seed + 1."""
-    tokenizer = hf.toy_tokenizer(data.World())
+    (toy_tokenizer), eager attention, initialised from seed and seed + 1."""
+    tokenizer = toy_tokenizer()
     torch.manual_seed(seed)
     lm = AutoModelForCausalLM.from_config(hf.toy_llama_config(tokenizer, hidden, layers)).to(dtype)
     rm = hf.toy_reward_model(tokenizer, hidden, layers, seed + 1, dtype)
@@ -476,12 +484,14 @@ def train(
     cfg: metarm.BilevelConfig,
     lora: LoraFA = LoraFA(),
     seed: int = 0,
+    probe_domains: int = 4,
     progress=None,
 ) -> dict:
     """Eqs. (6)-(8), meta-training: Adam on rm's trainable parameters phi, in place, along the hypergradient of F.
     lm: the policy (a causal LM, frozen; theta = its LoRA-FA adapters, added here); domains: read_domains's dict.
-    rho and the inner step are calibrated first on one problem of each domain, then re-checked every
-    cfg.recalibrate_every outer steps. Returns the metrics (module docstring); rm is trained in place."""
+    rho and the inner step are calibrated first on one problem of each of the first probe_domains domains (as
+    train.py does on four), then re-checked on the drawn domains every cfg.recalibrate_every outer steps. Returns
+    the metrics (module docstring); rm is trained in place, lm gets the adapters in place (peft)."""
     check_second_order(lm, "the policy", is_policy=True)
     check_second_order(rm, "the reward model", is_policy=False)
     state = PartialState()
@@ -500,7 +510,8 @@ def train(
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="cg did not converge")  # counted per step instead
-        probes = {d: encoder.problem(d, cfg, policy.generator(seed + 2, device)) for d in domains}
+        probe_generator = policy.generator(seed + 2, device)
+        probes = {d: encoder.problem(d, cfg, probe_generator) for d in list(domains)[:probe_domains]}
         calibration = calibrate(lm, rm, probes, cfg, theta_ref)
         opt = torch.optim.Adam(phi.values(), lr=cfg.lr)
         log, warm = [], {}
@@ -556,6 +567,7 @@ class Args:
     cg_tol: float = option(metarm.BilevelConfig.cg_tol, "CG's relative residual")
     rho_factor: float = option(metarm.BilevelConfig.rho_factor, "rho = rho-factor (-lambda_min)_+ at theta* (> 1)")
     recheck_every: int = option(1, "outer steps between the curvature checks at theta* (0: never)")
+    probe_domains: int = option(4, "calibrate rho and the inner step on this many domains (the file's first)")
     max_new_tokens: int = option(metarm.BilevelConfig.max_new_tokens, "the longest candidate")
     hidden: int = option(64, "tiny Llamas: hidden size")
     layers: int = option(1, "tiny Llamas: layers")
@@ -568,7 +580,16 @@ def check_args(a: Args):
     for name in ("pairs", "out"):
         if not getattr(a, name):
             raise BadInput(f"--{name} is required")
-    counts = ("rm_lora_r", "lora_r", "outer_steps", "K", "T", "prompts_per_domain", "pairs_per_domain")
+    counts = (
+        "rm_lora_r",
+        "lora_r",
+        "outer_steps",
+        "K",
+        "T",
+        "prompts_per_domain",
+        "pairs_per_domain",
+        "probe_domains",
+    )
     small = [c for c in counts + ("domains_per_step", "cg_iters", "max_new_tokens") if getattr(a, c) < 1]
     if small or a.K < 2:
         raise BadInput(f"--{(small or ['K'])[0].replace('_', '-')} must be >= 1 (--k >= 2: (4) weighs candidates)")
@@ -638,7 +659,8 @@ def command(a: Args):
     lora = LoraFA(a.lora_r, a.lora_alpha, lora_targets, a.seed)
     tmp = cli.prepare_out(out, "metrics.json")
     bar = cli.bar("outer steps", a.outer_steps, show=sys.stderr.isatty())
-    metrics = train(lm.to(device), lm_tokenizer, rm.to(device), rm_tokenizer, domains, cfg, lora, a.seed, bar)
+    lm, rm = lm.to(device), rm.to(device)
+    metrics = train(lm, lm_tokenizer, rm, rm_tokenizer, domains, cfg, lora, a.seed, a.probe_domains, bar)
     bar.close()
     rm.save_pretrained(tmp)
     rm_tokenizer.save_pretrained(tmp)

@@ -6,7 +6,8 @@ Pure Python over the runs' results.json (no torch, nothing re-run).
 
 The runs it reads, each FOLDER/<name>/results.json (provenance.json beside it says how it was made): main (world 0,
 seeds 0-9: the main table, post hoc), confirmatory (world 0, seeds 10-19), world_1 and world_2 (seeds 0-9 each);
-bilevel_own_data and metarm_steps100 (the positive controls' held-out runs) for the claims table.
+bilevel_own_data and metarm_steps100 (the positive controls' held-out runs) for the claims table; path_* and
+dpo_corner_* (METHOD.md §5.4, dev domains) for the report's path section, where committed.
 """
 
 import json
