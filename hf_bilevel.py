@@ -36,9 +36,11 @@ Candidates come from `sample`, not `generate()`: `generate` draws from the globa
 model's generation config (top-k 50 by default), so its samples are not pi_ref's and the weights of (4) would be
 biased. `sample` draws with an explicit generator at temperature 1, no top-k or top-p, with a key/value cache.
 
-Text is re-encoded per model: the policy reads prompt ids + response ids (+ eos), the reward model reads
-prompt + response + eos in its own tokenizer (`hf.token_ids`, as `trl.RewardTrainer` does); the two tokenizers may
-differ. Resuming a run is not supported.
+Text is re-encoded per model: the policy reads prompt ids + response ids (+ eos; a labelled completion split as
+prompt + completion is), the reward model reads prompt + response + eos in its own tokenizer (`hf.token_ids`, as
+`trl.RewardTrainer` does; its config's pad id must be its tokenizer's); the two tokenizers may differ. rho is
+re-checked every --recheck-every outer steps (1 by default, so that lambda_min and lambda_max are logged at every
+step; the toy re-checks every 20th). Resuming a run is not supported.
 
 Command (`python hf_bilevel.py --help`): train a reward model on the pairs JSONL that train.py writes (prompt /
 chosen / rejected / domain); writes the reward model (its LoRA adapter with --rm-lora) and tokenizer by
@@ -61,6 +63,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
 
 import bilevel
 import data
@@ -145,7 +148,7 @@ def load(path: str, kind, dtype, what: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         model = kind.from_pretrained(path, dtype=dtype, attn_implementation="eager", local_files_only=True, **extra)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise BadInput(f"{path}: cannot be loaded as {what} ({str(e).splitlines()[0]})") from None
     if tokenizer.eos_token is None:
         raise BadInput(f"{path}: its tokenizer has no eos token")
@@ -217,17 +220,24 @@ def with_lora_fa(lm, lora: LoraFA) -> tuple:
 
 
 def check_targets(lm, targets):
-    """BadInput unless every LoRA target names a linear layer of the policy (by its last name, as peft matches)."""
-    linear = {name.rsplit(".", 1)[-1] for name, m in lm.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in targets if t not in linear]
+    """BadInput unless every LoRA target names a linear layer of the policy (nn.Linear, or transformers' Conv1D
+    of GPT-2-style models), as peft matches a name: the whole module name or its dotted tail."""
+    linear = [name for name, m in lm.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in linear)]
     if missing:
         raise BadInput(f"LoRA target modules {missing}: no linear layer of the policy has that name")
 
 
 # ==== Encoded batches: the policy's and the reward model's =====================================================
-def response_ids(tokenizer, completion: str) -> list:
-    """A labelled completion's token ids as the policy reads them after its prompt, eos appended (not doubled)."""
-    ids = tokenizer(text=completion, add_special_tokens=False)["input_ids"]
+def response_ids(tokenizer, prompt_ids: list, prompt: str, completion: str) -> list:
+    """A labelled completion's token ids as the policy reads them after its prompt, eos appended (not doubled):
+    the tail of prompt + completion tokenised together where its head is the prompt's ids (so that a SentencePiece
+    or byte-level tokenizer splits the completion as it would continue the prompt), else the completion alone."""
+    joint = tokenizer(text=prompt + completion)["input_ids"]
+    if joint[: len(prompt_ids)] == prompt_ids:
+        ids = joint[len(prompt_ids) :]
+    else:
+        ids = tokenizer(text=completion, add_special_tokens=False)["input_ids"]
     return ids if ids and ids[-1] == tokenizer.eos_token_id else ids + [tokenizer.eos_token_id]
 
 
@@ -273,11 +283,13 @@ def rm_batch(rm, tokenizer, prompts: list, completions: list) -> dict:
 
 # ==== Candidates from pi_ref ===================================================================================
 @torch.no_grad()
-def sample(lm, prompt_ids: list, K: int, max_new_tokens: int, eos_id: int, generator: torch.Generator) -> tuple:
+def sample(lm, prompt_ids: list, K: int, max_new_tokens: int, eos_ids, generator: torch.Generator) -> tuple:
     """K responses per prompt from lm as it is (pi_ref: every B is 0): temperature 1, no top-k or top-p, one draw
-    per token from `generator`, a key/value cache; a response stops at its eos, which it keeps. Returns (responses:
-    id lists, prompt-major; their log-probabilities (n K,) summed from the cached logits)."""
+    per token from `generator`, a key/value cache; a response stops at its first token of eos_ids (an id or a
+    collection: a chat model may end a turn with another), which it keeps. Returns (responses: id lists,
+    prompt-major; their log-probabilities (n K,) summed from the cached logits)."""
     device = next(lm.parameters()).device
+    stops = torch.tensor(sorted({eos_ids} if isinstance(eos_ids, int) else set(eos_ids)), device=device)
     responses, logps = [], []
     for x in prompt_ids:
         out = lm(input_ids=torch.tensor([x] * K, device=device), use_cache=True)
@@ -287,13 +299,14 @@ def sample(lm, prompt_ids: list, K: int, max_new_tokens: int, eos_id: int, gener
             log_probs = torch.log_softmax(out.logits[:, -1], dim=-1)
             nxt = torch.multinomial(log_probs.exp(), 1, generator=generator)[:, 0]
             logp = logp + torch.where(done, 0.0, log_probs.gather(-1, nxt[:, None])[:, 0])
-            tokens.append(torch.where(done, eos_id, nxt))
-            done = done | (nxt == eos_id)
+            tokens.append(torch.where(done, stops[0], nxt))
+            done = done | torch.isin(nxt, stops)
             if done.all():
                 break
             out = lm(input_ids=tokens[-1][:, None], past_key_values=out.past_key_values, use_cache=True)
         for y in torch.stack(tokens, 1).tolist():
-            responses.append(y[: y.index(eos_id) + 1] if eos_id in y else y)
+            ends = [t for t, token in enumerate(y) if token in stops.tolist()]
+            responses.append(y[: ends[0] + 1] if ends else y)
         logps.append(logp)
     return responses, torch.cat(logps)
 
@@ -336,14 +349,14 @@ def hypergradient(lm, rm, prob: dict, cfg: metarm.BilevelConfig, theta_ref: dict
 
 
 def curvature(lm, theta: dict, r, prob: dict, cfg: metarm.BilevelConfig, theta_ref: dict, iters: int = 20) -> tuple:
-    """(lambda_min, lambda_max) of the Hessian of g_d in theta with rho = 0, at theta, by Lanczos with HVPs (§2.1),
-    from the toy's start vector (metarm.curvature)."""
+    """(lambda_min, lambda_max, the HVPs used) of the Hessian of g_d in theta with rho = 0, at theta, by Lanczos
+    (§2.1), from the toy's start vector (metarm.curvature)."""
     g, _ = level_functions(lm, prob, replace(cfg, rho=0.0), theta_ref)
     v0 = {}
     for n, p in theta.items():
         v0[n] = torch.randn(p.shape, generator=policy.generator(0, p.device), device=p.device, dtype=p.dtype)
-    lo, hi, _ = bilevel.lanczos_eigs(lambda v: bilevel.hvp(lambda th: g(th, {"r": r}), theta, v), v0, iters)
-    return lo, hi
+    lo, hi, info = bilevel.lanczos_eigs(lambda v: bilevel.hvp(lambda th: g(th, {"r": r}), theta, v), v0, iters)
+    return lo, hi, info["hvps"]
 
 
 def calibrate(lm, rm, problems: dict, cfg: metarm.BilevelConfig, theta_ref: dict, rounds: int = 3) -> dict:
@@ -352,28 +365,29 @@ def calibrate(lm, rm, problems: dict, cfg: metarm.BilevelConfig, theta_ref: dict
     r = {d: candidate_rewards(rm, p, cfg.K).detach() for d, p in problems.items()}
     eigs = [curvature(lm, theta_ref, r[d], p, cfg, theta_ref) for d, p in problems.items()]
     for _ in range(rounds):
-        cfg.rho = max(metarm.rho_from(lo, hi, cfg.rho_factor) for lo, hi in eigs)
-        cfg.inner_lr = 1.0 / (max(hi for _, hi in eigs) + cfg.rho)
+        cfg.rho = max(metarm.rho_from(lo, hi, cfg.rho_factor) for lo, hi, _ in eigs)
+        cfg.inner_lr = 1.0 / (max(hi for _, hi, _ in eigs) + cfg.rho)
         eigs = []
         for d, p in problems.items():
             g, _ = level_functions(lm, p, cfg, theta_ref)
             theta_star, _ = bilevel.inner_solve(g, theta_ref, {"r": r[d]}, 4 * cfg.T, cfg.inner_lr)
             eigs.append(curvature(lm, theta_star, r[d], p, cfg, theta_ref))
-    lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
+    lam_min, lam_max = min(lo for lo, _, _ in eigs), max(hi for _, hi, _ in eigs)
     return {"lambda_min": lam_min, "lambda_max": lam_max, "rho": cfg.rho, "inner_lr": cfg.inner_lr}
 
 
 def recheck(lm, rm, problems: dict, warm: dict, cfg: metarm.BilevelConfig, theta_ref: dict) -> dict:
-    """§2.1 during the run, as metarm.recheck_rho: lambda_min and lambda_max at the drawn domains' current theta*;
-    where lambda_min + rho < rho / 2, rho is raised to rho_from(lambda_min, lambda_max) and the step follows."""
+    """§2.1 during the run, as metarm.recheck_rho: lambda_min and lambda_max at the drawn domains' current theta*
+    (and Lanczos' HVPs); where lambda_min + rho < rho / 2, rho is raised to rho_from(lambda_min, lambda_max) and
+    the step follows."""
     eigs = []
     for d, p in problems.items():
         eigs.append(curvature(lm, warm[d], candidate_rewards(rm, p, cfg.K).detach(), p, cfg, theta_ref))
-    lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
+    lam_min, lam_max = min(lo for lo, _, _ in eigs), max(hi for _, hi, _ in eigs)
     if lam_min + cfg.rho < 0.5 * cfg.rho:
         cfg.rho = max(cfg.rho, metarm.rho_from(lam_min, lam_max, cfg.rho_factor))
         cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
-    return {"lambda_min": lam_min, "lambda_max": lam_max}
+    return {"lambda_min": lam_min, "lambda_max": lam_max, "lanczos_hvps": sum(n for _, _, n in eigs)}
 
 
 def outer_gradient(lm, rm, phi: dict, problems: dict, lam_pairs, cfg, theta_ref: dict, n_domains: int, warm: dict):
@@ -407,6 +421,10 @@ class Encoder:
     def __init__(self, lm, lm_tokenizer, rm, rm_tokenizer, domains: dict, theta_ref: dict):
         self.lm, self.tok, self.rm, self.rm_tok, self.theta_ref = lm, lm_tokenizer, rm, rm_tokenizer, theta_ref
         self.pad_id = lm_tokenizer.pad_token_id if lm_tokenizer.pad_token_id is not None else lm_tokenizer.eos_token_id
+        generation_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+        self.eos_ids = {lm_tokenizer.eos_token_id} | set(
+            [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) else generation_eos
+        )
         self.domains = domains
         self.prompt_ids = {d: [lm_tokenizer(text=x)["input_ids"] for x in v["prompts"]] for d, v in domains.items()}
         self.pooled = [p for v in domains.values() for p in v["pairs"]]
@@ -414,15 +432,16 @@ class Encoder:
     def labelled(self, pairs: list) -> tuple:
         """(chosen, rejected) policy batches of pairs, with log pi_ref."""
         prompts = [self.tok(text=p["prompt"])["input_ids"] for p in pairs]
-        return tuple(
-            policy_batch(self.lm, prompts, [response_ids(self.tok, p[s]) for p in pairs], self.pad_id, self.theta_ref)
-            for s in ("chosen", "rejected")
-        )
+        batches = []
+        for side in ("chosen", "rejected"):
+            responses = [response_ids(self.tok, x, p["prompt"], p[side]) for x, p in zip(prompts, pairs)]
+            batches.append(policy_batch(self.lm, prompts, responses, self.pad_id, self.theta_ref))
+        return tuple(batches)
 
     def problem(self, d: str, cfg: metarm.BilevelConfig, generator) -> dict:
         rows = policy.draw(len(self.prompt_ids[d]), cfg.prompts_per_domain, generator)
         prompts = [self.prompt_ids[d][i] for i in rows]
-        responses, _ = sample(self.lm, prompts, cfg.K, cfg.max_new_tokens, self.tok.eos_token_id, generator)
+        responses, _ = sample(self.lm, prompts, cfg.K, cfg.max_new_tokens, self.eos_ids, generator)
         repeated = [x for x in prompts for _ in range(cfg.K)]
         texts = [self.domains[d]["prompts"][i] for i in rows for _ in range(cfg.K)]
         completions = [self.completion(x, y) for x, y in zip(texts, responses)]
@@ -475,6 +494,29 @@ def step_cost(lm, prob: dict, cfg: metarm.BilevelConfig, theta: dict, theta_ref:
     return {"forward_seconds": statistics.median(forward), "gradient_seconds": statistics.median(gradient)}
 
 
+def check_setup(lm, rm, rm_tokenizer, cfg: metarm.BilevelConfig, lora: LoraFA):
+    """BadInput (one line) for what train cannot run: a model unsafe for second order, several processes (the next
+    step), a solver other than CG, K < 2, no outer step, a reward model without trainable parameters or whose
+    configured pad id is not its tokenizer's (the reward is read at the last token that is not padding), the models
+    on two devices, or a LoRA target that names no linear layer."""
+    check_second_order(lm, "the policy", is_policy=True)
+    check_second_order(rm, "the reward model", is_policy=False)
+    if PartialState().num_processes > 1:
+        raise BadInput("several processes are not supported yet: run hf_bilevel.py in one process")
+    if cfg.solver != "cg" or cfg.K < 2 or cfg.outer_steps < 1:
+        raise BadInput("hf_bilevel.py computes (8) by CG only, with K >= 2 and at least one outer step")
+    if not any(p.requires_grad for p in rm.parameters()):
+        raise BadInput("the reward model has no trainable parameter (phi is empty)")
+    if rm.config.pad_token_id != rm_tokenizer.pad_token_id:
+        raise BadInput(
+            f"the reward model's config.pad_token_id {rm.config.pad_token_id} is not its tokenizer's pad id "
+            f"{rm_tokenizer.pad_token_id}: the reward would be read at a padding position"
+        )
+    if next(lm.parameters()).device != next(rm.parameters()).device:
+        raise BadInput("the policy and the reward model are on two devices")
+    check_targets(lm, lora.target_modules)
+
+
 def train(
     lm,
     lm_tokenizer,
@@ -492,18 +534,10 @@ def train(
     rho and the inner step are calibrated first on one problem of each of the first probe_domains domains (as
     train.py does on four), then re-checked on the drawn domains every cfg.recalibrate_every outer steps. Returns
     the metrics (module docstring); rm is trained in place, lm gets the adapters in place (peft)."""
-    check_second_order(lm, "the policy", is_policy=True)
-    check_second_order(rm, "the reward model", is_policy=False)
-    state = PartialState()
-    if state.num_processes > 1:
-        raise BadInput("several processes are not supported yet: run hf_bilevel.py in one process")
-    if cfg.solver != "cg":
-        raise BadInput(f"solver {cfg.solver!r}: hf_bilevel.py computes (8) by CG only")
+    check_setup(lm, rm, rm_tokenizer, cfg, lora)
     cfg = replace(cfg)
     lm, theta_ref = with_lora_fa(lm, lora)
     phi = {n: p for n, p in rm.named_parameters() if p.requires_grad}
-    if not phi:
-        raise BadInput("the reward model has no trainable parameter (phi is empty)")
     device = next(lm.parameters()).device
     generator, bt_generator = policy.generator(seed, device), policy.generator(seed + 1, device)
     encoder = Encoder(lm, lm_tokenizer, rm, rm_tokenizer, domains, theta_ref)
@@ -523,7 +557,7 @@ def train(
             policy.check_finite(torch.tensor([F_value] + [g.norm() for g in grads]), "F or its hypergradient", step)
             policy.apply_gradient(opt, phi, grads)
             entry = {"step": step, "F": F_value, "grad_norm": math.sqrt(sum((g**2).sum().item() for g in grads))}
-            entry.update(info, rho=cfg.rho, inner_lr=cfg.inner_lr, lambda_min=None, lambda_max=None)
+            entry.update(info, rho=cfg.rho, inner_lr=cfg.inner_lr, lambda_min=None, lambda_max=None, lanczos_hvps=0)
             if cfg.recalibrate_every and step % cfg.recalibrate_every == 0:
                 entry.update(recheck(lm, rm, problems, warm, cfg, theta_ref))
             entry.update(seconds=time.perf_counter() - t, draw_seconds=drawn)
@@ -622,6 +656,7 @@ def command(a: Args):
         raise BadInput(f"--domains-per-step {a.domains_per_step} > the {len(domains)} domains of {a.pairs}")
     dtype = getattr(torch, a.dtype)
     device = PartialState().device
+    torch.manual_seed(a.seed)  # a causal LM loaded as a reward model gets a fresh score head; --rm-lora's A
     if a.policy:
         lm, lm_tokenizer = load_policy(a.policy, dtype)
         rm, rm_tokenizer = load_reward_model(a.reward_model, dtype)
@@ -632,8 +667,6 @@ def command(a: Args):
         for v in domains.values():
             hf.check_words(v["pairs"], ("prompt", "chosen", "rejected"), vocab, a.pairs)
             hf.check_words([{"prompt": x} for x in v["prompts"]], ("prompt",), vocab, a.prompts or a.pairs)
-    lora_targets = tuple(t for t in a.lora_targets.split(",") if t)
-    check_targets(lm, lora_targets)
     if a.rm_lora:
         config = LoraConfig(
             r=a.rm_lora_r, lora_alpha=2 * a.rm_lora_r, target_modules="all-linear", task_type="SEQ_CLS"
@@ -656,10 +689,11 @@ def command(a: Args):
         rho_factor=a.rho_factor,
         max_new_tokens=a.max_new_tokens,
     )
-    lora = LoraFA(a.lora_r, a.lora_alpha, lora_targets, a.seed)
+    lora = LoraFA(a.lora_r, a.lora_alpha, tuple(t for t in a.lora_targets.split(",") if t), a.seed)
+    lm, rm = lm.to(device), rm.to(device)
+    check_setup(lm, rm, rm_tokenizer, cfg, lora)  # before anything is written
     tmp = cli.prepare_out(out, "metrics.json")
     bar = cli.bar("outer steps", a.outer_steps, show=sys.stderr.isatty())
-    lm, rm = lm.to(device), rm.to(device)
     metrics = train(lm, lm_tokenizer, rm, rm_tokenizer, domains, cfg, lora, a.seed, a.probe_domains, bar)
     bar.close()
     rm.save_pretrained(tmp)

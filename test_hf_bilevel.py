@@ -6,11 +6,14 @@ Truths, in float64 on tiny Llamas built from config (nothing is downloaded); Lla
 the eager softmax are patched to keep float64 (`float64_llama`), or float64 checks could not reach their tolerances:
     test_theta_exposure_b0_is_the_base_and_b_merges_by_hand    B = 0: the base model's log-probabilities exactly;
                                                                random B: those of W + (alpha/r) B A merged by hand
+    test_lora_fa_targets_conv1d_and_dotted_names_and_a_bpe_tokenizer  GPT-2's Conv1D as a target; a BPE tokenizer's
+                                                               completion ids == the tail of prompt + completion
     test_hvp_against_central_differences_and_symmetric         H v against differences of grad_theta g; u'Hv = v'Hu
     test_hypergradient_against_central_differences_of_F         Eq. (8) and lam L_BT against float64 differences of
                                                                F along three directions, F by a Newton-solved (6)
     test_reduction_to_the_toy                                  the toy GPT behind a thin wrapper, theta = its head:
-                                                               metarm.hypergradient's and metarm.calibrate's numbers
+                                                               metarm.hypergradient's and metarm.calibrate's numbers,
+                                                               then two outer steps with the re-check of rho
     test_sampler_cache_seed_eos_and_distribution               cached log-probabilities == a full forward; the same
                                                                seed, the same candidates; eos kept and last; the
                                                                first token's frequencies == softmax (chi-square)
@@ -34,6 +37,7 @@ import bilevel
 import data
 import metarm
 import policy
+from study import stats
 
 REASON = "the optional Hugging Face extra is not installed: pip install -r requirements.txt -r requirements-hf.txt"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
@@ -130,7 +134,8 @@ def test_theta_exposure_b0_is_the_base_and_b_merges_by_hand(world, tokenizer):
     lm, theta_ref = hfb.with_lora_fa(lm, lora)
     pairs = pair_records(world)["taxi"]["pairs"]
     prompts = [tokenizer(text=p["prompt"])["input_ids"] for p in pairs]
-    batch = hfb.policy_batch(lm, prompts, [hfb.response_ids(tokenizer, p["chosen"]) for p in pairs], 0, theta_ref)
+    responses = [hfb.response_ids(tokenizer, x, p["prompt"], p["chosen"]) for x, p in zip(prompts, pairs)]
+    batch = hfb.policy_batch(lm, prompts, responses, 0, theta_ref)
     plain = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.equal(
         hfb.logprob(lm, theta_ref, batch), policy.sequence_logprob(plain, batch["input_ids"], batch["mask"])
@@ -154,6 +159,39 @@ def test_theta_exposure_b0_is_the_base_and_b_merges_by_hand(world, tokenizer):
     for name, A in weights.items():
         if ".lora_A." in name:
             assert torch.equal(again.get_parameter(name), A) and not torch.equal(other.get_parameter(name), A)
+
+
+def test_lora_fa_targets_conv1d_and_dotted_names_and_a_bpe_tokenizer(world):
+    """LoRA-FA on a GPT-2-style policy, whose attention is transformers' Conv1D, named by a dotted tail as peft
+    matches it: theta holds that layer's B and moves the policy. A SentencePiece-style BPE tokenizer (Metaspace,
+    trained here on the toy's text): a labelled completion's ids are the tail of prompt + completion tokenised
+    together, then eos, and decode back to the text."""
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=4, n_positions=32)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    lm, theta_ref = hfb.with_lora_fa(
+        transformers.GPT2LMHeadModel(config).double().eval(), hfb.LoraFA(2, 4.0, ("attn.c_attn",))
+    )
+    assert [n.split(".lora_B")[0] for n in theta_ref] == ["base_model.model.transformer.h.0.attn.c_attn"]
+    batch = hfb.policy_batch(lm, [[1, 2, 3]], [[4, 5, 6]], 0, theta_ref)
+    assert (hfb.logprob(lm, random_like(theta_ref, 1), batch) - batch["logp_ref"]).abs().item() > 1e-6
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    pairs = pair_records(world, n=40)["taxi"]["pairs"]
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(prepend_scheme="always")
+    corpus = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    bpe = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    for p in pairs[:10]:
+        prompt_ids = bpe(text=p["prompt"])["input_ids"]
+        ids = hfb.response_ids(bpe, prompt_ids, p["prompt"], p["chosen"])
+        assert (
+            prompt_ids + ids[:-1] == bpe(text=p["prompt"] + p["chosen"])["input_ids"] and ids[-1] == bpe.eos_token_id
+        )
+        assert bpe.decode(prompt_ids + ids[:-1]) == p["prompt"] + p["chosen"]
 
 
 def test_hvp_against_central_differences_and_symmetric(world, tokenizer):
@@ -248,7 +286,9 @@ class ToyRewardModel(nn.Module):
 def test_reduction_to_the_toy(world):
     """The toy GPT behind ToyPolicy with theta = its head, the toy reward model behind ToyRewardModel: hf_bilevel's
     hypergradient (dF/dr, r, theta*, F) and calibrate (rho, the inner step, lambda_min, lambda_max) give
-    metarm.hypergradient's and metarm.calibrate's numbers to 1e-12 on the toy's own problem."""
+    metarm.hypergradient's and metarm.calibrate's numbers to 1e-12 on the toy's own problem; then two outer steps
+    as metarm.train_bilevel takes them (outer_gradient with warm starts and lam L_BT, Adam, the re-check that
+    raises rho) give the same F, gradients, rho, inner step and warm starts (1e-10)."""
     torch.manual_seed(0)
     gpt = policy.GPT(policy.GPTConfig(vocab_size=len(world.vocab), n_embd=32)).double().eval().requires_grad_(False)
     rm, phi = policy.make_reward_model(gpt, policy.generator(1))
@@ -291,22 +331,52 @@ def test_reduction_to_the_toy(world):
     for n, t in info["theta"].items():
         torch.testing.assert_close(hf_info["theta"]["gpt." + n], t, rtol=1e-12, atol=1e-12)
     toy_phi_grad = torch.autograd.grad((r * dF_dr).sum(), list(phi.values()))
-    hf_phi = [wrapped_rm.rm.get_parameter(n) for n in phi]
-    for a, b in zip(torch.autograd.grad((hf_r * hf_dF_dr).sum(), hf_phi), toy_phi_grad):
+    hf_phi = {n: wrapped_rm.rm.get_parameter(n) for n in phi}
+    for a, b in zip(torch.autograd.grad((hf_r * hf_dF_dr).sum(), list(hf_phi.values())), toy_phi_grad):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+    # two outer steps as metarm.train_bilevel takes them: (7)(8) with warm starts and lam L_BT, Adam, the re-check
+    # of rho -- started from a rho too small, so that the re-check raises it
+    toy_cfg.rho = hf_cfg.rho = 1e-3
+    toy_opt, hf_opt = torch.optim.Adam(phi.values(), lr=0.01), torch.optim.Adam(hf_phi.values(), lr=0.01)
+    lam_toy = (toy["chosen"], toy["rejected"])
+    lam_hf = tuple({"input_ids": b["idx"], "attention_mask": b["mask"]} for b in lam_toy)
+    toy_warm, hf_warm = {}, {}
+    for _ in range(2):
+        g_toy, F_toy, _ = metarm.outer_gradient(gpt, rm, phi, {d: toy}, lam_toy, toy_cfg, theta_ref, 3, toy_warm)
+        g_hf, F_hf, _ = hfb.outer_gradient(
+            ToyPolicy(gpt), wrapped_rm, hf_phi, {d: prob}, lam_hf, hf_cfg, hf_theta_ref, 3, hf_warm
+        )
+        assert abs(F_hf - F_toy) <= 1e-12 * abs(F_toy)
+        for a, b in zip(g_hf, g_toy):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+        policy.apply_gradient(toy_opt, phi, g_toy)
+        policy.apply_gradient(hf_opt, hf_phi, g_hf)
+        margin = metarm.recheck_rho(gpt, rm, phi, {d: toy}, toy_warm, toy_cfg, theta_ref)
+        curvature = hfb.recheck(ToyPolicy(gpt), wrapped_rm, {d: prob}, hf_warm, hf_cfg, hf_theta_ref)
+        assert abs(curvature["lambda_min"] + hf_cfg.rho - margin) <= 1e-10 * abs(margin)
+        assert hf_cfg.rho == pytest.approx(toy_cfg.rho, rel=1e-10) and hf_cfg.rho > 1e-3  # raised, alike
+        assert hf_cfg.inner_lr == pytest.approx(toy_cfg.inner_lr, rel=1e-10)
+    for n, t in toy_warm[d].items():
+        torch.testing.assert_close(hf_warm[d]["gpt." + n], t, rtol=1e-10, atol=1e-12)
+
+
+def tiny_llama(vocab_size: int):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=32, attn_implementation="eager",
+    )  # fmt: skip
+    return transformers.AutoModelForCausalLM.from_config(config).double().eval()
 
 
 def test_sampler_cache_seed_eos_and_distribution():
     """On a tiny Llama over 5 tokens (eos = 1, so that responses stop): the log-probabilities summed from the
     sampler's cached logits == a full forward of prompt + response (1e-12); the same seed gives the same
-    candidates, another seed others; each response keeps its eos as its last token and has no other; the first
-    token's frequencies over 20,000 draws match the model's softmax (temperature 1, no top-k / top-p: chi-square)."""
-    config = transformers.LlamaConfig(
-        vocab_size=5, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=32, attn_implementation="eager",
-    )  # fmt: skip
-    torch.manual_seed(0)
-    lm = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    candidates, another seed others; each response keeps its eos as its last token and has no other, and with two
+    stop ids it stops at the first of either; over 64 tokens the first token's frequencies in 20,000 draws match
+    the model's softmax (temperature 1, no top-k or top-p: a top-k of 50 would leave 14 tokens empty; chi-square)."""
+    lm = tiny_llama(5)
     prompts = [[0, 2, 3], [4, 2]]
     responses, logps = hfb.sample(lm, prompts, 6, 8, 1, policy.generator(0))
     assert responses == hfb.sample(lm, prompts, 6, 8, 1, policy.generator(0))[0]
@@ -316,13 +386,15 @@ def test_sampler_cache_seed_eos_and_distribution():
     repeated = [x for x in prompts for _ in range(6)]
     batch = hfb.policy_batch(lm, repeated, responses, 0, {})
     torch.testing.assert_close(logps, batch["logp_ref"], rtol=1e-12, atol=1e-12)
+    two_stops, _ = hfb.sample(lm, prompts, 6, 8, {1, 3}, policy.generator(0))
+    assert all(not {1, 3} & set(y[:-1]) for y in two_stops) and any(y[-1] == 3 for y in two_stops)
 
-    n = 20000
+    n, lm = 20000, tiny_llama(64)
     first, _ = hfb.sample(lm, [prompts[0]], n, 1, 1, policy.generator(3))
-    counts = torch.bincount(torch.tensor([y[0] for y in first]), minlength=5).double()
+    counts = torch.bincount(torch.tensor([y[0] for y in first]), minlength=64).double()
     probs = torch.softmax(lm(input_ids=torch.tensor([prompts[0]])).logits[0, -1], -1).detach()
     chi2 = ((counts - n * probs) ** 2 / (n * probs)).sum().item()
-    assert chi2 < 18.5, (chi2, counts / n, probs)  # the 0.999 quantile of chi-square with 4 df
+    assert stats.chi2_sf(chi2, 63) > 0.001, (chi2, counts / n, probs)
 
 
 def test_two_tokenizers_each_model_reads_its_own(world, tokenizer):
@@ -387,6 +459,16 @@ def test_models_unsafe_for_second_order_are_refused(world, tokenizer):
             with pytest.raises(BadInput, match=message):
                 hfb.check_second_order(model, "the reward model", is_policy=False)
     hfb.check_second_order(cases[-1][1], "the reward model", is_policy=False)
+    with_module = tiny()
+    with_module.model.extra_dropout = nn.Dropout(0.1)  # a dropout module, not the config's attention dropout
+    with pytest.raises(BadInput, match="dropout is on"):
+        hfb.check_second_order(with_module, "the policy", is_policy=True)
+    _, other_pad, _ = hfb.toy_models(16, 1, 0, torch.float32)
+    other_pad.config.pad_token_id = tokenizer.eos_token_id
+    with pytest.raises(BadInput, match="is not its tokenizer's pad id"):
+        hfb.train(tiny(), tokenizer, other_pad, tokenizer, domains, TINY)
+    with pytest.raises(BadInput, match="K >= 2"):
+        hfb.train(tiny(), tokenizer, rm, tokenizer, domains, metarm.BilevelConfig(K=1))
     with pytest.raises(BadInput, match="no linear layer of the policy has that name"):
         hfb.with_lora_fa(tiny(), hfb.LoraFA(target_modules=("q_proj", "attention")))
 
