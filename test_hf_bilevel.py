@@ -163,9 +163,9 @@ def test_theta_exposure_b0_is_the_base_and_b_merges_by_hand(world, tokenizer):
 
 def test_lora_fa_targets_conv1d_and_dotted_names_and_a_bpe_tokenizer(world):
     """LoRA-FA on a GPT-2-style policy, whose attention is transformers' Conv1D, named by a dotted tail as peft
-    matches it: theta holds that layer's B and moves the policy. A SentencePiece-style BPE tokenizer (Metaspace,
-    trained here on the toy's text): a labelled completion's ids are the tail of prompt + completion tokenised
-    together, then eos, and decode back to the text."""
+    matches it: theta holds that layer's B and moves the policy. A legacy SentencePiece-style BPE tokenizer (trained
+    here on the toy's text): a labelled completion's ids are the tail of prompt + completion tokenised together,
+    then eos -- not the completion tokenised alone, which would start with an extra "▁"."""
     config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=4, n_positions=32)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
@@ -176,22 +176,24 @@ def test_lora_fa_targets_conv1d_and_dotted_names_and_a_bpe_tokenizer(world):
     batch = hfb.policy_batch(lm, [[1, 2, 3]], [[4, 5, 6]], 0, theta_ref)
     assert (hfb.logprob(lm, random_like(theta_ref, 1), batch) - batch["logp_ref"]).abs().item() > 1e-6
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
     pairs = pair_records(world, n=40)["taxi"]["pairs"]
-    backend = Tokenizer(models.BPE(unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
-    backend.decoder = decoders.Metaspace(prepend_scheme="always")
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))  # the legacy Llama-2 way: "▁" prepended, spaces to "▁"
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
     corpus = [p["prompt"] + p["chosen"] for p in pairs] + [p["prompt"] + p["rejected"] for p in pairs]
     backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
     bpe = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>")
+    alone = 0
     for p in pairs[:10]:
         prompt_ids = bpe(text=p["prompt"])["input_ids"]
         ids = hfb.response_ids(bpe, prompt_ids, p["prompt"], p["chosen"])
         assert (
             prompt_ids + ids[:-1] == bpe(text=p["prompt"] + p["chosen"])["input_ids"] and ids[-1] == bpe.eos_token_id
         )
-        assert bpe.decode(prompt_ids + ids[:-1]) == p["prompt"] + p["chosen"]
+        alone += ids[:-1] != bpe(text=p["chosen"], add_special_tokens=False)["input_ids"]
+    assert alone == 10  # tokenised alone, each completion would start with a "▁" that pi_ref never reads there
 
 
 def test_hvp_against_central_differences_and_symmetric(world, tokenizer):
@@ -386,8 +388,10 @@ def test_sampler_cache_seed_eos_and_distribution():
     repeated = [x for x in prompts for _ in range(6)]
     batch = hfb.policy_batch(lm, repeated, responses, 0, {})
     torch.testing.assert_close(logps, batch["logp_ref"], rtol=1e-12, atol=1e-12)
-    two_stops, _ = hfb.sample(lm, prompts, 6, 8, {1, 3}, policy.generator(0))
+    two_stops, logps = hfb.sample(lm, prompts, 6, 8, {1, 3}, policy.generator(0))
     assert all(not {1, 3} & set(y[:-1]) for y in two_stops) and any(y[-1] == 3 for y in two_stops)
+    batch = hfb.policy_batch(lm, repeated, two_stops, 0, {})  # nothing sampled after a stop counts
+    torch.testing.assert_close(logps, batch["logp_ref"], rtol=1e-12, atol=1e-12)
 
     n, lm = 20000, tiny_llama(64)
     first, _ = hfb.sample(lm, [prompts[0]], n, 1, 1, policy.generator(3))
@@ -510,10 +514,10 @@ def test_command_smoke(pairs_file, tmp_path, capsys):
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
 
 
-def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys):
+def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys, monkeypatch):
     """Pairs without a domain, an empty domain, a prompts file whose domain has no pairs, a missing or malformed
-    file, an unknown word, values out of range, a folder that is not a model: each is one 'hf_bilevel.py: error:'
-    line, exit code 2; an earlier run survives and nothing else is written."""
+    file, an unknown word, values out of range, a folder that is not a model, several processes: each is one
+    'hf_bilevel.py: error:' line, exit code 2; an earlier run survives and nothing else is written."""
     (tmp_path / "earlier").mkdir()
     (tmp_path / "earlier" / "metrics.json").write_text("{}")
     x = "<bos> <taxi> honestly the driver was"
@@ -545,5 +549,8 @@ def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys):
         code, out, err = run_main(command, capsys)
         assert code == 2 and err.startswith("hf_bilevel.py: error: ") and err.count("\n") == 1, (message, err)
         assert message in err, (message, err)
+    monkeypatch.setattr(hfb, "PartialState", lambda: SimpleNamespace(num_processes=2, device=torch.device("cpu")))
+    code, _, err = run_main(f"--pairs {pairs_file} --out {tmp_path}/two {TINY_COMMAND}", capsys)  # valid but for that
+    assert code == 2 and "several processes are not supported yet" in err and err.count("\n") == 1
     assert (tmp_path / "earlier" / "metrics.json").read_text() == "{}"
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["earlier"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["earlier"]  # no out, no out.partial
