@@ -421,10 +421,10 @@ class Encoder:
     def __init__(self, lm, lm_tokenizer, rm, rm_tokenizer, domains: dict, theta_ref: dict):
         self.lm, self.tok, self.rm, self.rm_tok, self.theta_ref = lm, lm_tokenizer, rm, rm_tokenizer, theta_ref
         self.pad_id = lm_tokenizer.pad_token_id if lm_tokenizer.pad_token_id is not None else lm_tokenizer.eos_token_id
-        generation_eos = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
-        self.eos_ids = {lm_tokenizer.eos_token_id} | set(
-            [] if generation_eos is None else [generation_eos] if isinstance(generation_eos, int) else generation_eos
-        )
+        stops = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)  # an id, a list, or None
+        if isinstance(stops, int):
+            stops = [stops]
+        self.eos_ids = {lm_tokenizer.eos_token_id, *(stops or [])}
         self.domains = domains
         self.prompt_ids = {d: [lm_tokenizer(text=x)["input_ids"] for x in v["prompts"]] for d, v in domains.items()}
         self.pooled = [p for v in domains.values() for p in v["pairs"]]
@@ -439,6 +439,8 @@ class Encoder:
         return tuple(batches)
 
     def problem(self, d: str, cfg: metarm.BilevelConfig, generator) -> dict:
+        """Domain d's data for one outer step, drawn from generator (metarm.draw_problem's order): the candidates
+        (policy batch "cand" and the reward model's "cand_rm") and the labelled pairs of (7)'s DPO term."""
         rows = policy.draw(len(self.prompt_ids[d]), cfg.prompts_per_domain, generator)
         prompts = [self.prompt_ids[d][i] for i in rows]
         responses, _ = sample(self.lm, prompts, cfg.K, cfg.max_new_tokens, self.eos_ids, generator)
@@ -462,6 +464,7 @@ class Encoder:
         return hf.with_separator(prompt, self.tok.decode(response, skip_special_tokens=True).strip())
 
     def lam_pairs(self, cfg: metarm.BilevelConfig, bt_generator) -> tuple:
+        """(chosen, rejected) reward-model batches of pooled pairs for lam L_BT."""
         pairs = [self.pooled[i] for i in policy.draw(len(self.pooled), cfg.pairs_per_domain, bt_generator)]
         prompts = [p["prompt"] for p in pairs]
         return tuple(rm_batch(self.rm, self.rm_tok, prompts, [p[s] for p in pairs]) for s in ("chosen", "rejected"))

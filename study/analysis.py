@@ -145,6 +145,11 @@ def path_reading(signal: bool, ratio_hi, share_hi, m2: str, m3: str, m4: list) -
     return "not decided"
 
 
+def upper_end(interval: dict | None):
+    """An interval's upper end; None without one (at lam = 0 there is no ratio)."""
+    return interval["ci95"][1] if interval and interval.get("ci95") else None
+
+
 def path(folder: Path) -> dict | None:
     """METHOD.md §5.4 from its committed runs (None until M1's and M2's are there): M1's signal, M2 (the path
     alone) beside its ceiling, M3 (true - swapped) and its mean over M2's, M4 at the settings that ran, M5's DPO
@@ -160,7 +165,8 @@ def path(folder: Path) -> dict | None:
         run = tables.load(folder, name)
         if run is None:
             break
-        over = [a - b for a, b in zip(*(run["paired"][c]["per_seed"] for c in ("bilevel_gold - vanilla_rm", CEILING)))]
+        gold, ceiling = (run["paired"][c]["per_seed"] for c in ("bilevel_gold - vanilla_rm", CEILING))
+        over = [a - b for a, b in zip(gold, ceiling)]
         m4.append(
             {
                 "setting": setting,
@@ -174,7 +180,6 @@ def path(folder: Path) -> dict | None:
         run = tables.load(folder, name)
         if run is not None:
             corner.append({"row": row, "run": name, **judged(run, "dpo - sft")})
-    upper = {key: (m1[key]["ci95"] or [None, None])[1] if m1[key] else None for key in ("ratio", "share_dpo")}
     accuracy = {  # not registered: the RM's accuracy on the dev domains' evaluation pairs (gold order)
         f"{m}, lam = {run['config']['lam']:g}": run["methods"][m]["rm_accuracy"]
         for run, methods in ((runs["M1"], ("vanilla_rm", "bilevel")), (m2_run, ("bilevel", "bilevel_swapped")))
@@ -195,7 +200,12 @@ def path(folder: Path) -> dict | None:
     if len(corner) == len(DPO_CORNER):
         out["M5_inside_grid"] = all(row["mean"] <= corner[0]["mean"] for row in corner[1:])
     out["reading"] = path_reading(
-        m1["signal"], upper["ratio"], upper["share_dpo"], m2["verdict"], m3["verdict"], [e["verdict"] for e in m4]
+        m1["signal"],
+        upper_end(m1["ratio"]),
+        upper_end(m1["share_dpo"]),
+        m2["verdict"],
+        m3["verdict"],
+        [e["verdict"] for e in m4],
     )
     return out
 
