@@ -12,8 +12,9 @@ is downloaded (models are built from a config or read from a local folder).
 Symbols -> names (METHOD.md §2):
     phi            the reward model's trainable parameters (those with requires_grad: all of them, or with
                    --rm-lora its LoRA adapters and score head), trained in place by Adam
-    theta          the policy's LoRA-FA adapters: every adapter's B (A frozen, drawn from the seed; B = 0 at
-                   theta_ref, so pi_theta_ref = pi_ref exactly and the weights of (4) start uniform)
+    theta          the policy's LoRA-FA adapters (Lora): every adapter's B (A frozen, drawn from the seed; B = 0 at
+                   theta_ref, so pi_theta_ref = pi_ref exactly and the weights of (4) start uniform); with
+                   --lora-full the A's too (Lora's docstring: why rho must then come from Lanczos)
     Delta_theta    log pi_theta(y|x) - log pi_ref(y|x) of a response, eos included (`implicit_reward`)
     K, beta        candidates per prompt, sampled from pi_ref (`sample`); the KL coefficient of (5)
     rho, T         the proximal weight of (5); inner gradient steps (6) of size 1 / (lambda_max + rho)
@@ -186,20 +187,28 @@ def toy_models(hidden: int, layers: int, seed: int, dtype) -> tuple:
     return without_dropout(lm), without_dropout(rm), tokenizer
 
 
-# ==== theta: the policy's LoRA-FA adapters ===================================================================
+# ==== theta: the policy's LoRA adapters ======================================================================
 @dataclass
-class LoraFA:
-    """theta = the B of every adapter; A frozen, drawn from seed as peft draws it (Kaiming-uniform, a = sqrt(5))."""
+class Lora:
+    """theta: LoRA-FA by default, the B of every adapter, with A frozen; full=True frees A too. A is drawn from seed
+    as peft draws it (Kaiming-uniform, a = sqrt(5)), B starts at 0.
+
+    Full LoRA, honestly: g depends on theta only through B A, so the Hessian of (5) has flat directions
+    (A -> S A, B -> B S^-1 for any invertible S) and, at B = 0, a zero A-A block beside a nonzero A-B block: it is
+    indefinite there. CG needs H + rho I positive definite, so rho > -lambda_min must come from Lanczos at theta*
+    (calibrate) and be kept by the re-check: full LoRA is refused with --recheck-every 0."""
 
     rank: int = 8
     alpha: float = 16.0  # the update is (alpha / rank) B A
     target_modules: tuple = ("q_proj", "v_proj")  # the LoRA paper's choice and peft's default for Llama
     seed: int = 0
+    full: bool = False  # False: LoRA-FA (theta = the B's); True: theta = the A's and the B's
 
 
-def with_lora_fa(lm, lora: LoraFA) -> tuple:
-    """(the policy with LoRA adapters, theta_ref = every B as zeros): the model's own weights and A frozen, A drawn
-    from an explicit generator seeded lora.seed, B = 0 (so the model as it is stays pi_ref)."""
+def with_lora(lm, lora: Lora) -> tuple:
+    """(the policy with LoRA adapters, theta_ref): the model's own weights frozen, A drawn from an explicit generator
+    seeded lora.seed, B = 0 (so the model as it is stays pi_ref); theta_ref holds every B as zeros and, with
+    lora.full, every A as drawn."""
     check_targets(lm, lora.target_modules)
     config = LoraConfig(
         r=lora.rank, lora_alpha=lora.alpha, target_modules=list(lora.target_modules), lora_dropout=0.0, bias="none"
@@ -214,6 +223,8 @@ def with_lora_fa(lm, lora: LoraFA) -> tuple:
                 p.copy_(
                     nn.init.kaiming_uniform_(torch.empty(p.shape, dtype=p.dtype), a=math.sqrt(5), generator=generator)
                 )
+            if lora.full:
+                theta_ref[name] = p.detach().clone()
         elif ".lora_B." in name:
             theta_ref[name] = torch.zeros_like(p)
     return without_dropout(lm), theta_ref
@@ -497,7 +508,7 @@ def step_cost(lm, prob: dict, cfg: metarm.BilevelConfig, theta: dict, theta_ref:
     return {"forward_seconds": statistics.median(forward), "gradient_seconds": statistics.median(gradient)}
 
 
-def check_setup(lm, rm, rm_tokenizer, cfg: metarm.BilevelConfig, lora: LoraFA):
+def check_setup(lm, rm, rm_tokenizer, cfg: metarm.BilevelConfig, lora: Lora):
     """BadInput (one line) for what train cannot run: a model unsafe for second order, several processes (the next
     step), a solver other than CG, K < 2, no outer step, a reward model without trainable parameters or whose
     configured pad id is not its tokenizer's (the reward is read at the last token that is not padding), the models
@@ -518,6 +529,8 @@ def check_setup(lm, rm, rm_tokenizer, cfg: metarm.BilevelConfig, lora: LoraFA):
     if next(lm.parameters()).device != next(rm.parameters()).device:
         raise BadInput("the policy and the reward model are on two devices")
     check_targets(lm, lora.target_modules)
+    if lora.full and not cfg.recalibrate_every:
+        raise BadInput("full LoRA needs rho re-checked at theta* (--recheck-every >= 1): its Hessian is indefinite")
 
 
 def train(
@@ -527,19 +540,19 @@ def train(
     rm_tokenizer,
     domains: dict,
     cfg: metarm.BilevelConfig,
-    lora: LoraFA = LoraFA(),
+    lora: Lora = Lora(),
     seed: int = 0,
     probe_domains: int = 4,
     progress=None,
 ) -> dict:
     """Eqs. (6)-(8), meta-training: Adam on rm's trainable parameters phi, in place, along the hypergradient of F.
-    lm: the policy (a causal LM, frozen; theta = its LoRA-FA adapters, added here); domains: read_domains's dict.
+    lm: the policy (a causal LM, frozen; theta = its LoRA adapters, added here: lora); domains: read_domains's dict.
     rho and the inner step are calibrated first on one problem of each of the first probe_domains domains (as
     train.py does on four), then re-checked on the drawn domains every cfg.recalibrate_every outer steps. Returns
     the metrics (module docstring); rm is trained in place, lm gets the adapters in place (peft)."""
     check_setup(lm, rm, rm_tokenizer, cfg, lora)
     cfg = replace(cfg)
-    lm, theta_ref = with_lora_fa(lm, lora)
+    lm, theta_ref = with_lora(lm, lora)
     phi = {n: p for n, p in rm.named_parameters() if p.requires_grad}
     device = next(lm.parameters()).device
     generator, bt_generator = policy.generator(seed, device), policy.generator(seed + 1, device)
@@ -587,9 +600,10 @@ class Args:
     reward_model: str = option("", "a local reward model folder; empty: a tiny Llama on the toy vocabulary")
     rm_lora: bool = option(False, "phi = the reward model's LoRA adapters and score head (peft), not all of it")
     rm_lora_r: int = option(8, "the reward model's LoRA rank (--rm-lora)")
-    lora_r: int = option(LoraFA.rank, "theta: the rank of the policy's LoRA-FA adapters")
-    lora_alpha: float = option(LoraFA.alpha, "theta: LoRA alpha (the update is alpha / r B A)")
-    lora_targets: str = option(",".join(LoraFA.target_modules), "theta: the policy's adapted modules, by name")
+    lora_r: int = option(Lora.rank, "theta: the rank of the policy's LoRA adapters")
+    lora_alpha: float = option(Lora.alpha, "theta: LoRA alpha (the update is alpha / r B A)")
+    lora_targets: str = option(",".join(Lora.target_modules), "theta: the policy's adapted modules, by name")
+    lora_full: bool = option(False, "theta: A and B free (full LoRA), not LoRA-FA's B alone")
     outer_steps: int = option(metarm.BilevelConfig.outer_steps, "outer steps of Adam on phi")
     lr: float = option(metarm.BilevelConfig.lr, "Adam's step size on phi")
     lam: float = option(metarm.BilevelConfig.lam, "lambda, the weight of L_BT in (7)")
@@ -692,7 +706,7 @@ def command(a: Args):
         rho_factor=a.rho_factor,
         max_new_tokens=a.max_new_tokens,
     )
-    lora = LoraFA(a.lora_r, a.lora_alpha, tuple(t for t in a.lora_targets.split(",") if t), a.seed)
+    lora = Lora(a.lora_r, a.lora_alpha, tuple(t for t in a.lora_targets.split(",") if t), a.seed, a.lora_full)
     lm, rm = lm.to(device), rm.to(device)
     check_setup(lm, rm, rm_tokenizer, cfg, lora)  # before anything is written
     tmp = cli.prepare_out(out, "metrics.json")
@@ -701,7 +715,11 @@ def command(a: Args):
     bar.close()
     rm.save_pretrained(tmp)
     rm_tokenizer.save_pretrained(tmp)
-    sizes = {"theta": sum(p.numel() for n, p in lm.named_parameters() if ".lora_B." in n)}
+    sizes = {
+        "theta": sum(
+            p.numel() for n, p in lm.named_parameters() if ".lora_B." in n or (a.lora_full and ".lora_A." in n)
+        )
+    }
     sizes["phi"] = sum(p.numel() for p in rm.parameters() if p.requires_grad)
     header = {"config": asdict(a), "domains": {d: len(v["pairs"]) for d, v in domains.items()}, "sizes": sizes}
     cli.write_json(tmp / "metrics.json", {**header, **metrics})

@@ -18,6 +18,8 @@ the eager softmax are patched to keep float64 (`float64_llama`), or float64 chec
                                                                seed, the same candidates; eos kept and last; the
                                                                first token's frequencies == softmax (chi-square)
     test_two_tokenizers_each_model_reads_its_own               the reward model reads the same text in its own ids
+    test_full_lora_flat_directions_indefinite_at_b0_and_the_calibrated_rho  g under (S A, B S^-1); the A-A block
+                                                               at B = 0; H + rho I positive definite at theta*
 Refusals: test_models_unsafe_for_second_order_are_refused, test_bad_input_is_one_line_and_writes_nothing;
 test_command_smoke (a smoke test, not a truth).
 """
@@ -27,6 +29,7 @@ import importlib
 import json
 import math
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -102,10 +105,11 @@ def pair_records(world, domains=("taxi", "pizzeria"), n=6) -> dict:
 TINY = metarm.BilevelConfig(K=3, prompts_per_domain=2, pairs_per_domain=4, T=5, max_new_tokens=4, lam=0.3)
 
 
-def tiny_setup(world, tokenizer, rank=2, seed=0):
-    """(policy with LoRA-FA, theta_ref, reward model, one domain's problem): 16-wide one-layer float64 Llamas."""
+def tiny_setup(world, tokenizer, rank=2, seed=0, full=False):
+    """(policy with LoRA-FA -- full LoRA with full --, theta_ref, reward model, one domain's problem, the encoder):
+    16-wide one-layer float64 Llamas."""
     lm, rm, _ = hfb.toy_models(16, 1, seed, torch.float64)
-    lm, theta_ref = hfb.with_lora_fa(lm, hfb.LoraFA(rank=rank, alpha=2.0 * rank, seed=seed))
+    lm, theta_ref = hfb.with_lora(lm, hfb.Lora(rank=rank, alpha=2.0 * rank, seed=seed, full=full))
     encoder = hfb.Encoder(lm, tokenizer, rm, tokenizer, pair_records(world), theta_ref)
     prob = encoder.problem("taxi", TINY, policy.generator(seed))
     return lm, theta_ref, rm, prob, encoder
@@ -130,8 +134,8 @@ def test_theta_exposure_b0_is_the_base_and_b_merges_by_hand(world, tokenizer):
     same for the same seed, another for another."""
     lm, _, _ = hfb.toy_models(16, 1, 0, torch.float64)
     base = copy.deepcopy(lm)
-    lora = hfb.LoraFA(rank=2, alpha=3.0, target_modules=("q_proj", "v_proj"), seed=0)
-    lm, theta_ref = hfb.with_lora_fa(lm, lora)
+    lora = hfb.Lora(rank=2, alpha=3.0, target_modules=("q_proj", "v_proj"), seed=0)
+    lm, theta_ref = hfb.with_lora(lm, lora)
     pairs = pair_records(world)["taxi"]["pairs"]
     prompts = [tokenizer(text=p["prompt"])["input_ids"] for p in pairs]
     responses = [hfb.response_ids(tokenizer, x, p["prompt"], p["chosen"]) for x, p in zip(prompts, pairs)]
@@ -154,8 +158,8 @@ def test_theta_exposure_b0_is_the_base_and_b_merges_by_hand(world, tokenizer):
     torch.testing.assert_close(hfb.logprob(lm, theta, batch), expected, rtol=1e-12, atol=1e-12)
     assert len(theta) == 2 and (hfb.logprob(lm, theta, batch) - expected).abs().max() < 1e-12
     assert not torch.allclose(expected, hfb.logprob(lm, theta_ref, batch))  # B moves the policy
-    again, _ = hfb.with_lora_fa(hfb.toy_models(16, 1, 0, torch.float64)[0], lora)  # A is drawn from the seed
-    other, _ = hfb.with_lora_fa(hfb.toy_models(16, 1, 0, torch.float64)[0], hfb.LoraFA(2, 3.0, seed=1))
+    again, _ = hfb.with_lora(hfb.toy_models(16, 1, 0, torch.float64)[0], lora)  # A is drawn from the seed
+    other, _ = hfb.with_lora(hfb.toy_models(16, 1, 0, torch.float64)[0], hfb.Lora(2, 3.0, seed=1))
     for name, A in weights.items():
         if ".lora_A." in name:
             assert torch.equal(again.get_parameter(name), A) and not torch.equal(other.get_parameter(name), A)
@@ -169,8 +173,8 @@ def test_lora_fa_targets_conv1d_and_dotted_names_and_a_bpe_tokenizer(world):
     config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=4, n_positions=32)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    lm, theta_ref = hfb.with_lora_fa(
-        transformers.GPT2LMHeadModel(config).double().eval(), hfb.LoraFA(2, 4.0, ("attn.c_attn",))
+    lm, theta_ref = hfb.with_lora(
+        transformers.GPT2LMHeadModel(config).double().eval(), hfb.Lora(2, 4.0, ("attn.c_attn",))
     )
     assert [n.split(".lora_B")[0] for n in theta_ref] == ["base_model.model.transformer.h.0.attn.c_attn"]
     batch = hfb.policy_batch(lm, [[1, 2, 3]], [[4, 5, 6]], 0, theta_ref)
@@ -222,12 +226,13 @@ def test_hvp_against_central_differences_and_symmetric(world, tokenizer):
     assert abs(bilevel.dot(u, Hv).item() - bilevel.dot(v, Hu).item()) < 1e-12 * bilevel.norm(Hv) * bilevel.norm(u)
 
 
-def test_hypergradient_against_central_differences_of_F(world, tokenizer):
+@pytest.mark.parametrize("full", [False, True], ids=["lora_fa", "full_lora"])
+def test_hypergradient_against_central_differences_of_F(world, tokenizer, full):
     """grad_phi F (Eqs. (7)(8): hf_bilevel.outer_gradient, CG to 1e-12 at a Newton-solved theta*) along three
     random unit directions u of phi (every reward-model parameter) == (F(phi + eps u) - F(phi - eps u)) / 2 eps,
     each F = (N/n) L_DPO(theta*(phi)) + lam L_BT(phi), one drawn domain of N = 2, with theta*(phi) solved by Newton
-    (bilevel.newton_solve) to 1e-12."""
-    lm, theta_ref, rm, prob, encoder = tiny_setup(world, tokenizer, rank=1)
+    (bilevel.newton_solve) to 1e-12; theta = LoRA-FA's B's, and full LoRA's A's and B's."""
+    lm, theta_ref, rm, prob, encoder = tiny_setup(world, tokenizer, rank=1, full=full)
     # rho = 2, well above -lambda_min (about 0.4 here), so that pure Newton converges from theta_ref
     cfg = metarm.BilevelConfig(**{**TINY.__dict__, "rho": 2.0, "inner_lr": 0.3, "cg_iters": 200, "cg_tol": 1e-12})
     lam_pairs = encoder.lam_pairs(cfg, policy.generator(7))
@@ -260,6 +265,54 @@ def test_hypergradient_against_central_differences_of_F(world, tokenizer):
         fd = (F_plus - F_minus) / (2 * eps)
         analytic = sum((gr * u[n]).sum().item() for gr, n in zip(grads, phi))
         assert abs(analytic - fd) <= 1e-6 * abs(fd), (analytic, fd)  # measured: about 3e-8
+
+
+def explicit_hessian(g, theta: dict, outer: dict):
+    """The Hessian of g(., outer) at theta as a matrix, one HVP per column (parameters flattened in theta's order)."""
+    sizes = [p.numel() for p in theta.values()]
+    columns = []
+    for j in range(sum(sizes)):
+        e = torch.zeros(sum(sizes), dtype=torch.float64)
+        e[j] = 1.0
+        v = dict(zip(theta, (x.view_as(p) for x, p in zip(e.split(sizes), theta.values()))))
+        columns.append(torch.cat([h.flatten() for h in bilevel.hvp(lambda th: g(th, outer), theta, v).values()]))
+    H = torch.stack(columns, 1)
+    return (H + H.T) / 2
+
+
+def test_full_lora_flat_directions_indefinite_at_b0_and_the_calibrated_rho(world, tokenizer):
+    """Full LoRA (A and B free), the inner objective of (5) without rho: unchanged under A -> S A, B -> B S^-1 at
+    a random point (1e-12); at B = 0 the A-A block of its Hessian is zero (an HVP along A's has no A part) while the
+    A-B block is not, and the Hessian written out column by column is indefinite; with calibrate's rho, H + rho I
+    at calibrate's theta* is positive definite (eigvalsh of the explicit matrix, not Lanczos). Without the re-check
+    of rho, full LoRA is refused."""
+    lm, theta_ref, rm, prob, _ = tiny_setup(world, tokenizer, rank=2, full=True)
+    g0, _ = hfb.level_functions(lm, prob, replace(TINY, rho=0.0), theta_ref)
+    r = {"r": hfb.candidate_rewards(rm, prob, TINY.K).detach()}
+    theta = bilevel.add(theta_ref, random_like(theta_ref, 3), 0.3)
+    S = torch.randn(2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 2 * torch.eye(2)
+    moved = {n: S @ t if ".lora_A." in n else t @ torch.linalg.inv(S) for n, t in theta.items()}
+    assert abs(g0(moved, r).item() - g0(theta, r).item()) < 1e-12
+    along_a = {n: torch.randn_like(t) if ".lora_A." in n else torch.zeros_like(t) for n, t in theta_ref.items()}
+    Hv = bilevel.hvp(lambda th: g0(th, r), theta_ref, along_a)
+    assert max(Hv[n].abs().max().item() for n in Hv if ".lora_A." in n) < 1e-12
+    assert max(Hv[n].abs().max().item() for n in Hv if ".lora_B." in n) > 1e-6
+    eigenvalues = torch.linalg.eigvalsh(explicit_hessian(g0, theta_ref, r))
+    assert eigenvalues[0] < -1e-6 and eigenvalues[-1] > 1e-6  # indefinite at B = 0
+
+    cfg = replace(TINY)
+    hfb.calibrate(lm, rm, {"taxi": prob}, cfg, theta_ref)
+    g, _ = hfb.level_functions(lm, prob, cfg, theta_ref)
+    theta_star, _ = bilevel.inner_solve(g, theta_ref, r, 4 * cfg.T, cfg.inner_lr)  # calibrate's last theta*
+    assert torch.linalg.eigvalsh(explicit_hessian(g0, theta_star, r))[0] + cfg.rho > 0
+    with pytest.raises(BadInput, match="full LoRA needs rho re-checked"):
+        hfb.check_setup(
+            hfb.toy_models(16, 1, 0, torch.float64)[0],
+            rm,
+            tokenizer,
+            replace(TINY, recalibrate_every=0),
+            hfb.Lora(full=True),
+        )
 
 
 class ToyPolicy(nn.Module):
@@ -414,7 +467,7 @@ def test_two_tokenizers_each_model_reads_its_own(world, tokenizer):
     )
     lm, rm, _ = hfb.toy_models(16, 1, 0, torch.float64)
     rm.config.pad_token_id = rm_tokenizer.pad_token_id
-    lm, theta_ref = hfb.with_lora_fa(lm, hfb.LoraFA(rank=2, seed=0))
+    lm, theta_ref = hfb.with_lora(lm, hfb.Lora(rank=2, seed=0))
     encoder = hfb.Encoder(lm, tokenizer, rm, rm_tokenizer, pair_records(world), theta_ref)
     prob = encoder.problem("taxi", TINY, policy.generator(0))
     specials = set(tokenizer.all_special_tokens) - {data.EOS}
@@ -474,7 +527,7 @@ def test_models_unsafe_for_second_order_are_refused(world, tokenizer):
     with pytest.raises(BadInput, match="K >= 2"):
         hfb.train(tiny(), tokenizer, rm, tokenizer, domains, metarm.BilevelConfig(K=1))
     with pytest.raises(BadInput, match="no linear layer of the policy has that name"):
-        hfb.with_lora_fa(tiny(), hfb.LoraFA(target_modules=("q_proj", "attention")))
+        hfb.with_lora(tiny(), hfb.Lora(target_modules=("q_proj", "attention")))
 
 
 def run_main(argv: str, capsys):
