@@ -46,7 +46,8 @@ step; the toy re-checks every 20th). Resuming a run is not supported.
 Command (`python hf_bilevel.py --help`): train a reward model on the pairs JSONL that train.py writes (prompt /
 chosen / rejected / domain); writes the reward model (its LoRA adapter with --rm-lora) and tokenizer by
 `save_pretrained`, and metrics.json: per outer step F, |grad F|, rho, lambda_min, lambda_max, HVPs, CG residuals;
-the calibration; one outer step's cost in forwards and gradients. Python: `hf_bilevel.train(...)`.
+the calibration; one outer step's cost in forwards and gradients. Python: `hf_bilevel.train(...)`. The meta-test
+(3) on your policy: `rloo_reward` gives TRL's RLOOTrainer the trained reward model as a reward callable.
 """
 
 import functools
@@ -588,6 +589,37 @@ def train(
         in_gradients=outer_seconds / cost["gradient_seconds"],
     )
     return {"calibration": calibration, "log": log, "cost": cost, "seconds": time.perf_counter() - t0}
+
+
+# ==== The hand-over to the meta-test: a reward for TRL's RLOOTrainer ===========================================
+def reference_samples(lm, tokenizer, prompts: list, k: int, max_new_tokens: int, seed: int = 0) -> tuple:
+    """pi_ref's samples of prompts, k each (sample, before any RL step: the scale of §1), as text: (the prompt of
+    each sample, its completion decoded without special tokens, as RLOO decodes)."""
+    prompt_ids = [tokenizer(text=x)["input_ids"] for x in prompts]
+    responses, _ = sample(lm, prompt_ids, k, max_new_tokens, tokenizer.eos_token_id, policy.generator(seed))
+    repeated = [x for x in prompts for _ in range(k)]
+    return repeated, [tokenizer.decode(y, skip_special_tokens=True).strip() for y in responses]
+
+
+def rloo_reward(rm, rm_tokenizer, reference_prompts: list, reference_completions: list, batch_size: int = 64):
+    """The meta-test's reward (3) for `trl.RLOOTrainer(reward_funcs=...)`: a callable (prompts, completions,
+    **kwargs) -> [float] on the trained reward model's own tokenisation -- prompt, separator, completion, eos
+    (hf.token_ids), as it was trained; given the model itself, RLOO would feed it prompt + completion with no
+    separator and no eos, and it decodes completions without special tokens -- standardised by the mean and
+    standard deviation of r over pi_ref's reference samples (reference_samples; §1's scale, as the toy's meta-test
+    standardises, so that RLOO's KL coefficient means what beta means in (3) and (5); RLOO itself does not)."""
+
+    def separated(prompts, completions):
+        return [hf.with_separator(x, y.strip()) for x, y in zip(prompts, completions)]
+
+    reference = hf.rewards(rm, rm_tokenizer, reference_prompts, separated(reference_prompts, reference_completions))
+    mean, std = reference.mean().item(), max(reference.std().item(), 1e-6)
+
+    def bilevel_reward(prompts, completions, **kwargs):
+        r = hf.rewards(rm, rm_tokenizer, list(prompts), separated(prompts, completions), batch_size)
+        return ((r - mean) / std).tolist()
+
+    return bilevel_reward
 
 
 # ==== The command ==============================================================================================

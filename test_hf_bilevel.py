@@ -20,8 +20,9 @@ the eager softmax are patched to keep float64 (`float64_llama`), or float64 chec
     test_two_tokenizers_each_model_reads_its_own               the reward model reads the same text in its own ids
     test_full_lora_flat_directions_indefinite_at_b0_and_the_calibrated_rho  g under (S A, B S^-1); the A-A block
                                                                at B = 0; H + rho I positive definite at theta*
-Refusals: test_models_unsafe_for_second_order_are_refused, test_bad_input_is_one_line_and_writes_nothing;
-test_command_smoke (a smoke test, not a truth).
+The hand-over: test_rloo_reward_is_the_reward_model_scored_by_hand_and_drives_rloo (the callable by hand; a smoke
+run of trl.RLOOTrainer). Refusals: test_models_unsafe_for_second_order_are_refused,
+test_bad_input_is_one_line_and_writes_nothing; test_command_smoke (a smoke test, not a truth).
 """
 
 import copy
@@ -607,3 +608,47 @@ def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys, 
     assert code == 2 and "several processes are not supported yet" in err and err.count("\n") == 1
     assert (tmp_path / "earlier" / "metrics.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["earlier"]  # no out, no out.partial
+
+
+def test_rloo_reward_is_the_reward_model_scored_by_hand_and_drives_rloo(world, tokenizer, tmp_path):
+    """The meta-test's reward for TRL's RLOOTrainer: the callable's value == r_phi of prompt + " " + completion + eos
+    run one sequence at a time (no padding), minus the mean over pi_ref's reference samples scored the same way, over
+    their standard deviation (1e-5: hf.rewards returns float32). Then a smoke run, not a truth: two steps of
+    trl.RLOOTrainer on a tiny saved policy with the callable as its reward log a finite reward."""
+    trl = pytest.importorskip("trl", reason=REASON)
+    datasets = pytest.importorskip("datasets", reason=REASON)
+    lm, rm, _ = hfb.toy_models(16, 1, 0, torch.float64)
+    pairs = pair_records(world)["taxi"]["pairs"]
+    prompts = [p["prompt"] for p in pairs]
+    ref_prompts, ref_completions = hfb.reference_samples(lm, tokenizer, prompts[:3], 2, 5)
+    reward = hfb.rloo_reward(rm, tokenizer, ref_prompts, ref_completions)
+
+    def by_hand(x, y):
+        ids = tokenizer(text=x + " " + y)["input_ids"] + [tokenizer.eos_token_id]
+        with torch.no_grad():
+            return rm(input_ids=torch.tensor([ids])).logits[0, 0].item()
+
+    reference = torch.tensor([by_hand(x, y) for x, y in zip(ref_prompts, ref_completions)], dtype=torch.float64)
+    completions = [p["chosen"].replace(data.EOS, "").strip() for p in pairs]  # as RLOO decodes them: no eos
+    expected = [
+        (by_hand(x, y) - reference.mean().item()) / reference.std().item() for x, y in zip(prompts, completions)
+    ]
+    torch.testing.assert_close(
+        torch.tensor(reward(prompts=prompts, completions=completions)), torch.tensor(expected), rtol=1e-5, atol=1e-5
+    )
+
+    policy_dir = tmp_path / "policy"
+    lm.float().save_pretrained(policy_dir)
+    tokenizer.save_pretrained(policy_dir)
+    args = trl.RLOOConfig(
+        output_dir=str(tmp_path / "rloo"), num_generations=2, max_steps=2, per_device_train_batch_size=4,
+        max_completion_length=6, use_cpu=True, report_to="none", bf16=False, logging_steps=1, save_strategy="no",
+        disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    dataset = datasets.Dataset.from_list([{"prompt": x} for x in prompts])
+    trainer = trl.RLOOTrainer(
+        model=str(policy_dir), reward_funcs=reward, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.train()
+    logged = [e["reward"] for e in trainer.state.log_history if "reward" in e]
+    assert len(logged) == 2 and all(math.isfinite(x) for x in logged)
