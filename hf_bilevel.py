@@ -25,7 +25,8 @@ Why a plain loop, not a TRL trainer: a TRL trainer steps one model on the gradie
 loss of phi is F(phi) = f(theta*(phi)), with theta*_d solved to a fixed point per drawn domain (warm-started from
 its last solve), and its gradient is (8): conjugate gradients with Hessian-vector products of the inner loss
 through the policy, then one backward through the reward model. No trainer has that step; a loop of 30 lines does,
-with `accelerate` for the device. Several processes are the next step (refused here).
+with `accelerate` for the device and, under `accelerate launch`, several processes (train's docstring: each rank
+solves its own domains, the phi-gradients are averaged across ranks, rho is reduced by its maximum).
 
 Safe for second order: an HVP differentiates the forward twice. The loaders pick eager attention (fused kernels
 have no double backward) and switch dropout off; a model object given from Python is refused, in one line, with
@@ -481,15 +482,25 @@ class Encoder:
         prompts = [p["prompt"] for p in pairs]
         return tuple(rm_batch(self.rm, self.rm_tok, prompts, [p[s] for p in pairs]) for s in ("chosen", "rejected"))
 
-    def draw(self, cfg: metarm.BilevelConfig, generator, bt_generator) -> tuple:
-        """One outer step's (problems of cfg.domains_per_step domains drawn without replacement, lam pairs)."""
-        lam_pairs = self.lam_pairs(cfg, bt_generator)
+    def pick(self, count: int, generator) -> list:
+        """count of the domains, drawn without replacement."""
         names = list(self.domains)
-        picks = torch.randperm(len(names), generator=generator, device=generator.device)[: cfg.domains_per_step]
-        return {names[i]: self.problem(names[i], cfg, generator) for i in picks.tolist()}, lam_pairs
+        return [names[i] for i in torch.randperm(len(names), generator=generator, device=generator.device)[:count]]
 
 
 # ==== Meta-training: the outer loop ============================================================================
+def processes():
+    """accelerate's state: one process, or one per rank under `accelerate launch` (on CPU: gloo)."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def across_processes(x: torch.Tensor, op: str) -> torch.Tensor:
+    """x reduced over the processes of `accelerate launch` ("sum", "max" or "min"), in place; x itself in one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(x, getattr(torch.distributed.ReduceOp, op.upper()))
+    return x
+
+
 def step_cost(lm, prob: dict, cfg: metarm.BilevelConfig, theta: dict, theta_ref: dict, repeats: int = 3) -> dict:
     """Seconds of one forward of the policy on a problem's candidates and of one gradient of g there (median of
     repeats), the units in which an outer step's cost is reported."""
@@ -509,15 +520,19 @@ def step_cost(lm, prob: dict, cfg: metarm.BilevelConfig, theta: dict, theta_ref:
     return {"forward_seconds": statistics.median(forward), "gradient_seconds": statistics.median(gradient)}
 
 
-def check_setup(lm, rm, rm_tokenizer, cfg: metarm.BilevelConfig, lora: Lora):
-    """BadInput (one line) for what train cannot run: a model unsafe for second order, several processes (the next
-    step), a solver other than CG, K < 2, no outer step, a reward model without trainable parameters or whose
-    configured pad id is not its tokenizer's (the reward is read at the last token that is not padding), the models
-    on two devices, or a LoRA target that names no linear layer."""
+def check_setup(lm, rm, rm_tokenizer, cfg: metarm.BilevelConfig, lora: Lora, n_domains: int, world: int = 1):
+    """BadInput (one line) for what train cannot run: a model unsafe for second order, more domains per outer step
+    over the processes (world) than there are (n_domains), a solver other than CG, K < 2, no outer step, a reward
+    model without trainable parameters or whose configured pad id is not its tokenizer's (the reward is read at the
+    last token that is not padding), the models on two devices, a LoRA target that names no linear layer, or full
+    LoRA without the re-check of rho."""
     check_second_order(lm, "the policy", is_policy=True)
     check_second_order(rm, "the reward model", is_policy=False)
-    if PartialState().num_processes > 1:
-        raise BadInput("several processes are not supported yet: run hf_bilevel.py in one process")
+    if world * cfg.domains_per_step > n_domains:
+        raise BadInput(
+            f"{world} process(es) x {cfg.domains_per_step} domains per step > the {n_domains} domains: each outer "
+            "step draws them without replacement"
+        )
     if cfg.solver != "cg" or cfg.K < 2 or cfg.outer_steps < 1:
         raise BadInput("hf_bilevel.py computes (8) by CG only, with K >= 2 and at least one outer step")
     if not any(p.requires_grad for p in rm.parameters()):
@@ -532,6 +547,24 @@ def check_setup(lm, rm, rm_tokenizer, cfg: metarm.BilevelConfig, lora: Lora):
     check_targets(lm, lora.target_modules)
     if lora.full and not cfg.recalibrate_every:
         raise BadInput("full LoRA needs rho re-checked at theta* (--recheck-every >= 1): its Hessian is indefinite")
+
+
+def recheck_ranks(lm, rm, problems: dict, warm: dict, cfg: metarm.BilevelConfig, theta_ref: dict, device) -> dict:
+    """recheck on each rank's problems (problems, warm: rank -> its own), each from the same rho and step; then rho
+    is the largest any rank raised it to and the inner step the smallest, over the ranks here and the processes."""
+    rho, step, lam_min, lam_max, hvps = [], [], [], [], 0
+    for r in problems:
+        cfg_r = replace(cfg)
+        curvature = recheck(lm, rm, problems[r], warm[r], cfg_r, theta_ref)
+        rho.append(cfg_r.rho)
+        step.append(cfg_r.inner_lr)
+        lam_min.append(curvature["lambda_min"])
+        lam_max.append(curvature["lambda_max"])
+        hvps += curvature["lanczos_hvps"]
+    largest = across_processes(torch.tensor([max(rho), max(lam_max)], dtype=torch.float64, device=device), "max")
+    smallest = across_processes(torch.tensor([min(step), min(lam_min)], dtype=torch.float64, device=device), "min")
+    cfg.rho, cfg.inner_lr = largest[0].item(), smallest[0].item()
+    return {"lambda_min": smallest[1].item(), "lambda_max": largest[1].item(), "lanczos_hvps": hvps}
 
 
 def train(
@@ -550,37 +583,68 @@ def train(
     lm: the policy (a causal LM, frozen; theta = its LoRA adapters, added here: lora); domains: read_domains's dict.
     rho and the inner step are calibrated first on one problem of each of the first probe_domains domains (as
     train.py does on four), then re-checked on the drawn domains every cfg.recalibrate_every outer steps. Returns
-    the metrics (module docstring); rm is trained in place, lm gets the adapters in place (peft)."""
-    check_setup(lm, rm, rm_tokenizer, cfg, lora)
+    the metrics (module docstring); rm is trained in place, lm gets the adapters in place (peft).
+
+    Several processes (`accelerate launch`): one generator, the same seed on every rank, draws world_size x n
+    domains per outer step without replacement and rank i takes the i-th n; each rank draws its problems from its
+    own generator and solves them from its own warm starts. Neither model is wrapped for data parallelism (DDP's
+    all-reduce does not see torch.autograd.grad): the phi-gradients and F are averaged across the ranks here, so
+    that phi stays the same on every rank; after a re-check rho is reduced by its maximum and the inner step by its
+    minimum (the step 1 / (lambda_max + rho) must hold on every rank's problem)."""
+    world, ranks = processes().num_processes, [processes().process_index]
+    check_setup(lm, rm, rm_tokenizer, cfg, lora, len(domains), world)
     cfg = replace(cfg)
     lm, theta_ref = with_lora(lm, lora)
     phi = {n: p for n, p in rm.named_parameters() if p.requires_grad}
     device = next(lm.parameters()).device
-    generator, bt_generator = policy.generator(seed, device), policy.generator(seed + 1, device)
+    domain_generator, bt_generator = policy.generator(seed, device), policy.generator(seed + 1, device)
+    generators = {r: policy.generator(seed + 10 + r, device) for r in ranks}  # each rank's problems
     encoder = Encoder(lm, lm_tokenizer, rm, rm_tokenizer, domains, theta_ref)
+    n = cfg.domains_per_step
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="cg did not converge")  # counted per step instead
-        probe_generator = policy.generator(seed + 2, device)
+        probe_generator = policy.generator(seed + 2, device)  # the same probes on every rank
         probes = {d: encoder.problem(d, cfg, probe_generator) for d in list(domains)[:probe_domains]}
         calibration = calibrate(lm, rm, probes, cfg, theta_ref)
         opt = torch.optim.Adam(phi.values(), lr=cfg.lr)
-        log, warm = [], {}
+        log, warm = [], {r: {} for r in ranks}
         for step in range(cfg.outer_steps):
             t = time.perf_counter()
-            problems, lam_pairs = encoder.draw(cfg, generator, bt_generator)
+            lam_pairs = encoder.lam_pairs(cfg, bt_generator)  # the same on every rank
+            picks = encoder.pick(world * n, domain_generator)
+            problems = {
+                r: {d: encoder.problem(d, cfg, generators[r]) for d in picks[r * n : (r + 1) * n]} for r in ranks
+            }
             drawn = time.perf_counter() - t  # sampling the candidates and encoding the step's data
-            grads, F_value, info = outer_gradient(lm, rm, phi, problems, lam_pairs, cfg, theta_ref, len(domains), warm)
+            total, F_value, info = (
+                None,
+                0.0,
+                {"hvps": 0, "cg_residual": {}, "cg_iterations": {}, "inner_grad_norm": {}},
+            )
+            for r in ranks:
+                grads, F_r, info_r = outer_gradient(
+                    lm, rm, phi, problems[r], lam_pairs, cfg, theta_ref, len(domains), warm[r]
+                )
+                total = grads if total is None else [a + b for a, b in zip(total, grads)]
+                F_value += F_r
+                info["hvps"] += info_r["hvps"]
+                for key in ("cg_residual", "cg_iterations", "inner_grad_norm"):
+                    info[key].update(info_r[key])
+            grads = [across_processes(g, "sum") / world for g in total]  # the mean over the ranks
+            F_value = across_processes(torch.tensor(F_value, dtype=torch.float64, device=device), "sum").item() / world
             policy.check_finite(torch.tensor([F_value] + [g.norm() for g in grads]), "F or its hypergradient", step)
             policy.apply_gradient(opt, phi, grads)
-            entry = {"step": step, "F": F_value, "grad_norm": math.sqrt(sum((g**2).sum().item() for g in grads))}
+            entry = {"step": step, "drawn": [picks[r * n : (r + 1) * n] for r in range(world)], "F": F_value}
+            entry["grad_norm"] = math.sqrt(sum((g**2).sum().item() for g in grads))
             entry.update(info, rho=cfg.rho, inner_lr=cfg.inner_lr, lambda_min=None, lambda_max=None, lanczos_hvps=0)
             if cfg.recalibrate_every and step % cfg.recalibrate_every == 0:
-                entry.update(recheck(lm, rm, problems, warm, cfg, theta_ref))
+                entry.update(recheck_ranks(lm, rm, problems, warm, cfg, theta_ref, device))
             entry.update(seconds=time.perf_counter() - t, draw_seconds=drawn)
             log.append(entry)
             policy.show(progress, {"F": entry["F"], "grad_norm": entry["grad_norm"]})
-        cost = step_cost(lm, problems[next(iter(problems))], cfg, warm[next(iter(problems))], theta_ref)
+        last = problems[ranks[0]]
+        cost = step_cost(lm, last[next(iter(last))], cfg, warm[ranks[0]][next(iter(last))], theta_ref)
     outer_seconds = statistics.median(e["seconds"] for e in log)
     cost.update(
         outer_step_seconds=outer_seconds,
@@ -701,10 +765,9 @@ def command(a: Args):
     out = Path(a.out).resolve()
     cli.check_out(out, "metrics.json")
     domains = read_domains(a.pairs, a.prompts)
-    if a.domains_per_step > len(domains):
-        raise BadInput(f"--domains-per-step {a.domains_per_step} > the {len(domains)} domains of {a.pairs}")
     dtype = getattr(torch, a.dtype)
-    device = PartialState().device
+    state = processes()
+    device = state.device
     torch.manual_seed(a.seed)  # a causal LM loaded as a reward model gets a fresh score head; --rm-lora's A
     if a.policy:
         lm, lm_tokenizer = load_policy(a.policy, dtype)
@@ -740,11 +803,15 @@ def command(a: Args):
     )
     lora = Lora(a.lora_r, a.lora_alpha, tuple(t for t in a.lora_targets.split(",") if t), a.seed, a.lora_full)
     lm, rm = lm.to(device), rm.to(device)
-    check_setup(lm, rm, rm_tokenizer, cfg, lora)  # before anything is written
-    tmp = cli.prepare_out(out, "metrics.json")
-    bar = cli.bar("outer steps", a.outer_steps, show=sys.stderr.isatty())
+    check_setup(lm, rm, rm_tokenizer, cfg, lora, len(domains), state.num_processes)  # before anything is written
+    tmp = out.with_name(out.name + ".partial")
+    if state.is_main_process:
+        cli.prepare_out(out, "metrics.json")
+    bar = cli.bar("outer steps", a.outer_steps, show=sys.stderr.isatty() and state.is_main_process)
     metrics = train(lm, lm_tokenizer, rm, rm_tokenizer, domains, cfg, lora, a.seed, a.probe_domains, bar)
     bar.close()
+    if not state.is_main_process:  # phi is the same on every rank: the main process writes it
+        return
     rm.save_pretrained(tmp)
     rm_tokenizer.save_pretrained(tmp)
     sizes = {
@@ -753,7 +820,8 @@ def command(a: Args):
         )
     }
     sizes["phi"] = sum(p.numel() for p in rm.parameters() if p.requires_grad)
-    header = {"config": asdict(a), "domains": {d: len(v["pairs"]) for d, v in domains.items()}, "sizes": sizes}
+    header = {"config": asdict(a), "world_size": state.num_processes, "sizes": sizes}
+    header["domains"] = {d: len(v["pairs"]) for d, v in domains.items()}
     cli.write_json(tmp / "metrics.json", {**header, **metrics})
     cli.publish(tmp, out)
     last = metrics["log"][-1]

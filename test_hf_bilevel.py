@@ -20,8 +20,9 @@ the eager softmax are patched to keep float64 (`float64_llama`), or float64 chec
     test_two_tokenizers_each_model_reads_its_own               the reward model reads the same text in its own ids
     test_full_lora_flat_directions_indefinite_at_b0_and_the_calibrated_rho  g under (S A, B S^-1); the A-A block
                                                                at B = 0; H + rho I positive definite at theta*
-The hand-over: test_rloo_reward_is_the_reward_model_scored_by_hand_and_drives_rloo (the callable by hand; a smoke
-run of trl.RLOOTrainer). Refusals: test_models_unsafe_for_second_order_are_refused,
+Several processes: test_two_processes_match_one_process_simulating_both (accelerate launch, 2 CPU processes, against
+the ranks written out by hand). The hand-over: test_rloo_reward_is_the_reward_model_scored_by_hand_and_drives_rloo
+(the callable by hand; a smoke run of trl.RLOOTrainer). Refusals: test_models_unsafe_for_second_order_are_refused,
 test_bad_input_is_one_line_and_writes_nothing; test_command_smoke (a smoke test, not a truth).
 """
 
@@ -30,7 +31,11 @@ import importlib
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -313,6 +318,7 @@ def test_full_lora_flat_directions_indefinite_at_b0_and_the_calibrated_rho(world
             tokenizer,
             replace(TINY, recalibrate_every=0),
             hfb.Lora(full=True),
+            2,
         )
 
 
@@ -531,6 +537,12 @@ def test_models_unsafe_for_second_order_are_refused(world, tokenizer):
         hfb.with_lora(tiny(), hfb.Lora(target_modules=("q_proj", "attention")))
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_main(argv: str, capsys):
     """hf_bilevel.main on a command line (split on spaces): (exit code, stdout, stderr)."""
     code = hfb.main(argv.split())
@@ -570,7 +582,8 @@ def test_command_smoke(pairs_file, tmp_path, capsys):
 
 def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys, monkeypatch):
     """Pairs without a domain, an empty domain, a prompts file whose domain has no pairs, a missing or malformed
-    file, an unknown word, values out of range, a folder that is not a model, several processes: each is one
+    file, an unknown word, values out of range, a folder that is not a model, more domains per step over two
+    processes than there are: each is one
     'hf_bilevel.py: error:' line, exit code 2; an earlier run survives and nothing else is written."""
     (tmp_path / "earlier").mkdir()
     (tmp_path / "earlier" / "metrics.json").write_text("{}")
@@ -589,7 +602,7 @@ def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys, 
         ("cannot be read", f"{good} --pairs {tmp_path}/missing.jsonl"),
         ("not JSON", f"{good} --prompts {tmp_path}/broken.jsonl"),
         ("not in the toy world's vocabulary", f"{good} --pairs {tmp_path}/unknown.jsonl --domains-per-step 1"),
-        ("--domains-per-step 3 > the 2 domains", f"{good} --domains-per-step 3"),
+        ("1 process(es) x 3 domains per step > the 2 domains", f"{good} --domains-per-step 3"),
         ("--K must be >= 1", f"{good} --K 1"),
         ("--rho-factor must be a finite number > 1", f"{good} --rho-factor 1"),
         ("--lam must be a finite number >= 0", f"{good} --lam nan"),
@@ -603,9 +616,9 @@ def test_bad_input_is_one_line_and_writes_nothing(pairs_file, tmp_path, capsys, 
         code, out, err = run_main(command, capsys)
         assert code == 2 and err.startswith("hf_bilevel.py: error: ") and err.count("\n") == 1, (message, err)
         assert message in err, (message, err)
-    monkeypatch.setattr(hfb, "PartialState", lambda: SimpleNamespace(num_processes=2, device=torch.device("cpu")))
-    code, _, err = run_main(f"--pairs {pairs_file} --out {tmp_path}/two {TINY_COMMAND}", capsys)  # valid but for that
-    assert code == 2 and "several processes are not supported yet" in err and err.count("\n") == 1
+    monkeypatch.setattr(hfb, "processes", lambda: SimpleNamespace(num_processes=2, device=torch.device("cpu")))
+    code, _, err = run_main(f"--pairs {pairs_file} --out {tmp_path}/two {TINY_COMMAND}", capsys)  # 2 x 2 domains
+    assert code == 2 and "2 process(es) x 2 domains per step > the 2 domains" in err and err.count("\n") == 1
     assert (tmp_path / "earlier" / "metrics.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["earlier"]  # no out, no out.partial
 
@@ -652,3 +665,106 @@ def test_rloo_reward_is_the_reward_model_scored_by_hand_and_drives_rloo(world, t
     trainer.train()
     logged = [e["reward"] for e in trainer.state.log_history if "reward" in e]
     assert len(logged) == 2 and all(math.isfinite(x) for x in logged)
+
+
+MULTI = metarm.BilevelConfig(
+    K=2,
+    prompts_per_domain=1,
+    pairs_per_domain=2,
+    T=3,
+    max_new_tokens=3,
+    outer_steps=3,
+    domains_per_step=1,
+    lam=0.3,
+    recalibrate_every=1,
+)
+MULTI_DOMAINS = ("taxi", "pizzeria", "tablet", "yoga")
+MULTI_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+import torch, data, test_hf_bilevel as t
+from accelerate import PartialState
+torch.set_num_threads(1)
+t.llama.LlamaRMSNorm.forward = t.rms_norm_float64
+t.llama.eager_attention_forward = t.eager_attention_float64
+lm, rm, tokenizer = t.hfb.toy_models(16, 1, 0, torch.float64)
+domains = t.pair_records(data.World(), t.MULTI_DOMAINS)
+metrics = t.hfb.train(lm, tokenizer, rm, tokenizer, domains, t.MULTI, t.hfb.Lora(2, 4.0), 0, 2)
+state = PartialState()
+phi = {{n: p.detach().clone() for n, p in rm.named_parameters()}}
+saved = {{"phi": phi, "log": metrics["log"], "world": state.num_processes}}
+torch.save(saved, {out!r} + f"/rank{{state.process_index}}.pt")
+"""
+
+
+def test_two_processes_match_one_process_simulating_both(world, tokenizer, tmp_path):
+    """accelerate launch --multi_gpu --num_processes 2 with no GPU visible (gloo on CPU), three outer steps, one
+    domain per rank and step: the ranks draw different domains (the same draws on both), rho and the inner step are
+    equal on both (rho the larger of the ranks' proposals: one raises it), phi ends bitwise equal across the ranks,
+    and equal (1e-12, float64) to one process that takes both ranks' draws and warm starts in turn and steps on the
+    mean of their gradients (both_ranks_by_hand)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(MULTI_SCRIPT.format(repo=str(Path(__file__).resolve().parent), out=str(tmp_path)))
+    launch = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no"
+    port = ["--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    env = dict(
+        os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1"
+    )
+    run = subprocess.run(
+        [sys.executable, *launch.split(), *port, str(script)], capture_output=True, text=True, timeout=240, env=env
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    for a, b in zip(*(r["log"] for r in ranks)):
+        assert a["drawn"] == b["drawn"] and not set(a["drawn"][0]) & set(a["drawn"][1])
+        assert (a["rho"], a["inner_lr"], a["lambda_min"]) == (b["rho"], b["inner_lr"], b["lambda_min"])
+    for n in ranks[0]["phi"]:
+        assert torch.equal(ranks[0]["phi"][n], ranks[1]["phi"][n]), n
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks
+    try:
+        phi, log = both_ranks_by_hand(world, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    assert [e["drawn"] for e in log] == [e["drawn"] for e in ranks[0]["log"]]
+    assert [e["rho"] for e in log] == pytest.approx([e["rho"] for e in ranks[0]["log"]], rel=1e-12)
+    assert any(a != b for a, b in (e["proposed"] for e in log))  # one rank raised rho, the other did not
+    for n, p in phi.items():
+        torch.testing.assert_close(ranks[0]["phi"][n], p.detach(), rtol=1e-12, atol=1e-12, msg=n)
+
+
+def both_ranks_by_hand(world, tokenizer) -> tuple:
+    """MULTI's two ranks in one process, written out from the module's pieces: the calibration on the first two
+    domains, then per outer step the lam pairs and 2 x 1 domains from the shared generators, each rank's problem
+    from its own generator (seed + 10 + rank) solved from its own warm starts, Adam on the mean of the two ranks'
+    gradients, each rank's re-check from the same rho and step, then rho the larger and the step the smaller.
+    Returns (phi, per step: the ranks' domains and rho)."""
+    lm, rm, _ = hfb.toy_models(16, 1, 0, torch.float64)
+    lm, theta_ref = hfb.with_lora(lm, hfb.Lora(2, 4.0))
+    domains = pair_records(world, MULTI_DOMAINS)
+    encoder = hfb.Encoder(lm, tokenizer, rm, tokenizer, domains, theta_ref)
+    cfg = replace(MULTI)
+    probe_generator = policy.generator(2)
+    hfb.calibrate(lm, rm, {d: encoder.problem(d, cfg, probe_generator) for d in MULTI_DOMAINS[:2]}, cfg, theta_ref)
+    phi = {n: p for n, p in rm.named_parameters() if p.requires_grad}
+    opt = torch.optim.Adam(phi.values(), lr=cfg.lr)
+    domain_generator, bt_generator = policy.generator(0), policy.generator(1)
+    generators, warm, log = [policy.generator(10), policy.generator(11)], [{}, {}], []
+    for _ in range(cfg.outer_steps):
+        lam_pairs = encoder.lam_pairs(cfg, bt_generator)
+        picks = encoder.pick(2, domain_generator)
+        problems = [{picks[r]: encoder.problem(picks[r], cfg, generators[r])} for r in (0, 1)]
+        grads = [
+            hfb.outer_gradient(lm, rm, phi, problems[r], lam_pairs, cfg, theta_ref, 4, warm[r])[0] for r in (0, 1)
+        ]
+        policy.apply_gradient(opt, phi, [(a + b) / 2 for a, b in zip(*grads)])
+        log.append({"drawn": [[picks[0]], [picks[1]]], "rho": cfg.rho})
+        proposals = [replace(cfg), replace(cfg)]
+        for r in (0, 1):
+            hfb.recheck(lm, rm, problems[r], warm[r], proposals[r], theta_ref)
+        cfg.rho = max(c.rho for c in proposals)
+        cfg.inner_lr = min(c.inner_lr for c in proposals)
+        log[-1]["proposed"] = [c.rho for c in proposals]
+    return phi, log
