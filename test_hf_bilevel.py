@@ -694,17 +694,20 @@ state = PartialState()
 phi = {{n: p.detach().clone() for n, p in rm.named_parameters()}}
 saved = {{"phi": phi, "log": metrics["log"], "world": state.num_processes}}
 torch.save(saved, {out!r} + f"/rank{{state.process_index}}.pt")
+command = f"--pairs {pairs} --out {out}/command {{t.TINY_COMMAND}} --domains-per-step 1 --dtype float64"
+assert t.hfb.main(command.split()) == 0  # the command: the main process writes
 """
 
 
-def test_two_processes_match_one_process_simulating_both(world, tokenizer, tmp_path):
+def test_two_processes_match_one_process_simulating_both(world, tokenizer, tmp_path, pairs_file):
     """accelerate launch --multi_gpu --num_processes 2 with no GPU visible (gloo on CPU), three outer steps, one
     domain per rank and step: the ranks draw different domains (the same draws on both), rho and the inner step are
     equal on both (rho the larger of the ranks' proposals: one raises it), phi ends bitwise equal across the ranks,
     and equal (1e-12, float64) to one process that takes both ranks' draws and warm starts in turn and steps on the
-    mean of their gradients (both_ranks_by_hand)."""
+    mean of their gradients (both_ranks_by_hand). The command in the same launch: one output, world size 2."""
     script = tmp_path / "ranks.py"
-    script.write_text(MULTI_SCRIPT.format(repo=str(Path(__file__).resolve().parent), out=str(tmp_path)))
+    repo = str(Path(__file__).resolve().parent)
+    script.write_text(MULTI_SCRIPT.format(repo=repo, out=str(tmp_path), pairs=str(pairs_file)))
     launch = "-m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no"
     port = ["--dynamo_backend", "no", "--main_process_port", str(free_port())]
     env = dict(
@@ -721,6 +724,9 @@ def test_two_processes_match_one_process_simulating_both(world, tokenizer, tmp_p
         assert (a["rho"], a["inner_lr"], a["lambda_min"]) == (b["rho"], b["inner_lr"], b["lambda_min"])
     for n in ranks[0]["phi"]:
         assert torch.equal(ranks[0]["phi"][n], ranks[1]["phi"][n]), n
+    metrics = json.loads((tmp_path / "command" / "metrics.json").read_text())  # written once, by the main process
+    assert metrics["world_size"] == 2 and all(len(e["drawn"]) == 2 for e in metrics["log"])
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["command"]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks
