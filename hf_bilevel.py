@@ -62,7 +62,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from torch.func import functional_call
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -295,6 +295,15 @@ def rm_batch(rm, tokenizer, prompts: list, completions: list) -> dict:
 
 
 # ==== Candidates from pi_ref ===================================================================================
+def stop_ids(lm, tokenizer) -> set:
+    """The ids a sample stops at: the tokenizer's eos and the generation config's (an id, a list, or None), as
+    generate() and TRL's RLOO stop."""
+    stops = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)
+    if isinstance(stops, int):
+        stops = [stops]
+    return {tokenizer.eos_token_id, *(stops or [])}
+
+
 @torch.no_grad()
 def sample(lm, prompt_ids: list, K: int, max_new_tokens: int, eos_ids, generator: torch.Generator) -> tuple:
     """K responses per prompt from lm as it is (pi_ref: every B is 0): temperature 1, no top-k or top-p, one draw
@@ -392,15 +401,21 @@ def calibrate(lm, rm, problems: dict, cfg: metarm.BilevelConfig, theta_ref: dict
 def recheck(lm, rm, problems: dict, warm: dict, cfg: metarm.BilevelConfig, theta_ref: dict) -> dict:
     """§2.1 during the run, as metarm.recheck_rho: lambda_min and lambda_max at the drawn domains' current theta*
     (and Lanczos' HVPs); where lambda_min + rho < rho / 2, rho is raised to rho_from(lambda_min, lambda_max) and
-    the step follows."""
+    the step follows. Under several processes lambda_min and lambda_max are first reduced over the ranks (their
+    minimum and maximum), so that every rank applies the rule to the same numbers, as one process re-checking all
+    the ranks' domains would."""
     eigs = []
     for d, p in problems.items():
         eigs.append(curvature(lm, warm[d], candidate_rewards(rm, p, cfg.K).detach(), p, cfg, theta_ref))
-    lam_min, lam_max = min(lo for lo, _, _ in eigs), max(hi for _, hi, _ in eigs)
+    device = next(lm.parameters()).device
+    lam_min = across_processes(torch.tensor(min(lo for lo, _, _ in eigs), dtype=torch.float64, device=device), "min")
+    lam_max = across_processes(torch.tensor(max(hi for _, hi, _ in eigs), dtype=torch.float64, device=device), "max")
+    lam_min, lam_max = lam_min.item(), lam_max.item()
     if lam_min + cfg.rho < 0.5 * cfg.rho:
         cfg.rho = max(cfg.rho, metarm.rho_from(lam_min, lam_max, cfg.rho_factor))
         cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
-    return {"lambda_min": lam_min, "lambda_max": lam_max, "lanczos_hvps": sum(n for _, _, n in eigs)}
+    hvps = across_processes(torch.tensor(sum(n for _, _, n in eigs), device=device), "sum").item()
+    return {"lambda_min": lam_min, "lambda_max": lam_max, "lanczos_hvps": int(hvps)}
 
 
 def outer_gradient(lm, rm, phi: dict, problems: dict, lam_pairs, cfg, theta_ref: dict, n_domains: int, warm: dict):
@@ -434,10 +449,7 @@ class Encoder:
     def __init__(self, lm, lm_tokenizer, rm, rm_tokenizer, domains: dict, theta_ref: dict):
         self.lm, self.tok, self.rm, self.rm_tok, self.theta_ref = lm, lm_tokenizer, rm, rm_tokenizer, theta_ref
         self.pad_id = lm_tokenizer.pad_token_id if lm_tokenizer.pad_token_id is not None else lm_tokenizer.eos_token_id
-        stops = getattr(getattr(lm, "generation_config", None), "eos_token_id", None)  # an id, a list, or None
-        if isinstance(stops, int):
-            stops = [stops]
-        self.eos_ids = {lm_tokenizer.eos_token_id, *(stops or [])}
+        self.eos_ids = stop_ids(lm, lm_tokenizer)
         self.domains = domains
         self.prompt_ids = {d: [lm_tokenizer(text=x)["input_ids"] for x in v["prompts"]] for d, v in domains.items()}
         self.pooled = [p for v in domains.values() for p in v["pairs"]]
@@ -544,27 +556,11 @@ def check_setup(lm, rm, rm_tokenizer, cfg: metarm.BilevelConfig, lora: Lora, n_d
         )
     if next(lm.parameters()).device != next(rm.parameters()).device:
         raise BadInput("the policy and the reward model are on two devices")
+    if isinstance(lm, PeftModel):
+        raise BadInput("the policy already has adapters (a PeftModel): give the base model; train adds theta's")
     check_targets(lm, lora.target_modules)
     if lora.full and not cfg.recalibrate_every:
         raise BadInput("full LoRA needs rho re-checked at theta* (--recheck-every >= 1): its Hessian is indefinite")
-
-
-def recheck_ranks(lm, rm, problems: dict, warm: dict, cfg: metarm.BilevelConfig, theta_ref: dict, device) -> dict:
-    """recheck on each rank's problems (problems, warm: rank -> its own), each from the same rho and step; then rho
-    is the largest any rank raised it to and the inner step the smallest, over the ranks here and the processes."""
-    rho, step, lam_min, lam_max, hvps = [], [], [], [], 0
-    for r in problems:
-        cfg_r = replace(cfg)
-        curvature = recheck(lm, rm, problems[r], warm[r], cfg_r, theta_ref)
-        rho.append(cfg_r.rho)
-        step.append(cfg_r.inner_lr)
-        lam_min.append(curvature["lambda_min"])
-        lam_max.append(curvature["lambda_max"])
-        hvps += curvature["lanczos_hvps"]
-    largest = across_processes(torch.tensor([max(rho), max(lam_max)], dtype=torch.float64, device=device), "max")
-    smallest = across_processes(torch.tensor([min(step), min(lam_min)], dtype=torch.float64, device=device), "min")
-    cfg.rho, cfg.inner_lr = largest[0].item(), smallest[0].item()
-    return {"lambda_min": smallest[1].item(), "lambda_max": largest[1].item(), "lanczos_hvps": hvps}
 
 
 def train(
@@ -590,15 +586,18 @@ def train(
     own generator and solves them from its own warm starts. Neither model is wrapped for data parallelism (DDP's
     all-reduce does not see torch.autograd.grad): the phi-gradients and F are averaged across the ranks here, so
     that phi stays the same on every rank; after a re-check rho is reduced by its maximum and the inner step by its
-    minimum (the step 1 / (lambda_max + rho) must hold on every rank's problem)."""
-    world, ranks = processes().num_processes, [processes().process_index]
+    minimum (the step 1 / (lambda_max + rho) must hold on every rank's problem), and phi starts from rank 0's."""
+    world, rank = processes().num_processes, processes().process_index
     check_setup(lm, rm, rm_tokenizer, cfg, lora, len(domains), world)
     cfg = replace(cfg)
     lm, theta_ref = with_lora(lm, lora)
     phi = {n: p for n, p in rm.named_parameters() if p.requires_grad}
+    if world > 1:  # the same phi on every rank, whatever initialised it
+        for p in phi.values():
+            torch.distributed.broadcast(p.data, src=0)
     device = next(lm.parameters()).device
     domain_generator, bt_generator = policy.generator(seed, device), policy.generator(seed + 1, device)
-    generators = {r: policy.generator(seed + 10 + r, device) for r in ranks}  # each rank's problems
+    generator = policy.generator(seed + 10 + rank, device)  # this rank's problems
     encoder = Encoder(lm, lm_tokenizer, rm, rm_tokenizer, domains, theta_ref)
     n = cfg.domains_per_step
     t0 = time.perf_counter()
@@ -607,44 +606,33 @@ def train(
         probe_generator = policy.generator(seed + 2, device)  # the same probes on every rank
         probes = {d: encoder.problem(d, cfg, probe_generator) for d in list(domains)[:probe_domains]}
         calibration = calibrate(lm, rm, probes, cfg, theta_ref)
+        # the same on every rank even where the ranks' devices round the probes differently
+        cfg.rho = across_processes(torch.tensor(cfg.rho, dtype=torch.float64, device=device), "max").item()
+        cfg.inner_lr = across_processes(torch.tensor(cfg.inner_lr, dtype=torch.float64, device=device), "min").item()
         opt = torch.optim.Adam(phi.values(), lr=cfg.lr)
-        log, warm = [], {r: {} for r in ranks}
+        log, warm = [], {}
         for step in range(cfg.outer_steps):
             t = time.perf_counter()
             lam_pairs = encoder.lam_pairs(cfg, bt_generator)  # the same on every rank
             picks = encoder.pick(world * n, domain_generator)
-            problems = {
-                r: {d: encoder.problem(d, cfg, generators[r]) for d in picks[r * n : (r + 1) * n]} for r in ranks
-            }
+            problems = {d: encoder.problem(d, cfg, generator) for d in picks[rank * n : (rank + 1) * n]}
             drawn = time.perf_counter() - t  # sampling the candidates and encoding the step's data
-            total, F_value, info = (
-                None,
-                0.0,
-                {"hvps": 0, "cg_residual": {}, "cg_iterations": {}, "inner_grad_norm": {}},
-            )
-            for r in ranks:
-                grads, F_r, info_r = outer_gradient(
-                    lm, rm, phi, problems[r], lam_pairs, cfg, theta_ref, len(domains), warm[r]
-                )
-                total = grads if total is None else [a + b for a, b in zip(total, grads)]
-                F_value += F_r
-                info["hvps"] += info_r["hvps"]
-                for key in ("cg_residual", "cg_iterations", "inner_grad_norm"):
-                    info[key].update(info_r[key])
-            grads = [across_processes(g, "sum") / world for g in total]  # the mean over the ranks
+            grads, F_value, info = outer_gradient(lm, rm, phi, problems, lam_pairs, cfg, theta_ref, len(domains), warm)
+            grads = [across_processes(g, "sum") / world for g in grads]  # the mean over the ranks
             F_value = across_processes(torch.tensor(F_value, dtype=torch.float64, device=device), "sum").item() / world
+            info["hvps"] = int(across_processes(torch.tensor(info["hvps"], device=device), "sum").item())
             policy.check_finite(torch.tensor([F_value] + [g.norm() for g in grads]), "F or its hypergradient", step)
             policy.apply_gradient(opt, phi, grads)
             entry = {"step": step, "drawn": [picks[r * n : (r + 1) * n] for r in range(world)], "F": F_value}
             entry["grad_norm"] = math.sqrt(sum((g**2).sum().item() for g in grads))
             entry.update(info, rho=cfg.rho, inner_lr=cfg.inner_lr, lambda_min=None, lambda_max=None, lanczos_hvps=0)
             if cfg.recalibrate_every and step % cfg.recalibrate_every == 0:
-                entry.update(recheck_ranks(lm, rm, problems, warm, cfg, theta_ref, device))
+                entry.update(recheck(lm, rm, problems, warm, cfg, theta_ref))
             entry.update(seconds=time.perf_counter() - t, draw_seconds=drawn)
             log.append(entry)
             policy.show(progress, {"F": entry["F"], "grad_norm": entry["grad_norm"]})
-        last = problems[ranks[0]]
-        cost = step_cost(lm, last[next(iter(last))], cfg, warm[ranks[0]][next(iter(last))], theta_ref)
+        d = next(iter(problems))
+        cost = step_cost(lm, problems[d], cfg, warm[d], theta_ref)
     outer_seconds = statistics.median(e["seconds"] for e in log)
     cost.update(
         outer_step_seconds=outer_seconds,
@@ -660,7 +648,8 @@ def reference_samples(lm, tokenizer, prompts: list, k: int, max_new_tokens: int,
     """pi_ref's samples of prompts, k each (sample, before any RL step: the scale of §1), as text: (the prompt of
     each sample, its completion decoded without special tokens, as RLOO decodes)."""
     prompt_ids = [tokenizer(text=x)["input_ids"] for x in prompts]
-    responses, _ = sample(lm, prompt_ids, k, max_new_tokens, tokenizer.eos_token_id, policy.generator(seed))
+    generator = policy.generator(seed, next(lm.parameters()).device)
+    responses, _ = sample(lm, prompt_ids, k, max_new_tokens, stop_ids(lm, tokenizer), generator)
     repeated = [x for x in prompts for _ in range(k)]
     return repeated, [tokenizer.decode(y, skip_special_tokens=True).strip() for y in responses]
 
@@ -676,10 +665,14 @@ def rloo_reward(rm, rm_tokenizer, reference_prompts: list, reference_completions
     def separated(prompts, completions):
         return [hf.with_separator(x, y.strip()) for x, y in zip(prompts, completions)]
 
+    if len(reference_prompts) < 2:
+        raise BadInput("rloo_reward needs at least two reference samples (their standard deviation is the scale)")
     reference = hf.rewards(rm, rm_tokenizer, reference_prompts, separated(reference_prompts, reference_completions))
     mean, std = reference.mean().item(), max(reference.std().item(), 1e-6)
 
     def bilevel_reward(prompts, completions, **kwargs):
+        if not all(isinstance(x, str) for x in list(prompts) + list(completions)):
+            raise TypeError("rloo_reward scores text prompts and completions, not conversations (messages)")
         r = hf.rewards(rm, rm_tokenizer, list(prompts), separated(prompts, completions), batch_size)
         return ((r - mean) / std).tolist()
 
@@ -804,14 +797,25 @@ def command(a: Args):
     lora = Lora(a.lora_r, a.lora_alpha, tuple(t for t in a.lora_targets.split(",") if t), a.seed, a.lora_full)
     lm, rm = lm.to(device), rm.to(device)
     check_setup(lm, rm, rm_tokenizer, cfg, lora, len(domains), state.num_processes)  # before anything is written
-    tmp = out.with_name(out.name + ".partial")
+    tmp, failure = out.with_name(out.name + ".partial"), None
     if state.is_main_process:
-        cli.prepare_out(out, "metrics.json")
+        try:
+            cli.prepare_out(out, "metrics.json")
+        except BadInput as e:
+            failure = e
+    ready = torch.tensor(0.0 if failure else 1.0, device=device)
+    if across_processes(ready, "min").item() == 0:  # every rank stops, not only the main process
+        raise failure or BadInput(f"--out {out}: the main process could not prepare it")
     bar = cli.bar("outer steps", a.outer_steps, show=sys.stderr.isatty() and state.is_main_process)
     metrics = train(lm, lm_tokenizer, rm, rm_tokenizer, domains, cfg, lora, a.seed, a.probe_domains, bar)
     bar.close()
-    if not state.is_main_process:  # phi is the same on every rank: the main process writes it
-        return
+    if state.is_main_process:  # phi is the same on every rank: the main process writes it
+        write_outputs(a, out, tmp, lm, rm, rm_tokenizer, domains, metrics, state.num_processes)
+    state.wait_for_everyone()  # the output is in place on return, on every rank
+
+
+def write_outputs(a: Args, out: Path, tmp: Path, lm, rm, rm_tokenizer, domains: dict, metrics: dict, world: int):
+    """The reward model, its tokenizer and metrics.json into tmp, then tmp swapped in as out (cli.publish)."""
     rm.save_pretrained(tmp)
     rm_tokenizer.save_pretrained(tmp)
     sizes = {
@@ -820,7 +824,7 @@ def command(a: Args):
         )
     }
     sizes["phi"] = sum(p.numel() for p in rm.parameters() if p.requires_grad)
-    header = {"config": asdict(a), "world_size": state.num_processes, "sizes": sizes}
+    header = {"config": asdict(a), "world_size": world, "sizes": sizes}
     header["domains"] = {d: len(v["pairs"]) for d, v in domains.items()}
     cli.write_json(tmp / "metrics.json", {**header, **metrics})
     cli.publish(tmp, out)
