@@ -533,6 +533,9 @@ def test_models_unsafe_for_second_order_are_refused(world, tokenizer):
         hfb.train(tiny(), tokenizer, other_pad, tokenizer, domains, TINY)
     with pytest.raises(BadInput, match="K >= 2"):
         hfb.train(tiny(), tokenizer, rm, tokenizer, domains, metarm.BilevelConfig(K=1))
+    wrapped, _ = hfb.with_lora(tiny(), hfb.Lora(rank=2))
+    with pytest.raises(BadInput, match="already has adapters"):
+        hfb.train(wrapped, tokenizer, rm, tokenizer, domains, TINY)
     with pytest.raises(BadInput, match="no linear layer of the policy has that name"):
         hfb.with_lora(tiny(), hfb.Lora(target_modules=("q_proj", "attention")))
 
@@ -635,6 +638,10 @@ def test_rloo_reward_is_the_reward_model_scored_by_hand_and_drives_rloo(world, t
     prompts = [p["prompt"] for p in pairs]
     ref_prompts, ref_completions = hfb.reference_samples(lm, tokenizer, prompts[:3], 2, 5)
     reward = hfb.rloo_reward(rm, tokenizer, ref_prompts, ref_completions)
+    with pytest.raises(BadInput, match="at least two reference samples"):
+        hfb.rloo_reward(rm, tokenizer, ref_prompts[:1], ref_completions[:1])
+    with pytest.raises(TypeError, match="not conversations"):
+        reward(prompts=[[{"role": "user", "content": "hi"}]], completions=[[{"role": "assistant", "content": "yo"}]])
 
     def by_hand(x, y):
         ids = tokenizer(text=x + " " + y)["input_ids"] + [tokenizer.eos_token_id]
