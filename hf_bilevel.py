@@ -173,10 +173,15 @@ def load_reward_model(path: str, dtype=torch.float32) -> tuple:
 
 
 @functools.cache
+def toy_world() -> data.World:
+    """The toy world, built once per process: data.World() takes seconds."""
+    return data.World()
+
+
+@functools.cache
 def toy_tokenizer():
-    """The word-level tokenizer of the toy world's vocabulary (hf.toy_tokenizer), built once: data.World() takes
-    seconds."""
-    return hf.toy_tokenizer(data.World())
+    """The word-level tokenizer of the toy world's vocabulary (hf.toy_tokenizer), built once."""
+    return hf.toy_tokenizer(toy_world())
 
 
 def toy_models(hidden: int, layers: int, seed: int, dtype) -> tuple:

@@ -86,12 +86,12 @@ def float64_llama(monkeypatch):
 
 @pytest.fixture(scope="module")
 def world():
-    return data.World()
+    return hfb.toy_world()
 
 
 @pytest.fixture(scope="module")
 def tokenizer(world):
-    return hf.toy_tokenizer(world)
+    return hfb.toy_tokenizer()
 
 
 def pair_records(world, domains=("taxi", "pizzeria"), n=6) -> dict:
@@ -689,13 +689,13 @@ MULTI_DOMAINS = ("taxi", "pizzeria", "tablet", "yoga")
 MULTI_SCRIPT = """
 import sys
 sys.path.insert(0, {repo!r})
-import torch, data, test_hf_bilevel as t
+import torch, test_hf_bilevel as t
 from accelerate import PartialState
 torch.set_num_threads(1)
 t.llama.LlamaRMSNorm.forward = t.rms_norm_float64
 t.llama.eager_attention_forward = t.eager_attention_float64
 lm, rm, tokenizer = t.hfb.toy_models(16, 1, 0, torch.float64)
-domains = t.pair_records(data.World(), t.MULTI_DOMAINS)
+domains = t.pair_records(t.hfb.toy_world(), t.MULTI_DOMAINS)
 metrics = t.hfb.train(lm, tokenizer, rm, tokenizer, domains, t.MULTI, t.hfb.Lora(2, 4.0), 0, 2)
 state = PartialState()
 phi = {{n: p.detach().clone() for n, p in rm.named_parameters()}}
