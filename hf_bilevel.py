@@ -590,8 +590,9 @@ def train(
     domains per outer step without replacement and rank i takes the i-th n; each rank draws its problems from its
     own generator and solves them from its own warm starts. Neither model is wrapped for data parallelism (DDP's
     all-reduce does not see torch.autograd.grad): the phi-gradients and F are averaged across the ranks here, so
-    that phi stays the same on every rank; after a re-check rho is reduced by its maximum and the inner step by its
-    minimum (the step 1 / (lambda_max + rho) must hold on every rank's problem), and phi starts from rank 0's."""
+    that phi stays the same on every rank, and phi starts from rank 0's; the calibration's rho is reduced by its
+    maximum and the inner step by its minimum, and a re-check applies §2.1's rule to the ranks' joint lambda_min
+    and lambda_max (recheck), so that every rank takes the same rho and step."""
     world, rank = processes().num_processes, processes().process_index
     check_setup(lm, rm, rm_tokenizer, cfg, lora, len(domains), world)
     cfg = replace(cfg)
