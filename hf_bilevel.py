@@ -357,9 +357,8 @@ def level_functions(lm, prob: dict, cfg: metarm.BilevelConfig, theta_ref: dict):
 
 
 def candidate_rewards(rm, prob: dict, K: int):
-    """r_phi(x, y_k) (B, K), standardised over the candidates as in the toy (metarm.candidate_rewards)."""
-    r = reward(rm, prob["cand_rm"])
-    return ((r - r.mean()) / r.std().clamp_min(1e-8)).view(-1, K)
+    """r_phi(x, y_k) (B, K), standardised over the candidates as in the toy (metarm.standardised_candidates)."""
+    return metarm.standardised_candidates(reward(rm, prob["cand_rm"]), K)
 
 
 def hypergradient(lm, rm, prob: dict, cfg: metarm.BilevelConfig, theta_ref: dict, theta0=None):
@@ -377,12 +376,10 @@ def hypergradient(lm, rm, prob: dict, cfg: metarm.BilevelConfig, theta_ref: dict
 
 def curvature(lm, theta: dict, r, prob: dict, cfg: metarm.BilevelConfig, theta_ref: dict, iters: int = 20) -> tuple:
     """(lambda_min, lambda_max, the HVPs used) of the Hessian of g_d in theta with rho = 0, at theta, by Lanczos
-    (§2.1), from the toy's start vector (metarm.curvature)."""
+    (§2.1), from the toy's start vector (metarm.lanczos_start)."""
     g, _ = level_functions(lm, prob, replace(cfg, rho=0.0), theta_ref)
-    v0 = {}
-    for n, p in theta.items():
-        v0[n] = torch.randn(p.shape, generator=policy.generator(0, p.device), device=p.device, dtype=p.dtype)
-    lo, hi, info = bilevel.lanczos_eigs(lambda v: bilevel.hvp(lambda th: g(th, {"r": r}), theta, v), v0, iters)
+    start = metarm.lanczos_start(theta)
+    lo, hi, info = bilevel.lanczos_eigs(lambda v: bilevel.hvp(lambda th: g(th, {"r": r}), theta, v), start, iters)
     return lo, hi, info["hvps"]
 
 
@@ -392,8 +389,7 @@ def calibrate(lm, rm, problems: dict, cfg: metarm.BilevelConfig, theta_ref: dict
     r = {d: candidate_rewards(rm, p, cfg.K).detach() for d, p in problems.items()}
     eigs = [curvature(lm, theta_ref, r[d], p, cfg, theta_ref) for d, p in problems.items()]
     for _ in range(rounds):
-        cfg.rho = max(metarm.rho_from(lo, hi, cfg.rho_factor) for lo, hi, _ in eigs)
-        cfg.inner_lr = 1.0 / (max(hi for _, hi, _ in eigs) + cfg.rho)
+        metarm.set_rho(cfg, [(lo, hi) for lo, hi, _ in eigs])
         eigs = []
         for d, p in problems.items():
             g, _ = level_functions(lm, p, cfg, theta_ref)
@@ -416,9 +412,7 @@ def recheck(lm, rm, problems: dict, warm: dict, cfg: metarm.BilevelConfig, theta
     lam_min = across_processes(torch.tensor(min(lo for lo, _, _ in eigs), dtype=torch.float64, device=device), "min")
     lam_max = across_processes(torch.tensor(max(hi for _, hi, _ in eigs), dtype=torch.float64, device=device), "max")
     lam_min, lam_max = lam_min.item(), lam_max.item()
-    if lam_min + cfg.rho < 0.5 * cfg.rho:
-        cfg.rho = max(cfg.rho, metarm.rho_from(lam_min, lam_max, cfg.rho_factor))
-        cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
+    metarm.raise_rho(cfg, lam_min, lam_max)
     hvps = across_processes(torch.tensor(sum(n for _, _, n in eigs), device=device), "sum").item()
     return {"lambda_min": lam_min, "lambda_max": lam_max, "lanczos_hvps": int(hvps)}
 

@@ -204,9 +204,13 @@ class BilevelConfig:
 
 
 def candidate_rewards(rm, phi: dict, cand: dict, K: int):
-    """r_phi(x, y_k) (B, K), standardised over the candidates as rewards are at meta-test (§1), so that
-    beta means the same in (5) as in (3); the graph to phi is kept."""
-    r = policy.reward(rm, phi, cand)
+    """r_phi(x, y_k) (B, K), standardised over the candidates (standardised_candidates); the graph to phi is kept."""
+    return standardised_candidates(policy.reward(rm, phi, cand), K)
+
+
+def standardised_candidates(r, K: int):
+    """Candidates' rewards r (B K,) -> (B, K), standardised over all of them as rewards are at meta-test (§1), so
+    that beta means the same in (5) as in (3)."""
     return ((r - r.mean()) / r.std().clamp_min(1e-8)).view(-1, K)
 
 
@@ -261,11 +265,32 @@ def curvature(model, theta, r, cand, cfg: BilevelConfig, theta_ref, iters: int =
     def hessian_times(v):
         return bilevel.hvp(g0, theta, v)
 
+    lo, hi, _ = bilevel.lanczos_eigs(hessian_times, lanczos_start(theta), iters)
+    return lo, hi
+
+
+def lanczos_start(theta: dict) -> dict:
+    """Lanczos' start vector for the curvature of (5): N(0, 1) per parameter, each from a generator seeded 0, so that
+    every measurement of the same problem starts alike."""
     v0 = {}
     for n, p in theta.items():
         v0[n] = torch.randn(p.shape, generator=policy.generator(0, p.device), device=p.device, dtype=p.dtype)
-    lo, hi, _ = bilevel.lanczos_eigs(hessian_times, v0, iters)
-    return lo, hi
+    return v0
+
+
+def set_rho(cfg: BilevelConfig, eigs: list):
+    """§2.1's choice from (lambda_min, lambda_max) pairs: rho the largest rho_from over them, the inner step
+    1 / (the largest lambda_max + rho)."""
+    cfg.rho = max(rho_from(lo, hi, cfg.rho_factor) for lo, hi in eigs)
+    cfg.inner_lr = 1.0 / (max(hi for _, hi in eigs) + cfg.rho)
+
+
+def raise_rho(cfg: BilevelConfig, lam_min: float, lam_max: float):
+    """§2.1's re-check rule: where lambda_min + rho < rho / 2, rho is raised to rho_from(lambda_min, lambda_max)
+    (never lowered) and the inner step follows (never raised)."""
+    if lam_min + cfg.rho < 0.5 * cfg.rho:
+        cfg.rho = max(cfg.rho, rho_from(lam_min, lam_max, cfg.rho_factor))
+        cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
 
 
 def rho_from(lam_min: float, lam_max: float, factor: float = 1.5) -> float:
@@ -280,8 +305,7 @@ def calibrate(model, rm, phi, problems: dict, cfg: BilevelConfig, theta_ref, rou
     r = {d: candidate_rewards(rm, phi, p["cand"], cfg.K).detach() for d, p in problems.items()}
     eigs = [curvature(model, theta_ref, r[d], p["cand"], cfg, theta_ref) for d, p in problems.items()]
     for _ in range(rounds):
-        cfg.rho = max(rho_from(lo, hi, cfg.rho_factor) for lo, hi in eigs)
-        cfg.inner_lr = 1.0 / (max(hi for _, hi in eigs) + cfg.rho)
+        set_rho(cfg, eigs)
         eigs = []
         for d, p in problems.items():
             g, _ = level_functions(model, p, cfg, theta_ref)
@@ -306,9 +330,7 @@ def recheck_rho(model, rm, phi, problems: dict, warm: dict, cfg: BilevelConfig, 
         for d, p in problems.items()
     ]
     lam_min, lam_max = min(lo for lo, _ in eigs), max(hi for _, hi in eigs)
-    if lam_min + cfg.rho < 0.5 * cfg.rho:
-        cfg.rho = max(cfg.rho, rho_from(lam_min, lam_max, cfg.rho_factor))
-        cfg.inner_lr = min(cfg.inner_lr, 1.0 / (lam_max + cfg.rho))
+    raise_rho(cfg, lam_min, lam_max)
     return lam_min + cfg.rho
 
 

@@ -375,7 +375,8 @@ def test_eq7_domain_subsets_rescaled_by_N_over_n(bl):
 
 def test_eq5_shift_invariance_and_rho_from_explicit_hessian(bl, monkeypatch):
     """(5)/§2.1, with the explicit 108 x 108 Hessian of g: at rho = 0 it is indefinite at theta_ref and annihilates
-    the shift direction (W + 1u^T, b + 1); calibrate's rho makes it positive definite at theta*; rho_from by hand."""
+    the shift direction (W + 1u^T, b + 1); calibrate's rho makes it positive definite at theta*; rho_from and the
+    re-check's rule (raise_rho) by hand."""
     s, prob = bl, bl["problems"]["a"]
     r = std_rewards(s, s["phi"], prob["cand"])
     g = metarm.level_functions(s["model"], prob, s["cfg"], s["theta_ref"])[0]
@@ -397,6 +398,14 @@ def test_eq5_shift_invariance_and_rho_from_explicit_hessian(bl, monkeypatch):
     assert metarm.rho_from(-2.0, 10.0) == 3.0
     assert metarm.rho_from(1.0, 500.0) == 5.0
     assert metarm.rho_from(-2.0, 10.0, factor=1.1) == pytest.approx(2.2)  # METHOD.md §5.4 M4's less damping
+    # the re-check's rule (metarm.raise_rho), by hand: only where lambda_min + rho < rho / 2, rho never lowered
+    cfg = replace(bl["cfg"], rho=0.2, inner_lr=1.0, rho_factor=1.5)
+    metarm.raise_rho(cfg, -0.09, 4.0)  # margin 0.11 >= 0.1: nothing changes
+    assert (cfg.rho, cfg.inner_lr) == (0.2, 1.0)
+    metarm.raise_rho(cfg, -0.11, 4.0)  # margin 0.09 < 0.1: rho_from = 0.165 < 0.2 keeps rho; the step 1 / 4.2
+    assert cfg.rho == 0.2 and cfg.inner_lr == pytest.approx(1 / 4.2)
+    metarm.raise_rho(cfg, -0.5, 4.0)  # rho_from = 0.75; the step 1 / 4.75
+    assert cfg.rho == pytest.approx(0.75) and cfg.inner_lr == pytest.approx(1 / 4.75)
     factors, rho_from = [], metarm.rho_from
     monkeypatch.setattr(
         metarm, "rho_from", lambda lo, hi, factor=1.5: factors.append(factor) or rho_from(lo, hi, factor)
